@@ -1,0 +1,17 @@
+"""tokenledger: token (credit) accounting for AI-powered applications."""
+
+from tokenledger.client import Balance, LedgerClient, WalletInfo
+from tokenledger.config import Settings
+from tokenledger.errors import (
+    AccountNotFound,
+    IdempotencyConflict,
+    InsufficientTokens,
+    TokenLedgerError,
+    ValidationFailed,
+)
+from tokenledger.ledger.service import EventResult
+
+__all__ = [
+    "AccountNotFound", "Balance", "EventResult", "IdempotencyConflict", "InsufficientTokens",
+    "LedgerClient", "Settings", "TokenLedgerError", "ValidationFailed", "WalletInfo",
+]

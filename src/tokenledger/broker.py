@@ -1,0 +1,73 @@
+"""Celery configuration shared by producers and workers, and the embedded broker.
+
+The embedded broker is kombu's SQLAlchemy transport on a local SQLite file, so the demo
+needs nothing running. Kombu hands every transport option to ``create_engine``, which
+refuses ``polling_interval``; our subclass keeps the options apart, puts the file in WAL
+mode and waits on locks instead of failing, so producer and worker can share it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from kombu.transport import TRANSPORT_ALIASES
+from kombu.transport import sqlalchemy as kombu_sqla
+from sqlalchemy import create_engine, event
+
+from tokenledger.config import Settings
+
+APPLY_EVENTS = "tokenledger.apply_events"
+_ENGINE_OPTIONS = {"polling_interval", "visibility_timeout", "connect_args"}
+
+
+class EmbeddedChannel(kombu_sqla.Channel):
+    def _engine_from_config(self) -> Any:
+        conninfo = self.connection.client
+        engine = create_engine(conninfo.hostname, connect_args={"timeout": 30})
+
+        @event.listens_for(engine, "connect")
+        def _wal(dbapi_connection: Any, _record: Any) -> None:
+            cursor = dbapi_connection.cursor()
+            cursor.execute("PRAGMA journal_mode=WAL")
+            cursor.execute("PRAGMA busy_timeout=30000")
+            cursor.close()
+
+        return engine
+
+
+class EmbeddedTransport(kombu_sqla.Transport):
+    Channel = EmbeddedChannel
+    polling_interval = 0.05
+
+
+TRANSPORT_ALIASES["sqla"] = "tokenledger.broker:EmbeddedTransport"
+TRANSPORT_ALIASES["sqlalchemy"] = "tokenledger.broker:EmbeddedTransport"
+
+
+def celery_config(settings: Settings) -> dict[str, Any]:
+    """The Celery settings every tokenledger process uses: JSON only, late acks."""
+    transport_options: dict[str, Any] = {"visibility_timeout": settings.visibility_timeout}
+    if settings.embedded_broker:
+        transport_options = {"polling_interval": 0.05}
+    return {
+        "broker_url": settings.broker_url,
+        "broker_transport_options": transport_options,
+        "broker_connection_retry_on_startup": True,
+        # JSON only: a pickle message from the broker would be code execution.
+        "task_serializer": "json",
+        "accept_content": ["json"],
+        "result_serializer": "json",
+        "result_accept_content": ["json"],
+        "task_ignore_result": True,
+        "result_backend": None,
+        "task_default_queue": settings.queue,
+        "task_acks_late": True,
+        "task_reject_on_worker_lost": True,
+        "worker_prefetch_multiplier": 2,
+        "worker_send_task_events": True,
+        "task_send_sent_event": False,
+        "worker_hijack_root_logger": False,
+        "worker_redirect_stdouts": False,
+        "timezone": "UTC",
+        "enable_utc": True,
+    }

@@ -1,0 +1,196 @@
+"""The producer SDK: publish events by task name, read outcomes and balances."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from celery import Celery
+from pydantic import ValidationError
+from sqlalchemy import select
+
+from tokenledger.broker import APPLY_EVENTS, celery_config
+from tokenledger.catalog import current_catalog
+from tokenledger.config import Settings, get_settings
+from tokenledger.db import unit_of_work
+from tokenledger.errors import AccountNotFound, ResultTimeout, ValidationFailed
+from tokenledger.ledger.service import ApplyContext, EventResult
+from tokenledger.ledger.service import apply_events as _apply
+from tokenledger.messages import (
+    MAX_BATCH,
+    Charge,
+    Credit,
+    OpenAccount,
+    Refund,
+    TokenProcessEnd,
+    _adapter,
+    describe,
+)
+from tokenledger.models import Account, DeadLetter, EventOutcome, Wallet
+from tokenledger.timeutil import as_utc, utcnow
+
+AnyEvent = OpenAccount | Charge | Credit | Refund | TokenProcessEnd
+
+
+@dataclass(frozen=True)
+class WalletInfo:
+    id: int
+    wallet_type: str
+    balance: int
+    expires_at: datetime | None
+    is_active: bool
+
+
+@dataclass(frozen=True)
+class Balance:
+    user_id: str
+    plan: str
+    timezone: str
+    balance: int
+    wallets: list[WalletInfo]
+
+
+def new_key() -> str:
+    return str(uuid.uuid4())
+
+
+def build_event(data: dict[str, Any] | AnyEvent) -> AnyEvent:
+    """Validate an event given as a dict (a key is made when missing) or a model."""
+    if not isinstance(data, dict):
+        return data
+    data = {"key": new_key(), **data}
+    try:
+        return _adapter.validate_python(data)
+    except ValidationError as exc:
+        raise ValidationFailed(describe(exc)) from None
+
+
+class LedgerClient:
+    """Publish events to the workers and read what they did.
+
+    Publishing methods validate locally (a bad field raises ValidationFailed naming it)
+    and return the event key; ``result(key)`` waits for the stored outcome.
+    """
+
+    def __init__(self, settings: Settings | None = None) -> None:
+        self.settings = settings or get_settings()
+        self._celery = Celery("tokenledger-producer", set_as_current=False)
+        self._celery.conf.update(celery_config(self.settings))
+
+    # -- publishing ----------------------------------------------------------------------
+
+    def _publish(self, payload: dict[str, Any] | list[dict[str, Any]]) -> None:
+        self._celery.send_task(APPLY_EVENTS, args=[payload], queue=self.settings.queue)
+
+    def publish(self, event: dict[str, Any] | AnyEvent) -> str:
+        """Publish one event; returns its key."""
+        model = build_event(event)
+        self._publish(model.to_message())
+        return model.key
+
+    def publish_many(self, events: Iterable[dict[str, Any] | AnyEvent]) -> list[str]:
+        """Validate all, then publish in messages of up to 1,000 events; returns the keys."""
+        models = [build_event(e) for e in events]
+        for start in range(0, len(models), MAX_BATCH):
+            self._publish([m.to_message() for m in models[start:start + MAX_BATCH]])
+        return [m.key for m in models]
+
+    def charge(self, user_id: str, feature: str | None = None, amount: int | None = None,
+               key: str | None = None, metadata: dict[str, Any] | None = None,
+               allow_overdraft: bool = False, preferred_wallet_type: str | None = None) -> str:
+        """Charge by feature (its catalog cost) or by amount; returns the event key."""
+        return self.publish(_compact(type="charge", user_id=user_id, feature=feature,
+                                     amount=amount, key=key, metadata=metadata,
+                                     allow_overdraft=allow_overdraft,
+                                     preferred_wallet_type=preferred_wallet_type))
+
+    def credit(self, user_id: str, amount: int, wallet_type: str = "PREMIUM",
+               expires_at: datetime | None = None, key: str | None = None,
+               reason: str | None = None, metadata: dict[str, Any] | None = None) -> str:
+        """Add credits to a wallet of ``wallet_type``; returns the event key."""
+        return self.publish(_compact(type="credit", user_id=user_id, amount=amount,
+                                     wallet_type=wallet_type, expires_at=expires_at, key=key,
+                                     reason=reason, metadata=metadata))
+
+    def refund(self, user_id: str, original_key: str, amount: int | None = None,
+               key: str | None = None, reason: str | None = None) -> str:
+        """Give back (part of) a charge to the wallets it came from; returns the event key."""
+        return self.publish(_compact(type="refund", user_id=user_id, original_key=original_key,
+                                     amount=amount, key=key, reason=reason))
+
+    # -- synchronous ---------------------------------------------------------------------
+
+    def open_account(self, user_id: str, plan: str | None = None, timezone: str | None = None,
+                     key: str | None = None) -> str:
+        """Open an account now (idempotent per key, default ``open:<user_id>``)."""
+        event = build_event(_compact(type="open_account", user_id=user_id, plan=plan,
+                                     timezone=timezone, key=key or f"open:{user_id}"))
+        with unit_of_work(self.settings.database_url) as session:
+            ctx = ApplyContext(current_catalog(session), utcnow(), self.settings.timezone)
+            outcome = _apply(session, [event], ctx).results[0]
+        if outcome.status == "rejected" and outcome.reason != "account already exists":
+            raise ValidationFailed(f"plan: {outcome.reason}")
+        if outcome.status == "conflict":
+            raise ValidationFailed(f"key: {outcome.reason}")
+        return event.key
+
+    def result(self, key: str, timeout: float | None = None) -> EventResult:
+        """The stored outcome of ``key``; with a timeout, wait for it (ResultTimeout)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        delay = 0.005
+        while True:
+            found = self._lookup(key)
+            if found is not None:
+                return found
+            if deadline is None:
+                return EventResult(key, "pending")
+            if time.monotonic() >= deadline:
+                raise ResultTimeout(f"no outcome for key {key!r} after {timeout}s")
+            time.sleep(min(delay, max(0.0, deadline - time.monotonic())))
+            delay = min(delay * 2, 0.1)
+
+    def _lookup(self, key: str) -> EventResult | None:
+        with unit_of_work(self.settings.database_url) as session:
+            row = session.execute(
+                select(EventOutcome.outcome, EventOutcome.reason, EventOutcome.result)
+                .where(EventOutcome.key == key)).first()
+            if row is not None:
+                return EventResult(key, row.outcome, row.reason, row.result or {})
+            dead = session.execute(select(DeadLetter.reason).where(DeadLetter.key == key)
+                                   .order_by(DeadLetter.id.desc()).limit(1)).first()
+            if dead is not None:
+                return EventResult(key, "dead_lettered", dead.reason)
+        return None
+
+    def balance(self, user_id: str) -> Balance:
+        """The account's total over live wallets, and each wallet."""
+        now = utcnow()
+        with unit_of_work(self.settings.database_url) as session:
+            account = session.scalar(select(Account).where(Account.user_id == user_id))
+            if account is None:
+                raise AccountNotFound(user_id)
+            wallets = [WalletInfo(w.id, w.wallet_type, w.balance, as_utc(w.expires_at),
+                                  w.is_active and (w.expires_at is None
+                                                   or as_utc(w.expires_at) > now))
+                       for w in session.scalars(select(Wallet)
+                                                .where(Wallet.account_id == account.id)
+                                                .order_by(Wallet.id))]
+            return Balance(user_id, account.plan_code, account.timezone,
+                           sum(w.balance for w in wallets if w.is_active), wallets)
+
+    def close(self) -> None:
+        self._celery.close()
+
+    def __enter__(self) -> LedgerClient:
+        return self
+
+    def __exit__(self, *_: Any) -> None:
+        self.close()
+
+
+def _compact(**fields: Any) -> dict[str, Any]:
+    return {k: v for k, v in fields.items() if v is not None}

@@ -1,0 +1,69 @@
+"""Settings, read once from ``TOKENLEDGER_*`` environment variables at the edge."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+EMBEDDED_BROKER_PREFIX = "sqla+"
+
+
+class Settings(BaseSettings):
+    """Everything tokenledger reads from its environment. Tests build it directly."""
+
+    model_config = SettingsConfigDict(env_prefix="TOKENLEDGER_", extra="ignore")
+
+    database_url: str = Field(
+        default_factory=lambda: f"sqlite:///{Path.cwd() / 'tokenledger.sqlite'}",
+        description="SQLAlchemy URL of the ledger database (PostgreSQL in production).",
+    )
+    broker_url: str = Field(
+        default_factory=lambda: f"sqla+sqlite:///{Path.cwd() / 'tokenledger-broker.sqlite'}",
+        description="Celery broker URL; the default is an embedded broker on a local file.",
+    )
+    timezone: str = "UTC"
+    catalog: Path | None = None
+    alert_webhook_url: str | None = None
+    hold_ttl_seconds: int = Field(default=900, gt=0)
+    alert_failure_ratio: float = Field(default=0.1, ge=0)
+    # Transient-error retries must finish well inside the broker's visibility timeout,
+    # or the broker redelivers a message that is merely waiting for its retry.
+    visibility_timeout: int = Field(default=300, gt=0)
+    retry_backoff_max: int = Field(default=30, gt=0)
+    max_retries: int = Field(default=8, ge=0)
+    queue: str = "tokenledger"
+    worker_concurrency: int | None = None
+    flower_basic_auth: str | None = None
+    metrics_port: int | None = None
+    log_json: bool = True
+
+    @field_validator("database_url")
+    @classmethod
+    def _normalise_postgres_driver(cls, url: str) -> str:
+        # Users paste libpq-style URLs; tokenledger speaks psycopg 3.
+        for prefix in ("postgres://", "postgresql://"):
+            if url.startswith(prefix):
+                return "postgresql+psycopg://" + url[len(prefix):]
+        return url
+
+    @property
+    def is_sqlite(self) -> bool:
+        return self.database_url.startswith("sqlite")
+
+    @property
+    def embedded_broker(self) -> bool:
+        return self.broker_url.startswith(EMBEDDED_BROKER_PREFIX)
+
+    def backoff(self, attempt: int) -> int:
+        """Seconds to wait before retry ``attempt`` (0-based): exponential, capped."""
+        cap = min(self.retry_backoff_max, max(1, self.visibility_timeout // 4))
+        return min(cap, 2**attempt)
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process-wide settings, built from the environment on first use."""
+    return Settings()

@@ -1,0 +1,79 @@
+"""The ledger's invariants, checked against the stored rows."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from sqlalchemy import func, select, text
+from sqlalchemy.orm import Session
+
+from tokenledger.models import Account, EventOutcome, LedgerEntry, Wallet
+
+
+@dataclass
+class VerifyReport:
+    wallets: int = 0
+    entries: int = 0
+    outcomes: int = 0
+    balance_mismatches: list[dict[str, Any]] = field(default_factory=list)
+    chain_breaks: list[dict[str, Any]] = field(default_factory=list)
+    applied_twice: list[dict[str, Any]] = field(default_factory=list)
+    entries_without_outcome: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not (self.balance_mismatches or self.chain_breaks or self.applied_twice
+                    or self.entries_without_outcome)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"ok": self.ok, **asdict(self)}
+
+
+def verify(session: Session, limit: int = 100) -> VerifyReport:
+    """Every wallet's balance equals the sum of its entries, each entry continues the one
+    before it, and no event key was applied twice. Read-only."""
+    report = VerifyReport()
+    report.wallets = session.scalar(select(func.count()).select_from(Wallet)) or 0
+    report.entries = session.scalar(select(func.count()).select_from(LedgerEntry)) or 0
+    report.outcomes = session.scalar(select(func.count()).select_from(EventOutcome)) or 0
+
+    sums = (select(LedgerEntry.wallet_id, func.sum(LedgerEntry.amount).label("total"))
+            .group_by(LedgerEntry.wallet_id).subquery())
+    total = func.coalesce(sums.c.total, 0)
+    for row in session.execute(
+        select(Wallet.id, Account.user_id, Wallet.wallet_type, Wallet.balance,
+               total.label("total"))
+        .join(Account, Account.id == Wallet.account_id)
+        .outerjoin(sums, sums.c.wallet_id == Wallet.id)
+        .where(Wallet.balance != total).limit(limit)
+    ):
+        report.balance_mismatches.append(dict(row._mapping))
+
+    for row in session.execute(text(
+        "SELECT id, wallet_id, balance_before, previous FROM ("
+        " SELECT id, wallet_id, balance_before,"
+        "  COALESCE(LAG(balance_after) OVER (PARTITION BY wallet_id ORDER BY id), 0)"
+        "  AS previous FROM ledger_entries) AS chained"
+        " WHERE balance_before <> previous LIMIT :limit"), {"limit": limit}
+    ):
+        report.chain_breaks.append(dict(row._mapping))
+
+    for row in session.execute(
+        select(LedgerEntry.event_key, LedgerEntry.wallet_id, LedgerEntry.type,
+               func.count().label("times"))
+        .where(LedgerEntry.event_key.is_not(None))
+        .group_by(LedgerEntry.event_key, LedgerEntry.wallet_id, LedgerEntry.type)
+        .having(func.count() > 1).limit(limit)
+    ):
+        report.applied_twice.append(dict(row._mapping))
+
+    for row in session.execute(
+        select(LedgerEntry.id, LedgerEntry.event_key, EventOutcome.outcome)
+        .outerjoin(EventOutcome, EventOutcome.key == LedgerEntry.event_key)
+        .where(LedgerEntry.event_key.is_not(None))
+        .where((EventOutcome.outcome.is_(None)) | (EventOutcome.outcome != "applied"))
+        .limit(limit)
+    ):
+        report.entries_without_outcome.append(dict(row._mapping))
+    return report

@@ -1,0 +1,216 @@
+"""The schema. Invariants live here as constraints, not only in code."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    CheckConstraint,
+    DateTime,
+    ForeignKey,
+    Index,
+    Integer,
+    Numeric,
+    String,
+    Text,
+    UniqueConstraint,
+    func,
+    text,
+)
+from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+# BIGINT identity on PostgreSQL; SQLite only autoincrements INTEGER PRIMARY KEY.
+BigId = BigInteger().with_variant(Integer(), "sqlite")
+Json = JSON().with_variant(JSONB(), "postgresql")
+Timestamp = DateTime(timezone=True)
+
+ENTRY_TYPES = (
+    "CHARGE", "REFUND", "CREDIT", "OPEN", "DAILY_RESET", "RENEWAL",
+    "EXPIRY", "HOLD", "HOLD_RELEASE", "ADJUSTMENT",
+)
+OUTCOMES = ("applied", "declined", "rejected")
+STANDARD = "STANDARD"
+
+
+def _in(column: str, values: tuple[str, ...]) -> str:
+    return f"{column} IN ({', '.join(repr(v) for v in values)})"
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Plan(Base):
+    """A tier: what it grants, how often, and which features it includes."""
+
+    __tablename__ = "plans"
+    code: Mapped[str] = mapped_column(String(64), primary_key=True)
+    allocation: Mapped[int] = mapped_column(BigInteger)
+    opening_tokens: Mapped[int] = mapped_column(BigInteger)
+    period: Mapped[str] = mapped_column(String(16))
+    renewal_mode: Mapped[str] = mapped_column(String(16))
+    rollover_cap: Mapped[int | None] = mapped_column(BigInteger)
+    low_balance_threshold: Mapped[int | None] = mapped_column(BigInteger)
+    features: Mapped[list[str]] = mapped_column(Json)
+    __table_args__ = (
+        CheckConstraint("allocation >= 0 AND opening_tokens >= 0", name="plan_amounts"),
+        CheckConstraint(_in("period", ("daily", "30d")), name="plan_period"),
+        CheckConstraint(_in("renewal_mode", ("reset", "topup")), name="plan_mode"),
+    )
+
+
+class Feature(Base):
+    """Something an account pays for: a fixed cost, or priced from model usage."""
+
+    __tablename__ = "features"
+    code: Mapped[str] = mapped_column(String(128), primary_key=True)
+    pricing: Mapped[str] = mapped_column(String(16))
+    cost: Mapped[int] = mapped_column(BigInteger)
+    min_cost: Mapped[int] = mapped_column(BigInteger)
+    allow_overdraft: Mapped[bool] = mapped_column(Boolean)
+    default_model: Mapped[str | None] = mapped_column(String(128))
+    description: Mapped[str | None] = mapped_column(Text)
+    __table_args__ = (
+        CheckConstraint("cost >= 0 AND min_cost >= 0", name="feature_costs"),
+        CheckConstraint(_in("pricing", ("fixed", "usage")), name="feature_pricing"),
+    )
+
+
+class ModelPrice(Base):
+    """How one LLM's input and output tokens turn into credits."""
+
+    __tablename__ = "model_prices"
+    model: Mapped[str] = mapped_column(String(128), primary_key=True)
+    input_weight: Mapped[Any] = mapped_column(Numeric(12, 4))
+    output_weight: Mapped[Any] = mapped_column(Numeric(12, 4))
+    tokens_per_credit: Mapped[Any] = mapped_column(Numeric(14, 4))
+    profit_percent: Mapped[Any] = mapped_column(Numeric(8, 3))
+    provider_input_per_1k: Mapped[Any | None] = mapped_column(Numeric(14, 8))
+    provider_output_per_1k: Mapped[Any | None] = mapped_column(Numeric(14, 8))
+    __table_args__ = (CheckConstraint("tokens_per_credit > 0", name="price_tpc"),)
+
+
+class CatalogVersion(Base):
+    """Bumped on every catalog load so long-lived workers know to re-read it."""
+
+    __tablename__ = "catalog_versions"
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    source: Mapped[str] = mapped_column(Text)
+    default_plan: Mapped[str] = mapped_column(String(64))
+    document: Mapped[str] = mapped_column(Text)
+    loaded_at: Mapped[datetime] = mapped_column(Timestamp, server_default=func.now())
+
+
+class Account(Base):
+    """One user of the calling application, named by the caller's own user_id."""
+
+    __tablename__ = "accounts"
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    user_id: Mapped[str] = mapped_column(String(128), unique=True)
+    plan_code: Mapped[str] = mapped_column(ForeignKey("plans.code"))
+    timezone: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(Timestamp, server_default=func.now())
+    last_renewal_at: Mapped[datetime | None] = mapped_column(Timestamp)
+    last_reset_on: Mapped[str | None] = mapped_column(String(10))
+
+
+class Wallet(Base):
+    """A pot of credits of one type; the account balance is the sum of its live wallets."""
+
+    __tablename__ = "wallets"
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    account_id: Mapped[int] = mapped_column(ForeignKey("accounts.id"), index=True)
+    wallet_type: Mapped[str] = mapped_column(String(32))
+    balance: Mapped[int] = mapped_column(BigInteger, default=0)
+    expires_at: Mapped[datetime | None] = mapped_column(Timestamp)
+    is_active: Mapped[bool] = mapped_column(Boolean, default=True)
+    created_at: Mapped[datetime] = mapped_column(Timestamp, server_default=func.now())
+    __table_args__ = (
+        # Only the STANDARD wallet may overdraw (allow_overdraft); others never go below 0.
+        CheckConstraint(f"wallet_type = '{STANDARD}' OR balance >= 0", name="wallet_non_negative"),
+        CheckConstraint(f"wallet_type <> '{STANDARD}' OR expires_at IS NULL",
+                        name="standard_never_expires"),
+        Index("uq_wallet_no_expiry", "account_id", "wallet_type", unique=True,
+              postgresql_where=text("expires_at IS NULL"), sqlite_where=text("expires_at IS NULL")),
+        Index("uq_wallet_expiry", "account_id", "wallet_type", "expires_at", unique=True,
+              postgresql_where=text("expires_at IS NOT NULL"),
+              sqlite_where=text("expires_at IS NOT NULL")),
+    )
+
+
+class LedgerEntry(Base):
+    """One append-only change to one wallet. The wallet's balance is the sum of these."""
+
+    __tablename__ = "ledger_entries"
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    account_id: Mapped[int] = mapped_column(ForeignKey("accounts.id"))
+    wallet_id: Mapped[int] = mapped_column(ForeignKey("wallets.id"))
+    amount: Mapped[int] = mapped_column(BigInteger)
+    balance_before: Mapped[int] = mapped_column(BigInteger)
+    balance_after: Mapped[int] = mapped_column(BigInteger)
+    type: Mapped[str] = mapped_column(String(16))
+    feature: Mapped[str | None] = mapped_column(String(128))
+    event_key: Mapped[str | None] = mapped_column(String(255))
+    reference: Mapped[str | None] = mapped_column(String(255))
+    metadata_: Mapped[dict[str, Any] | None] = mapped_column("metadata", Json)
+    created_at: Mapped[datetime] = mapped_column(Timestamp, server_default=func.now())
+    __table_args__ = (
+        CheckConstraint("balance_after = balance_before + amount", name="entry_arithmetic"),
+        CheckConstraint("amount <> 0", name="entry_non_zero"),
+        CheckConstraint(_in("type", ENTRY_TYPES), name="entry_type"),
+        # One event touches a wallet at most once per entry type: a key applied twice
+        # cannot be written twice.
+        UniqueConstraint("event_key", "wallet_id", "type", name="uq_entry_event_wallet_type"),
+        Index("ix_entries_account_id", "account_id", "id"),
+        Index("ix_entries_wallet_id", "wallet_id", "id"),
+        Index("ix_entries_reference", "reference"),
+    )
+
+
+class EventOutcome(Base):
+    """The idempotency record: stored in the same transaction as the event's effect."""
+
+    __tablename__ = "event_outcomes"
+    key: Mapped[str] = mapped_column(String(255), primary_key=True)
+    payload_hash: Mapped[str] = mapped_column(String(64))
+    user_id: Mapped[str] = mapped_column(String(128))
+    event_type: Mapped[str] = mapped_column(String(32))
+    outcome: Mapped[str] = mapped_column(String(16))
+    reason: Mapped[str | None] = mapped_column(Text)
+    result: Mapped[dict[str, Any] | None] = mapped_column(Json)
+    created_at: Mapped[datetime] = mapped_column(Timestamp, server_default=func.now())
+    __table_args__ = (
+        CheckConstraint(_in("outcome", OUTCOMES), name="outcome_kind"),
+        Index("ix_outcomes_user", "user_id", "created_at"),
+    )
+
+
+class EventConflict(Base):
+    """A key reused with a different payload: recorded, never applied."""
+
+    __tablename__ = "event_conflicts"
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    key: Mapped[str] = mapped_column(String(255), index=True)
+    payload_hash: Mapped[str] = mapped_column(String(64))
+    payload: Mapped[dict[str, Any]] = mapped_column(Json)
+    seen_at: Mapped[datetime] = mapped_column(Timestamp, server_default=func.now())
+    __table_args__ = (UniqueConstraint("key", "payload_hash", name="uq_conflict_key_hash"),)
+
+
+class DeadLetter(Base):
+    """A message that could not be applied, kept with the reason until retried or dropped."""
+
+    __tablename__ = "dead_letters"
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    fingerprint: Mapped[str] = mapped_column(String(64), unique=True)
+    key: Mapped[str | None] = mapped_column(String(255), index=True)
+    payload: Mapped[str] = mapped_column(Text)
+    reason: Mapped[str] = mapped_column(Text)
+    attempts: Mapped[int] = mapped_column(Integer, default=1)
+    first_seen: Mapped[datetime] = mapped_column(Timestamp, server_default=func.now())
+    last_seen: Mapped[datetime] = mapped_column(Timestamp, server_default=func.now())

@@ -1,0 +1,93 @@
+"""The one base task: units of work, retries, poison-batch bisection and dead letters.
+
+Task bodies stay thin; everything about failure lives here (warehouse's WarehouseTask,
+dramatiq's middleware).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from celery import Task
+from celery.exceptions import Reject, Retry
+from sqlalchemy.orm import Session
+
+from tokenledger.config import Settings, get_settings
+from tokenledger.db import is_disconnect, is_transient, unit_of_work
+from tokenledger.ledger.service import record_dead_letter
+from tokenledger.timeutil import utcnow
+
+log = logging.getLogger("tokenledger.worker")
+
+
+class LedgerTask(Task):
+    """Acks only after commit; retries with backoff; never loses or loops on a message."""
+
+    abstract = True
+    acks_late = True
+    reject_on_worker_lost = True
+    max_retries = None  # the policy below decides
+
+    @property
+    def settings(self) -> Settings:
+        return get_settings()
+
+    @contextmanager
+    def unit_of_work(self) -> Iterator[Session]:
+        with unit_of_work(self.settings.database_url) as session:
+            yield session
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return super().__call__(*args, **kwargs)
+        except (Retry, Reject):
+            raise
+        except Exception as exc:  # noqa: BLE001 - every failure is routed, none escapes
+            return self._route_failure(exc, args, kwargs)
+
+    def _route_failure(self, exc: Exception, args: tuple[Any, ...],
+                       kwargs: dict[str, Any]) -> None:
+        retries = self.request.retries or 0
+        settings = self.settings
+        # The database is unreachable: the message is safe in the broker; wait it out.
+        if is_disconnect(exc) or retries < settings.max_retries:
+            countdown = settings.backoff(retries)
+            log.warning("retrying %s in %ss after %s: %s", self.name, countdown,
+                        type(exc).__name__, exc, extra={"retries": retries})
+            self._retry_or_requeue(exc, countdown)
+        # Out of retries: a batch is bisected so one poison event cannot sink the others.
+        payload = args[0] if args else kwargs.get("payload")
+        if isinstance(payload, list) and len(payload) > 1:
+            mid = len(payload) // 2
+            log.error("%s failed %d times; splitting a batch of %d", self.name, retries + 1,
+                      len(payload))
+            for half in (payload[:mid], payload[mid:]):
+                self.apply_async(args=[half], kwargs={k: v for k, v in kwargs.items()
+                                                      if k != "payload"})
+            return
+        reason = f"repeated failure after {retries + 1} attempts: {type(exc).__name__}: {exc}"
+        log.error("dead-lettering a message: %s", reason)
+        self.dead_letter(payload, reason)
+
+    def _retry_or_requeue(self, exc: Exception, countdown: int) -> None:
+        try:
+            raise self.retry(exc=exc, countdown=countdown, max_retries=None)
+        except Retry:
+            raise
+        except Exception:  # noqa: BLE001 - the broker is down too: hand the message back
+            time.sleep(1)
+            raise Reject(exc, requeue=True) from exc
+
+    def dead_letter(self, payload: Any, reason: str, key: str | None = None) -> None:
+        """Store a message in the dead-letter store; if even that fails, requeue it."""
+        try:
+            with self.unit_of_work() as session:
+                record_dead_letter(session, payload, reason, utcnow(), key=key)
+        except Exception as exc:  # noqa: BLE001
+            if is_transient(exc):
+                self._retry_or_requeue(exc, self.settings.backoff(3))
+            raise
