@@ -6,7 +6,7 @@ from alembic import context
 from sqlalchemy import create_engine, pool
 
 from tokenledger.config import get_settings
-from tokenledger.models import Base
+from tokenledger.schema import Base
 
 config = context.config
 url = config.attributes.get("url") or get_settings().database_url

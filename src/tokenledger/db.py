@@ -53,11 +53,12 @@ def get_engine(url: str) -> Engine:
         return engine
 
 
-def dispose_engines() -> None:
-    """Drop pooled connections; called in a forked child before it touches the database."""
+def dispose_engines(close: bool = False) -> None:
+    """Drop pooled connections. A forked child passes ``close=False``: the sockets belong
+    to the parent, and closing them from the child would break the parent's sessions."""
     with _lock:
         for engine in _engines.values():
-            engine.dispose(close=False)
+            engine.dispose(close=close)
         _engines.clear()
 
 

@@ -15,7 +15,7 @@ class AccountNotFound(TokenLedgerError):
     """An event or query named a user_id that has no account."""
 
     def __init__(self, user_id: str) -> None:
-        super().__init__("account not found")
+        super().__init__(f"account not found: {user_id!r}")
         self.user_id = user_id
 
 

@@ -1,0 +1,54 @@
+"""The ``tokenledger`` command line. Errors are one clear line, never a traceback."""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any, NoReturn
+
+import typer
+from rich.console import Console
+from sqlalchemy.exc import OperationalError, ProgrammingError
+
+from tokenledger.config import Settings, get_settings
+from tokenledger.errors import TokenLedgerError
+
+app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False,
+                  help="tokenledger: token (credit) accounting for AI-powered applications.")
+console = Console()
+err_console = Console(stderr=True)
+
+
+def settings() -> Settings:
+    try:
+        return get_settings()
+    except Exception as exc:  # pydantic ValidationError names the variable
+        fail(f"configuration: {exc}")
+
+
+def fail(message: str, code: int = 2) -> NoReturn:
+    err_console.print(f"[red]error:[/red] {message}", highlight=False, soft_wrap=True)
+    raise typer.Exit(code)
+
+
+def print_json(data: Any) -> None:
+    sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
+
+
+def main() -> None:
+    """Entry point: run the CLI, turning known failures into one-line errors."""
+    try:
+        app()
+    except TokenLedgerError as exc:
+        err_console.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
+        sys.exit(2)
+    except (OperationalError, ProgrammingError) as exc:
+        first = str(exc.orig).strip().splitlines()[0] if exc.orig else str(exc)
+        hint = " (run `tokenledger migrate`?)" if isinstance(exc, ProgrammingError) else ""
+        err_console.print(f"[red]error:[/red] database: {first}{hint}", highlight=False,
+                          soft_wrap=True)
+        sys.exit(2)
+
+
+# Command modules register themselves on ``app``; each issue's commands live apart.
+from tokenledger.cli import ledger_cmds  # noqa: E402,F401

@@ -1,0 +1,17 @@
+"""Every mapped table, imported in one place so Alembic and the tests see them all.
+
+Each domain package keeps its models in its own module and adds one import here.
+"""
+
+from tokenledger.models import Base
+
+CATALOG_TABLES = frozenset({"plans", "features", "model_prices", "catalog_versions"})
+
+
+def ledger_tables() -> list[str]:
+    """Tables holding ledger state (everything but the catalog), children first."""
+    return [t.name for t in reversed(Base.metadata.sorted_tables)
+            if t.name not in CATALOG_TABLES]
+
+
+__all__ = ["Base", "CATALOG_TABLES", "ledger_tables"]
