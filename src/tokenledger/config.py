@@ -39,6 +39,12 @@ class Settings(BaseSettings):
     flower_basic_auth: str | None = None
     metrics_port: int | None = None
     log_json: bool = True
+    log_level: str = "INFO"
+    # Balance notifications (pub/sub). Default: the broker's Redis when the broker is Redis;
+    # with the embedded broker only in-process subscribers are told.
+    notify_redis_url: str | None = None
+    notify_channel_prefix: str = "tokenledger:"
+    notify_enabled: bool = True
 
     @field_validator("database_url")
     @classmethod
