@@ -14,7 +14,7 @@ from tokenledger.db import dispose_engines
 settings = get_settings()
 app = Celery("tokenledger", set_as_current=True)
 app.conf.update(celery_config(settings))
-app.conf.update(imports=["workers.tasks"])
+app.conf.update(imports=["workers.tasks", "workers.tokenprocess_tasks"])
 
 
 @worker_process_init.connect

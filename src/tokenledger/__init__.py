@@ -10,8 +10,11 @@ from tokenledger.errors import (
     ValidationFailed,
 )
 from tokenledger.ledger.service import EventResult
+from tokenledger.tokenprocess.errors import FeatureNotAccessible
+from tokenledger.tokenprocess.service import StartResult
 
 __all__ = [
     "AccountNotFound", "Balance", "EventResult", "IdempotencyConflict", "InsufficientTokens",
     "LedgerClient", "Settings", "TokenLedgerError", "ValidationFailed", "WalletInfo",
+    "FeatureNotAccessible", "StartResult",
 ]

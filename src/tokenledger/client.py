@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -16,7 +16,7 @@ from sqlalchemy import select
 from tokenledger.broker import APPLY_EVENTS, celery_config
 from tokenledger.catalog import current_catalog
 from tokenledger.config import Settings, get_settings
-from tokenledger.db import unit_of_work
+from tokenledger.db import is_disconnect, is_transient, unit_of_work
 from tokenledger.errors import AccountNotFound, ResultTimeout, ValidationFailed
 from tokenledger.ledger.service import ApplyContext, EventResult
 from tokenledger.ledger.service import apply_events as _apply
@@ -31,7 +31,11 @@ from tokenledger.messages import (
     describe,
 )
 from tokenledger.models import Account, DeadLetter, EventOutcome, Wallet
+from tokenledger.notify import BalanceNotice
 from tokenledger.timeutil import as_utc, utcnow
+from tokenledger.tokenprocess import service as token_process
+from tokenledger.tokenprocess.sdk import TokenProcess
+from tokenledger.tokenprocess.service import StartResult
 
 AnyEvent = OpenAccount | Charge | Credit | Refund | TokenProcessEnd
 
@@ -84,7 +88,10 @@ class LedgerClient:
     # -- publishing ----------------------------------------------------------------------
 
     def _publish(self, payload: dict[str, Any] | list[dict[str, Any]]) -> None:
-        self._celery.send_task(APPLY_EVENTS, args=[payload], queue=self.settings.queue)
+        # published_at (a message header, not part of the event or its payload hash) lets
+        # workers measure publish -> committed latency.
+        self._celery.send_task(APPLY_EVENTS, args=[payload], queue=self.settings.queue,
+                               headers={"published_at": time.time()})
 
     def publish(self, event: dict[str, Any] | AnyEvent) -> str:
         """Publish one event; returns its key."""
@@ -122,7 +129,62 @@ class LedgerClient:
         return self.publish(_compact(type="refund", user_id=user_id, original_key=original_key,
                                      amount=amount, key=key, reason=reason))
 
+    def token_process_end(self, user_id: str, feature_endpoint_id: str, input_tokens: int,
+                          output_tokens: int, model: str | None = None,
+                          hold_id: int | None = None, key: str | None = None,
+                          metadata: dict[str, Any] | None = None) -> str:
+        """Report a token process's usage: the worker prices it, settles the hold and
+        stores ``{user_id, token, cost, status}``; returns the event key."""
+        return self.publish(_compact(type="token_process_end", user_id=user_id,
+                                     feature_endpoint_id=feature_endpoint_id,
+                                     input_tokens=input_tokens, output_tokens=output_tokens,
+                                     model=model, hold_id=hold_id, key=key,
+                                     metadata=metadata))
+
     # -- synchronous ---------------------------------------------------------------------
+
+    def token_process_start(self, user_id: str, feature_endpoint_id: str,
+                            max_output_tokens: int | None = None, hold: int | None = None,
+                            model: str | None = None, key: str | None = None) -> StartResult:
+        """Check the feature and the balance and place a hold, in one transaction.
+
+        Returns ``accessible`` with a ``hold_id``, or ``not-accessible`` with the seed's
+        message. With a ``key``, a retried start returns the first answer.
+        Raises AccountNotFound for an unknown user, ValidationFailed for bad numbers.
+        """
+        for name, value in (("max_output_tokens", max_output_tokens), ("hold", hold)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                                      or value < 0):
+                raise ValidationFailed(f"{name}: must be a whole number >= 0")
+        if key is not None and not 0 < len(key) <= 255:
+            raise ValidationFailed("key: must be 1 to 255 characters")
+        attempt = 0
+        while True:
+            try:
+                with unit_of_work(self.settings.database_url) as session:
+                    return token_process.start(
+                        session, user_id, feature_endpoint_id, now=utcnow(),
+                        hold_ttl_seconds=self.settings.hold_ttl_seconds,
+                        max_output_tokens=max_output_tokens, hold=hold, model=model, key=key,
+                        default_timezone=self.settings.timezone)
+            except Exception as exc:
+                # A deadlock or serialization failure rolled everything back: try again.
+                # A lost connection might have lost the commit's answer, so don't guess.
+                attempt += 1
+                if attempt >= 3 or not is_transient(exc) or is_disconnect(exc):
+                    raise
+                time.sleep(0.01 * attempt)
+
+    def token_process(self, user_id: str | Callable[..., str], feature_endpoint_id: str, *,
+                      max_output_tokens: int | None = None, hold: int | None = None,
+                      model: str | None = None) -> TokenProcess:
+        """start → your code → end, as a context manager (``with ... as usage``) or a
+        decorator (the seed's withTokenProcess; ``user_id`` may be a function of the
+        call's arguments). Not accessible raises FeatureNotAccessible; if your code
+        raises, the hold is released (nothing charged) and the exception propagates."""
+        return TokenProcess(self, user_id, feature_endpoint_id,
+                            max_output_tokens=max_output_tokens, hold=hold, model=model)
+
 
     def open_account(self, user_id: str, plan: str | None = None, timezone: str | None = None,
                      key: str | None = None) -> str:
@@ -182,7 +244,48 @@ class LedgerClient:
             return Balance(user_id, account.plan_code, account.timezone,
                            sum(w.balance for w in wallets if w.is_active), wallets)
 
+    # -- balance notifications -------------------------------------------------------------
+
+    def on_balance_changed(self, callback: Callable[[BalanceNotice], Any]
+                           ) -> Callable[[BalanceNotice], Any]:
+        """Call ``callback(notice)`` after every committed balance change (user_id, balance,
+        ledger_seq), newest ledger_seq per user only. With Redis, changes committed by any
+        process; with the embedded broker, only those committed in this process. Returns
+        the callback (usable as a decorator); subscribed when it returns."""
+        self._subscribe(callback, ("balance_changed",))
+        return callback
+
+    def on_balance_low(self, callback: Callable[[BalanceNotice], Any]
+                       ) -> Callable[[BalanceNotice], Any]:
+        """Call ``callback(notice)`` once each time an account falls to or below its plan's
+        low-balance threshold (``notice.threshold``); re-armed when it goes back above."""
+        self._subscribe(callback, ("balance_low",))
+        return callback
+
+    def _subscribe(self, callback: Callable[[BalanceNotice], Any],
+                   events: tuple[str, ...]) -> None:
+        from tokenledger import notify
+
+        url = notify.redis_url(self.settings)
+        if url is None:
+            self.__dict__.setdefault("_local_unsubscribe", []).append(
+                notify.subscribe(callback, events))
+            return
+        subscriber = self.__dict__.get("_notify_subscriber")
+        if subscriber is None:
+            subscriber = self.__dict__["_notify_subscriber"] = notify.RedisSubscriber(
+                self.settings, url)
+        subscriber.add(callback, events)
+
+    def _close_notifications(self) -> None:
+        subscriber = self.__dict__.pop("_notify_subscriber", None)
+        if subscriber is not None:
+            subscriber.close()
+        for unsubscribe in self.__dict__.pop("_local_unsubscribe", []):
+            unsubscribe()
+
     def close(self) -> None:
+        self._close_notifications()
         self._celery.close()
 
     def __enter__(self) -> LedgerClient:

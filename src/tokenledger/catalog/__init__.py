@@ -149,6 +149,38 @@ def store_catalog(session: Session, spec: CatalogSpec, text: str, source: str) -
     return version.id
 
 
+def catalog_changes(old: Catalog | None, new: CatalogSpec) -> dict[str, dict[str, list[str]]]:
+    """What a new catalog adds, removes and changes, per section (for `catalog load`)."""
+    changes: dict[str, dict[str, list[str]]] = {}
+    for section in ("plans", "features", "models"):
+        before = getattr(old, section) if old is not None else {}
+        after = getattr(new, section)
+        changes[section] = {
+            "added": sorted(set(after) - set(before)),
+            "removed": sorted(set(before) - set(after)),
+            "changed": sorted(k for k in set(before) & set(after) if before[k] != after[k]),
+        }
+    return changes
+
+
+def load_catalog(session: Session, text: str, source: str) -> int:
+    """Validate a catalog and store it as the newest version; returns the version.
+
+    Raises CatalogError naming the entry and stores nothing when the file is invalid,
+    drops a plan that accounts use, or drops a feature that open holds still wait on.
+    Workers switch to it on their next batch (they check the version).
+    """
+    from tokenledger.tokenprocess.models import OPEN, Hold
+
+    spec = parse_catalog(text, source)
+    held = set(session.scalars(select(Hold.feature).where(Hold.status == OPEN).distinct()))
+    missing = sorted(held - set(spec.features))
+    if missing:
+        raise CatalogError(f"{source}: features with open token-process holds are missing: "
+                           f"{missing} (wait for them to end or expire)")
+    return store_catalog(session, spec, text, source)
+
+
 def ensure_catalog(session: Session, path: Path | None) -> int | None:
     """Load the configured catalog if the database has none yet. Safe to run twice."""
     if session.scalar(select(func.count()).select_from(CatalogVersion)):

@@ -40,6 +40,7 @@ from tokenledger.models import (
     Wallet,
 )
 from tokenledger.timeutil import as_utc, local_date
+from tokenledger.tokenprocess.models import Hold, HoldState
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +50,7 @@ accounts_t = Account.__table__
 wallets_t = Wallet.__table__
 entries_t = LedgerEntry.__table__
 outcomes_t = EventOutcome.__table__
+holds_t = Hold.__table__
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,15 +123,21 @@ class _Batch:
         self.charged: dict[str, dict[int, int]] = defaultdict(lambda: defaultdict(int))
         self.refunded: dict[str, dict[int, int]] = defaultdict(lambda: defaultdict(int))
         self.charge_owner: dict[str, int] = {}
+        # Holds named by token_process_end events, and their status changes to write.
+        self.holds: dict[int, HoldState] = {}
+        self.hold_updates: list[dict[str, Any]] = []
 
     # -- loading -----------------------------------------------------------------------
 
-    def load(self, events: list[AnyEvent]) -> None:
-        user_ids = sorted({e.user_id for e in events})
+    def lock_accounts(self, user_ids: list[str] | None = None,
+                      account_ids: list[int] | None = None) -> None:
+        """Lock the named accounts ``FOR UPDATE`` in id order, then load their wallets."""
+        where = (accounts_t.c.user_id.in_(sorted(set(user_ids))) if user_ids is not None
+                 else accounts_t.c.id.in_(sorted(set(account_ids or []))))
         rows = self.session.execute(
             select(accounts_t.c.id, accounts_t.c.user_id, accounts_t.c.plan_code,
                    accounts_t.c.timezone, accounts_t.c.last_renewal_at)
-            .where(accounts_t.c.user_id.in_(user_ids))
+            .where(where)
             .order_by(accounts_t.c.id)
             .with_for_update()
         ).all()
@@ -147,6 +155,9 @@ class _Batch:
                 by_id[w.account_id].wallets.append(WalletState(
                     w.id, w.account_id, w.wallet_type, w.balance, as_utc(w.expires_at),
                     w.is_active, as_utc(w.created_at), w.balance))
+
+    def load(self, events: list[AnyEvent]) -> None:
+        self.lock_accounts(user_ids=[e.user_id for e in events])
 
         originals = {e.original_key for e in events if isinstance(e, Refund)}
         keys = {e.key for e in events} | originals
@@ -170,6 +181,13 @@ class _Batch:
                     self.charge_owner[r.event_key] = r.account_id
                 else:
                     self.refunded[r.reference][r.wallet_id] += r.amount
+        hold_ids = {e.hold_id for e in events
+                    if isinstance(e, TokenProcessEnd) and e.hold_id is not None}
+        if hold_ids:
+            # Read after the account locks: every writer of a hold locks its account first,
+            # so a hold of a locked account cannot change under us.
+            for r in self.session.execute(select(holds_t).where(holds_t.c.id.in_(hold_ids))):
+                self.holds[r.id] = HoldState.from_row(r)
 
     # -- writing -----------------------------------------------------------------------
 
@@ -218,6 +236,18 @@ class _Batch:
                 seq[row.account_id] = max(seq.get(row.account_id, 0), row.id)
         if self.outcomes:
             session.execute(outcomes_t.insert(), self.outcomes)
+        if self.hold_updates:
+            done = session.execute(
+                update(holds_t)
+                .where(holds_t.c.id == bindparam("_id"), holds_t.c.status == "open")
+                .values(status=bindparam("_status"), resolved_at=bindparam("_at"),
+                        resolved_by=bindparam("_by")),
+                self.hold_updates, execution_options={"synchronize_session": False},
+            ).rowcount
+            if done != len(self.hold_updates):
+                # Every resolver locks the account first, so this cannot happen; if it
+                # does, roll back rather than resolve a hold twice.
+                raise RetryableConflict("a hold was resolved concurrently")
         now = self.ctx.now
         return [BalanceChange(a.user_id, a.balance(now), seq[a.id])
                 for a in self.accounts.values() if a.id in seq]
@@ -348,8 +378,10 @@ def _price(batch: _Batch, account: AccountState, feature: str | None,
 
 def draw(batch: _Batch, account: AccountState, cost: int, *, key: str, type_: str,
          feature: str | None, allow_overdraft: bool, preferred: str | None,
-         metadata: dict[str, Any] | None = None) -> list[dict[str, Any]]:
-    """Take ``cost`` from the account's wallets in draw order; one entry per wallet touched.
+         metadata: dict[str, Any] | None = None,
+         order: list[WalletState] | None = None) -> list[dict[str, Any]]:
+    """Take ``cost`` from the account's wallets in draw order (or the given ``order`` of
+    live wallets); one entry per wallet touched.
 
     Raises InsufficientTokens (nothing changed) unless overdraft is allowed, in which case
     the shortfall is taken from the STANDARD wallet, which may go negative.
@@ -360,7 +392,8 @@ def draw(batch: _Batch, account: AccountState, cost: int, *, key: str, type_: st
         raise InsufficientTokens(cost, available)
     taken: dict[int, int] = {}
     remaining = cost
-    order = draw_order(account, batch.ctx.catalog, now, preferred)
+    order = (draw_order(account, batch.ctx.catalog, now, preferred) if order is None
+             else list(order))
     for wallet in order:
         if remaining == 0:
             break
@@ -470,7 +503,10 @@ def _refund(batch: _Batch, account: AccountState, event: Refund) -> EventResult:
 
 def _token_process_end(batch: _Batch, account: AccountState,
                        event: TokenProcessEnd) -> EventResult:
-    raise _Reject("token_process_end is not supported yet")
+    # The token process's rules live with it; imported here to avoid an import cycle.
+    from tokenledger.tokenprocess.service import end
+
+    return end(batch, account, event)
 
 
 _APPLY: dict[type, Any] = {
