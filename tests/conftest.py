@@ -126,14 +126,14 @@ class Worker:
         }
 
     def start(self, timeout: float = 60) -> Worker:
-        out = self.log.open("ab")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "celery", "-A", "workers", "worker", "-Q",
-             self.settings.queue, "-c", str(self.concurrency), "-l", "info",
-             "--without-gossip", "--without-mingle", "--without-heartbeat",
-             "-n", f"tltest-{uuid.uuid4().hex[:8]}@%h"],
-            cwd=ROOT, env=self.env, stdout=out, stderr=subprocess.STDOUT,
-            start_new_session=True)
+        with self.log.open("ab") as out:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "celery", "-A", "workers", "worker", "-Q",
+                 self.settings.queue, "-c", str(self.concurrency), "-l", "info",
+                 "--without-gossip", "--without-mingle", "--without-heartbeat",
+                 "-n", f"tltest-{uuid.uuid4().hex[:8]}@%h"],
+                cwd=ROOT, env=self.env, stdout=out, stderr=subprocess.STDOUT,
+                start_new_session=True)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if b" ready." in self.log.read_bytes():
