@@ -16,9 +16,11 @@ from celery import Task
 from celery.exceptions import Reject, Retry
 from sqlalchemy.orm import Session
 
+from tokenledger import metrics, notify
 from tokenledger.config import Settings, get_settings
 from tokenledger.db import is_disconnect, is_transient, unit_of_work
 from tokenledger.ledger.service import record_dead_letter
+from tokenledger.logs import log_context
 from tokenledger.timeutil import utcnow
 
 log = logging.getLogger("tokenledger.worker")
@@ -42,12 +44,55 @@ class LedgerTask(Task):
             yield session
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        try:
-            return super().__call__(*args, **kwargs)
-        except (Retry, Reject):
-            raise
-        except Exception as exc:  # noqa: BLE001 - every failure is routed, none escapes
-            return self._route_failure(exc, args, kwargs)
+        with log_context(task_id=self.request.id, task=self.name):
+            try:
+                return super().__call__(*args, **kwargs)
+            except (Retry, Reject):
+                raise
+            except Exception as exc:  # noqa: BLE001 - every failure is routed, none escapes
+                return self._route_failure(exc, args, kwargs)
+
+    # -- observability: metrics, logs and notifications -----------------------------------
+
+    def stage_notifications(self, session: Session, changes: list[Any], ctx: Any) -> None:
+        """Inside the unit of work: record low-balance crossings and publish the balance
+        notices once the transaction commits (never for rolled-back work)."""
+        if changes:
+            notify.stage(session, self.settings, changes, ctx.catalog, ctx.now)
+
+    def record_batch(self, events: list[Any], invalid: int, result: Any, started: float,
+                     features: Any = ()) -> None:
+        """After commit: count outcomes, batch size and latency; log one summary line."""
+        results = result.results if result is not None else []
+        elapsed = time.perf_counter() - started
+        published_at = self.request.get("published_at")
+        if not isinstance(published_at, int | float):
+            published_at = None
+        metrics.record_batch(events, results, features, invalid=invalid, seconds=elapsed,
+                             published_at=published_at)
+        outcomes: dict[str, int] = {}
+        for r in results:
+            outcomes[r.status] = outcomes.get(r.status, 0) + 1
+        if invalid:
+            outcomes["dead_lettered"] = outcomes.get("dead_lettered", 0) + invalid
+        extra: dict[str, Any] = {"events": len(events) + invalid, "outcomes": outcomes,
+                                 "duration_ms": round(elapsed * 1000, 2)}
+        if published_at is not None:
+            extra["latency_ms"] = round(max(0.0, time.time() - published_at) * 1000, 2)
+        if len(events) == 1 and results:
+            extra.update(event_key=events[0].key, user_id=events[0].user_id,
+                         outcome=results[0].status, event_type=events[0].type)
+        log.info("applied %d event(s) in %.1f ms", len(events) + invalid, elapsed * 1000,
+                 extra=extra)
+        for event, r in zip(events, results, strict=False):
+            if r.status in ("conflict", "dead_lettered"):
+                log.warning("event %s: %s", r.status, r.reason, extra={
+                    "event_key": event.key, "user_id": event.user_id, "outcome": r.status,
+                    "event_type": event.type})
+            elif log.isEnabledFor(logging.DEBUG):
+                log.debug("event %s", r.status, extra={
+                    "event_key": event.key, "user_id": event.user_id, "outcome": r.status,
+                    "event_type": event.type, "reason": r.reason})
 
     def _route_failure(self, exc: Exception, args: tuple[Any, ...],
                        kwargs: dict[str, Any]) -> None:
@@ -56,6 +101,7 @@ class LedgerTask(Task):
         # The database is unreachable: the message is safe in the broker; wait it out.
         if is_disconnect(exc) or retries < settings.max_retries:
             countdown = settings.backoff(retries)
+            metrics.RETRIES.labels(task=self.name).inc()
             log.warning("retrying %s in %ss after %s: %s", self.name, countdown,
                         type(exc).__name__, exc, extra={"retries": retries})
             self._retry_or_requeue(exc, countdown)
@@ -91,3 +137,4 @@ class LedgerTask(Task):
             if is_transient(exc):
                 self._retry_or_requeue(exc, self.settings.backoff(3))
             raise
+        metrics.record_dead_letter(payload)

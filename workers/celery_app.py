@@ -2,22 +2,53 @@
 
 from __future__ import annotations
 
+import os
+import tempfile
 from typing import Any
 
 from celery import Celery
-from celery.signals import worker_process_init
+from celery.signals import setup_logging, worker_init, worker_process_init, worker_process_shutdown
 
 from tokenledger.broker import celery_config
 from tokenledger.config import get_settings
 from tokenledger.db import dispose_engines
+from workers import beat
 
 settings = get_settings()
+if settings.metrics_port and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+    # Pool children count into files that the main process sums on the metrics port; the
+    # directory must be known before any metric exists (tokenledger.metrics).
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="tokenledger-metrics-")
 app = Celery("tokenledger", set_as_current=True)
 app.conf.update(celery_config(settings))
-app.conf.update(imports=["workers.tasks", "workers.tokenprocess_tasks"])
+app.conf.update(imports=["workers.tasks", "workers.tokenprocess_tasks",
+                         "workers.renewal_tasks"])
+beat.configure(app)  # the beat schedule and its single-scheduler lock (workers/beat.py)
 
 
 @worker_process_init.connect
 def _fresh_pool(**_: Any) -> None:
     # A forked child must not reuse the parent's pooled database connections.
     dispose_engines()
+
+
+@setup_logging.connect
+def _json_logs(loglevel: Any = None, **_: Any) -> None:
+    # Connecting this signal stops Celery configuring logging: every line is JSON.
+    from tokenledger.logs import configure_logging
+
+    configure_logging(loglevel or settings.log_level, settings.log_json)
+
+
+@worker_init.connect
+def _serve_metrics(**_: Any) -> None:
+    from tokenledger import metrics
+
+    metrics.serve_worker_metrics(settings)
+
+
+@worker_process_shutdown.connect
+def _forget_child(pid: int | None = None, **_: Any) -> None:
+    from tokenledger import metrics
+
+    metrics.mark_process_dead(pid or os.getpid())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from tokenledger.broker import APPLY_EVENTS
@@ -18,14 +19,18 @@ MAX_DEFERRALS = 6
 @app.task(base=LedgerTask, bind=True, name=APPLY_EVENTS)
 def apply_events(self: LedgerTask, payload: Any, deferrals: int = 0) -> dict[str, int]:
     """Apply one event or a batch exactly once in effect; bad events become dead letters."""
+    started = time.perf_counter()
     events, invalid = parse_batch(payload)
     now = utcnow()
     with self.unit_of_work() as session:
         for raw, reason in invalid:
             ledger.record_dead_letter(session, raw, reason, now,
                                       key=raw.get("key") if isinstance(raw, dict) else None)
-        result = ledger.apply_events(session, events, ledger.ApplyContext(
-            current_catalog(session), now, self.settings.timezone)) if events else None
+        ctx = ledger.ApplyContext(current_catalog(session), now, self.settings.timezone)
+        result = ledger.apply_events(session, events, ctx) if events else None
+        if result is not None:
+            self.stage_notifications(session, result.balance_changes, ctx)
+    self.record_batch(events, len(invalid), result, started, ctx.catalog.features)
     if result is None:
         return {"dead_lettered": len(invalid)}
     if result.deferred:

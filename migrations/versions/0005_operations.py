@@ -6,18 +6,32 @@ Revises: 0004
 
 from __future__ import annotations
 
-import sqlalchemy as sa  # noqa: F401
-from alembic import op  # noqa: F401
+import sqlalchemy as sa
+from alembic import op
 
 revision = "0005"
 down_revision = "0004"
 branch_labels = None
 depends_on = None
 
+BigId = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
+
 
 def upgrade() -> None:
-    pass
+    # A row exists while an account sits at/below its plan's low-balance threshold and has
+    # been told so; deleting it re-arms the alert (tokenledger.notify).
+    op.create_table(
+        "low_balance_state",
+        sa.Column("account_id", BigId, autoincrement=False, nullable=False),
+        sa.Column("threshold", sa.BigInteger(), nullable=False),
+        sa.Column("balance", sa.BigInteger(), nullable=False),
+        sa.Column("ledger_seq", sa.BigInteger(), nullable=False),
+        sa.Column("since", sa.DateTime(timezone=True), server_default=sa.func.now(),
+                  nullable=False),
+        sa.ForeignKeyConstraint(["account_id"], ["accounts.id"], ondelete="CASCADE"),
+        sa.PrimaryKeyConstraint("account_id"),
+    )
 
 
 def downgrade() -> None:
-    pass
+    op.drop_table("low_balance_state")

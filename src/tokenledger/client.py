@@ -32,6 +32,7 @@ from tokenledger.messages import (
 )
 from tokenledger.models import Account, DeadLetter, EventOutcome, Wallet
 from tokenledger.notify import BalanceNotice
+from tokenledger.notify import stage as stage_notices
 from tokenledger.timeutil import as_utc, utcnow
 from tokenledger.tokenprocess import service as token_process
 from tokenledger.tokenprocess.sdk import TokenProcess
@@ -193,7 +194,9 @@ class LedgerClient:
                                      timezone=timezone, key=key or f"open:{user_id}"))
         with unit_of_work(self.settings.database_url) as session:
             ctx = ApplyContext(current_catalog(session), utcnow(), self.settings.timezone)
-            outcome = _apply(session, [event], ctx).results[0]
+            batch = _apply(session, [event], ctx)
+            stage_notices(session, self.settings, batch.balance_changes, ctx.catalog, ctx.now)
+            outcome = batch.results[0]
         if outcome.status == "rejected" and outcome.reason != "account already exists":
             raise ValidationFailed(f"plan: {outcome.reason}")
         if outcome.status == "conflict":

@@ -53,3 +53,4 @@ def main() -> None:
 # Command modules register themselves on ``app``; each issue's commands live apart.
 from tokenledger.cli import ledger_cmds  # noqa: E402,F401
 from tokenledger.cli import tokenprocess_cmds  # noqa: E402,F401
+from tokenledger.cli import ops_cmds  # noqa: E402,F401

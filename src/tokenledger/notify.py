@@ -1,0 +1,357 @@
+"""Balance notifications: ``balance_changed`` for every committed change, ``balance_low``
+once per crossing of the plan's threshold — published only after the commit.
+
+Inside a unit of work, a writer of balances calls :func:`stage` with the batch's
+``balance_changes``. That works out low-balance crossings (the state lives in the
+``low_balance_state`` table, written in the same transaction, so it is right across
+processes and never advances for rolled-back work) and registers a SQLAlchemy
+``after_commit`` hook on the session. The hook is the only place anything is published:
+a rolled-back transaction never fires it.
+
+Delivery is at most once (Redis pub/sub has no replay): consumers treat a notice as
+"re-read this balance" and keep the highest ``ledger_seq`` per user. Channels are
+``<prefix>balance_changed`` and ``<prefix>balance_low``; every message is one JSON object
+with an ``event`` field. Python callbacks registered with :func:`subscribe` run in the
+process that committed; with the embedded broker (no Redis) that is the only path.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass
+from datetime import datetime
+from typing import Any
+
+import redis
+from sqlalchemy import BigInteger, ForeignKey, delete, event, func, select
+from sqlalchemy.orm import Mapped, Session, mapped_column
+
+from tokenledger.catalog import Catalog
+from tokenledger.config import Settings
+from tokenledger.db import insert_for
+from tokenledger.logs import mask_url
+from tokenledger.models import Account, Base, BigId, Timestamp
+
+log = logging.getLogger("tokenledger.notify")
+
+BALANCE_CHANGED = "balance_changed"
+BALANCE_LOW = "balance_low"
+EVENTS = (BALANCE_CHANGED, BALANCE_LOW)
+
+
+class LowBalanceState(Base):
+    """An account that was told it is low and has not gone back above its threshold.
+
+    A row exists exactly while the account is "below": inserting it is the crossing that
+    publishes ``balance_low``; deleting it re-arms the alert.
+    """
+
+    __tablename__ = "low_balance_state"
+    account_id: Mapped[int] = mapped_column(
+        BigId, ForeignKey("accounts.id", ondelete="CASCADE"), primary_key=True,
+        autoincrement=False)
+    threshold: Mapped[int] = mapped_column(BigInteger)
+    balance: Mapped[int] = mapped_column(BigInteger)
+    ledger_seq: Mapped[int] = mapped_column(BigInteger)
+    since: Mapped[datetime] = mapped_column(Timestamp, server_default=func.now())
+
+
+@dataclass(frozen=True, slots=True)
+class BalanceNotice:
+    """What subscribers receive. ``threshold`` is set for ``balance_low`` only."""
+
+    event: str
+    user_id: str
+    balance: int
+    ledger_seq: int
+    threshold: int | None = None
+
+    def to_json(self) -> str:
+        data = asdict(self)
+        if self.threshold is None:
+            del data["threshold"]
+        return json.dumps(data, separators=(",", ":"))
+
+    @classmethod
+    def from_json(cls, raw: str | bytes) -> BalanceNotice:
+        data = json.loads(raw)
+        return cls(str(data["event"]), str(data["user_id"]), int(data["balance"]),
+                   int(data["ledger_seq"]),
+                   None if data.get("threshold") is None else int(data["threshold"]))
+
+
+Callback = Callable[[BalanceNotice], Any]
+
+# -- in-process subscribers --------------------------------------------------------------
+
+_subscribers: list[tuple[Callback, frozenset[str]]] = []
+_subscribers_lock = threading.Lock()
+
+
+def subscribe(callback: Callback, events: Iterable[str] = EVENTS) -> Callable[[], None]:
+    """Call ``callback`` for every notice committed in this process; returns unsubscribe."""
+    entry = (callback, frozenset(events))
+    with _subscribers_lock:
+        _subscribers.append(entry)
+
+    def unsubscribe() -> None:
+        with _subscribers_lock:
+            if entry in _subscribers:
+                _subscribers.remove(entry)
+
+    return unsubscribe
+
+
+def _dispatch_local(notices: list[BalanceNotice]) -> None:
+    with _subscribers_lock:
+        subscribers = list(_subscribers)
+    for callback, events in subscribers:
+        for notice in notices:
+            if notice.event in events:
+                try:
+                    callback(notice)
+                except Exception:  # noqa: BLE001 - a subscriber's bug must not spread
+                    log.exception("balance subscriber %r failed", callback)
+
+
+# -- Redis -------------------------------------------------------------------------------
+
+
+def redis_url(settings: Settings) -> str | None:
+    """The Redis that carries notifications, or None (in-process subscribers only)."""
+    if not settings.notify_enabled:
+        return None
+    if settings.notify_redis_url:
+        return settings.notify_redis_url
+    if settings.broker_url.startswith(("redis://", "rediss://")):
+        return settings.broker_url
+    return None
+
+
+def channel(settings: Settings, event_name: str) -> str:
+    return f"{settings.notify_channel_prefix}{event_name}"
+
+
+_clients: dict[str, redis.Redis] = {}
+_clients_lock = threading.Lock()
+
+
+def _redis(url: str) -> redis.Redis:
+    # redis-py's pool notices a fork and reconnects in the child, so one per URL is safe.
+    with _clients_lock:
+        client = _clients.get(url)
+        if client is None:
+            client = redis.Redis.from_url(url, socket_connect_timeout=2, socket_timeout=2,
+                                          health_check_interval=30)
+            _clients[url] = client
+        return client
+
+
+def publish(settings: Settings, notices: list[BalanceNotice]) -> None:
+    """Tell in-process subscribers and the Redis channels. Never raises: the work is
+    already committed, and a lost notice only delays a cache refresh."""
+    if not notices:
+        return
+    from tokenledger import metrics
+
+    _dispatch_local(notices)
+    url = redis_url(settings)
+    if url is not None:
+        try:
+            pipe = _redis(url).pipeline(transaction=False)
+            for notice in notices:
+                pipe.publish(channel(settings, notice.event), notice.to_json())
+            pipe.execute()
+        except redis.RedisError as exc:
+            metrics.NOTIFY_ERRORS.inc()
+            log.warning("could not publish %d balance notice(s) to %s: %s", len(notices),
+                        mask_url(url), exc)
+            return
+    for notice in notices:
+        metrics.NOTIFICATIONS.labels(event=notice.event).inc()
+
+
+# -- staging inside a unit of work ---------------------------------------------------------
+
+_PENDING = "tokenledger.balance_notices"
+_HOOKED = "tokenledger.balance_notices_hooked"
+
+
+def stage(session: Session, settings: Settings, changes: Iterable[Any],
+          catalog: Catalog, now: datetime) -> list[BalanceNotice]:
+    """Record low-balance crossings in this transaction and publish every notice after
+    it commits (never if it rolls back). ``changes`` are BalanceChange-like objects
+    (user_id, balance, ledger_seq) for accounts this transaction has locked."""
+    latest: dict[str, Any] = {}
+    for change in changes:
+        prior = latest.get(change.user_id)
+        if prior is None or change.ledger_seq > prior.ledger_seq:
+            latest[change.user_id] = change
+    if not latest:
+        return []
+    notices = [BalanceNotice(BALANCE_CHANGED, c.user_id, c.balance, c.ledger_seq)
+               for c in latest.values()]
+    notices += _low_balance_crossings(session, latest, catalog, now)
+    session.info.setdefault(_PENDING, []).extend(notices)
+    if not session.info.get(_HOOKED):
+        _publish_after_commit(session, settings)
+        session.info[_HOOKED] = True
+    return notices
+
+
+def _publish_after_commit(session: Session, settings: Settings) -> None:
+    # Registered once per session and never removed (removing a listener while SQLAlchemy
+    # dispatches it is unsafe); each handler only drains what this transaction staged.
+    def after_commit(committed: Session) -> None:
+        if committed.get_nested_transaction() is not None:
+            return  # a savepoint was released; the outer transaction has not committed
+        publish(settings, committed.info.pop(_PENDING, []))
+
+    def after_rollback(rolled_back: Session, transaction: Any) -> None:
+        if transaction.nested or transaction.parent is not None:
+            return  # a savepoint: the outer transaction may still commit
+        dropped = rolled_back.info.pop(_PENDING, [])
+        if dropped:
+            log.debug("dropped %d balance notice(s) of a rolled-back transaction",
+                      len(dropped))
+
+    event.listen(session, "after_commit", after_commit)
+    event.listen(session, "after_soft_rollback", after_rollback)
+
+
+def _low_balance_crossings(session: Session, latest: dict[str, Any], catalog: Catalog,
+                           now: datetime) -> list[BalanceNotice]:
+    thresholds = {code: plan.low_balance_threshold for code, plan in catalog.plans.items()
+                  if plan.low_balance_threshold is not None}
+    user_ids = list(latest)
+    # Accounts currently marked low (usually few): re-arm those that went back above.
+    marked = {row.user_id: row for row in session.execute(
+        select(Account.user_id, Account.id, Account.plan_code)
+        .join(LowBalanceState, LowBalanceState.account_id == Account.id)
+        .where(Account.user_id.in_(user_ids)))}
+    rearm = [row.id for uid, row in marked.items()
+             if not _is_low(latest[uid].balance, thresholds.get(row.plan_code))]
+    if rearm:
+        session.execute(delete(LowBalanceState).where(LowBalanceState.account_id.in_(rearm)))
+    # Candidates for a new crossing: not marked and at/below the highest threshold.
+    ceiling = max(thresholds.values(), default=None)
+    candidates = [uid for uid, c in latest.items()
+                  if uid not in marked and ceiling is not None and c.balance <= ceiling]
+    if not candidates:
+        return []
+    notices: list[BalanceNotice] = []
+    rows: list[dict[str, Any]] = []
+    for row in session.execute(select(Account.user_id, Account.id, Account.plan_code)
+                               .where(Account.user_id.in_(candidates))):
+        change = latest[row.user_id]
+        threshold = thresholds.get(row.plan_code)
+        if threshold is not None and _is_low(change.balance, threshold):
+            rows.append({"account_id": row.id, "threshold": threshold,
+                         "balance": change.balance, "ledger_seq": change.ledger_seq,
+                         "since": now})
+            notices.append(BalanceNotice(BALANCE_LOW, row.user_id, change.balance,
+                                         change.ledger_seq, threshold))
+    if rows:
+        session.execute(insert_for(session)(LowBalanceState).on_conflict_do_nothing(), rows)
+    return notices
+
+
+def _is_low(balance: int, threshold: int | None) -> bool:
+    return threshold is not None and balance <= threshold
+
+
+# -- the SDK's subscriber thread -----------------------------------------------------------
+
+
+class RedisSubscriber:
+    """A daemon thread that listens on the notification channels and calls back.
+
+    Reconnects with backoff when Redis goes away (notices published meanwhile are lost:
+    re-read balances after a reconnect if that matters). Keeps the highest ledger_seq per
+    user and event, so a stale or repeated notice is never delivered.
+    """
+
+    def __init__(self, settings: Settings, url: str, max_users: int = 100_000) -> None:
+        self.settings = settings
+        self.url = url
+        self.max_users = max_users
+        self._callbacks: list[tuple[Callback, frozenset[str]]] = []
+        self._lock = threading.Lock()
+        self._seen: OrderedDict[tuple[str, str], int] = OrderedDict()
+        self._stop = threading.Event()
+        self._subscribed = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.reconnects = 0
+
+    def add(self, callback: Callback, events: Iterable[str], timeout: float = 10) -> None:
+        """Register ``callback``; on return the channel subscription is live."""
+        with self._lock:
+            self._callbacks.append((callback, frozenset(events)))
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, daemon=True,
+                                                name="tokenledger-notify")
+                self._thread.start()
+        if not self._subscribed.wait(timeout):
+            raise TimeoutError(f"could not subscribe to {mask_url(self.url)} in {timeout}s")
+
+    def close(self, timeout: float = 5) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def _run(self) -> None:
+        delay = 0.1
+        channels = [channel(self.settings, e) for e in EVENTS]
+        while not self._stop.is_set():
+            client = redis.Redis.from_url(self.url, socket_connect_timeout=2,
+                                          health_check_interval=10)
+            pubsub = client.pubsub(ignore_subscribe_messages=True)
+            try:
+                pubsub.subscribe(*channels)
+                while not self._stop.is_set():
+                    message = pubsub.get_message(timeout=0.5)
+                    if not self._subscribed.is_set() and pubsub.subscribed:
+                        self._subscribed.set()
+                        delay = 0.1
+                    if message is not None and message.get("type") == "message":
+                        self._deliver(message["data"])
+            except (redis.RedisError, OSError) as exc:
+                self._subscribed.clear()
+                self.reconnects += 1
+                log.warning("notification subscriber lost %s (%s); reconnecting in %.1fs",
+                            mask_url(self.url), exc, delay)
+                self._stop.wait(delay)
+                delay = min(delay * 2, 5.0)
+            finally:
+                try:
+                    pubsub.close()
+                    client.close()
+                except Exception:  # noqa: BLE001,S110 - closing a dead connection
+                    pass
+
+    def _deliver(self, raw: bytes | str) -> None:
+        try:
+            notice = BalanceNotice.from_json(raw)
+        except (ValueError, KeyError, TypeError):
+            log.warning("ignoring a malformed balance notice")
+            return
+        seen_key = (notice.event, notice.user_id)
+        seen = self._seen.get(seen_key)
+        if seen is not None and seen >= notice.ledger_seq:
+            return
+        self._seen[seen_key] = notice.ledger_seq
+        self._seen.move_to_end(seen_key)
+        while len(self._seen) > self.max_users:
+            self._seen.popitem(last=False)
+        with self._lock:
+            callbacks = list(self._callbacks)
+        for callback, events in callbacks:
+            if notice.event in events:
+                try:
+                    callback(notice)
+                except Exception:  # noqa: BLE001
+                    log.exception("balance callback %r failed", callback)
