@@ -1,0 +1,312 @@
+"""The FastAPI application: state built in the lifespan, error envelopes, health and metrics."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from sqlalchemy import text
+from sqlalchemy.exc import DBAPIError, OperationalError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from tokenledger.api.auth import AuthError
+from tokenledger.api.schemas import ErrorBody
+from tokenledger.apikeys import KeyCache
+from tokenledger.client import LedgerClient
+from tokenledger.config import Settings, get_settings
+from tokenledger.db import is_disconnect, unit_of_work
+from tokenledger.errors import (
+    AccountNotFound,
+    CatalogError,
+    IdempotencyConflict,
+    InsufficientTokens,
+    ResultTimeout,
+    TokenLedgerError,
+    ValidationFailed,
+)
+
+log = logging.getLogger("tokenledger.api")
+
+# A batch of 1,000 events, each with 16 KiB of metadata, fits with room to spare.
+MAX_BODY_BYTES = 24 * 1024 * 1024
+
+
+@dataclass
+class ApiState:
+    """What every request needs, built once per process in the lifespan."""
+
+    settings: Settings
+    client: LedgerClient
+    keys: KeyCache
+    end_wait: float
+
+
+# -- error bodies -------------------------------------------------------------------------
+
+
+def error(status: int, message: str, errors: list[dict[str, Any]] | None = None,
+          headers: dict[str, str] | None = None) -> JSONResponse:
+    body: dict[str, Any] = {"success": False, "status": status, "message": message}
+    if errors is not None:
+        body["errors"] = errors
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+def field_errors(raw: list[Any]) -> list[dict[str, Any]]:
+    """FastAPI/pydantic error items as ``{field, location, message, type}``."""
+    out = []
+    for item in raw:
+        loc = [str(p) for p in item.get("loc", ())]
+        location = loc[0] if loc and loc[0] in ("body", "query", "path", "header") else "body"
+        path = loc[1:] if loc and loc[0] == location else loc
+        # Drop pydantic's union branch names (function-after[...], etc.).
+        path = [p for p in path if "[" not in p and not p.startswith("function-")]
+        out.append({"field": ".".join(path) or location, "location": location,
+                    "message": str(item.get("msg", "invalid")), "type": str(item.get("type"))})
+    return out
+
+
+def validation_response(errors: list[dict[str, Any]]) -> JSONResponse:
+    summary = "; ".join(f"{e['field']}: {e['message']}" for e in errors[:10])
+    return error(422, f"Invalid request: {summary}", errors)
+
+
+def _split_failed(message: str) -> list[dict[str, Any]]:
+    """A ValidationFailed text (``field: msg; field: msg``) as field errors."""
+    out = []
+    for part in message.split("; "):
+        field, _, msg = part.partition(": ")
+        if not msg:
+            field, msg = "body", part
+        out.append({"field": field, "location": "body", "message": msg, "type": "value_error"})
+    return out
+
+
+async def _on_validation(_: Request, exc: RequestValidationError) -> JSONResponse:
+    return validation_response(field_errors(list(exc.errors())))
+
+
+async def _on_http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    message = exc.detail if isinstance(exc.detail, str) else "HTTP error"
+    return error(exc.status_code, message, headers=getattr(exc, "headers", None))
+
+
+async def _on_auth(_: Request, exc: AuthError) -> JSONResponse:
+    return error(exc.status, exc.message)
+
+
+async def _on_ledger(_: Request, exc: TokenLedgerError) -> JSONResponse:
+    if isinstance(exc, AccountNotFound):
+        return error(404, f"Account not found: {exc.user_id}")
+    if type(exc).__name__.endswith("NotFound"):
+        return error(404, str(exc))
+    if isinstance(exc, ValidationFailed):
+        errors = _split_failed(str(exc))
+        return validation_response(errors)
+    if isinstance(exc, IdempotencyConflict):
+        return error(409, str(exc))
+    if isinstance(exc, InsufficientTokens):
+        return error(402, f"Insufficient tokens (required {exc.required}, "
+                          f"available {exc.available})")
+    if isinstance(exc, ResultTimeout):
+        return error(504, str(exc))
+    if isinstance(exc, CatalogError):
+        log.error("catalog unavailable: %s", exc)
+        return error(503, "The catalog is not loaded; run `tokenledger migrate`")
+    return error(400, str(exc))
+
+
+async def _on_database(_: Request, exc: DBAPIError) -> JSONResponse:
+    if is_disconnect(exc) or isinstance(exc, OperationalError):
+        log.error("database unavailable: %s", type(exc.orig).__name__ if exc.orig else exc)
+        return error(503, "The database is unavailable; retry shortly",
+                     headers={"Retry-After": "1"})
+    log.exception("database error")
+    return error(500, "Internal server error")
+
+
+async def _on_unexpected(_: Request, exc: Exception) -> JSONResponse:
+    # Broker outages surface as kombu/redis connection errors: a 503 the caller can retry.
+    name = type(exc).__module__ + "." + type(exc).__name__
+    if isinstance(exc, ConnectionError | TimeoutError) or name.startswith(
+            ("kombu.exceptions.OperationalError", "redis.exceptions.ConnectionError",
+             "redis.exceptions.TimeoutError")):
+        log.error("broker unavailable: %s", type(exc).__name__)
+        return error(503, "The broker is unavailable; retry shortly",
+                     headers={"Retry-After": "1"})
+    log.error("unhandled error", exc_info=exc)
+    return error(500, "Internal server error")
+
+
+# -- body limit ---------------------------------------------------------------------------
+
+
+class BodyLimit:
+    """413 for request bodies over ``limit`` bytes, declared or streamed."""
+
+    def __init__(self, app: ASGIApp, limit: int = MAX_BODY_BYTES) -> None:
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        for name, value in scope["headers"]:
+            if name == b"content-length":
+                if not value.isdigit() or int(value) > self.limit:
+                    await error(413, f"Request body larger than {self.limit} bytes")(
+                        scope, receive, send)
+                    return
+                break
+        seen = 0
+
+        async def counted() -> Message:
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.limit:
+                raise _TooLarge()
+            return message
+
+        await self.app(scope, counted, send)
+
+
+class _TooLarge(StarletteHTTPException):
+    # An HTTPException, so FastAPI's body reader passes it on to the envelope handler.
+    def __init__(self) -> None:
+        super().__init__(413, f"Request body larger than {MAX_BODY_BYTES} bytes")
+
+
+# -- the factory --------------------------------------------------------------------------
+
+
+def create_app(settings: Settings | None = None, *, key_cache_seconds: float = 2.0,
+               end_wait_seconds: float = 10.0) -> FastAPI:
+    """The tokenledger HTTP API over ``settings``' database and broker."""
+    settings = settings or get_settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        client = LedgerClient(settings)
+        app.state.api = ApiState(settings, client, KeyCache(key_cache_seconds),
+                                 end_wait_seconds)
+        try:
+            yield
+        finally:
+            client.close()
+
+    app = FastAPI(
+        title="tokenledger",
+        version="1",
+        summary="Token (credit) accounting for AI-powered applications.",
+        description=(
+            "Every `/api/*` route needs the `x-server-api-key` header (scopes `producer`, "
+            "`reader`, `admin`). Answers are `{\"success\", \"message\", \"data\"}`; errors "
+            "are `{\"success\": false, \"status\", \"message\"}`, with `errors[]` naming "
+            "each bad field on 422."),
+        lifespan=lifespan,
+        responses={422: {"model": ErrorBody, "description": "A field failed validation"}},
+    )
+    app.add_exception_handler(RequestValidationError, _on_validation)  # type: ignore[arg-type]
+    app.add_exception_handler(StarletteHTTPException, _on_http)  # type: ignore[arg-type]
+    app.add_exception_handler(AuthError, _on_auth)  # type: ignore[arg-type]
+    app.add_exception_handler(TokenLedgerError, _on_ledger)  # type: ignore[arg-type]
+    app.add_exception_handler(DBAPIError, _on_database)  # type: ignore[arg-type]
+    app.add_exception_handler(Exception, _on_unexpected)
+    app.add_middleware(BodyLimit)
+
+    from tokenledger.api import accounts, admin, billing, events, tokenprocess
+
+    for module in (billing, tokenprocess, events, accounts, admin):
+        app.include_router(module.router)
+    _add_operational_routes(app)
+
+    generate = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        # The events body is described by the message schemas themselves; add their parts.
+        if app.openapi_schema is None:
+            schema = generate()
+            schema.setdefault("components", {}).setdefault("schemas", {}).update(
+                events.openapi_components())
+        return app.openapi_schema  # type: ignore[return-value]
+
+    app.openapi = openapi  # type: ignore[method-assign]
+    return app
+
+
+def app_from_env() -> FastAPI:
+    """The app for ``uvicorn --factory``: settings from the TOKENLEDGER_* environment."""
+    return create_app(get_settings())
+
+
+def _add_operational_routes(app: FastAPI) -> None:
+    @app.get("/healthz", tags=["operations"], summary="The process is up")
+    async def healthz() -> dict[str, Any]:
+        return {"success": True, "data": {"status": "ok"}}
+
+    @app.get("/readyz", tags=["operations"], summary="The database and the broker answer",
+             responses={503: {"model": ErrorBody}})
+    def readyz(request: Request) -> JSONResponse:
+        state: ApiState = request.app.state.api
+        checks = {"database": _check_database(state.settings),
+                  "broker": _check_broker(state.settings)}
+        ok = all(v == "ok" for v in checks.values())
+        body = {"success": ok, "message": None if ok else "not ready", "data": checks}
+        if not ok:
+            body["status"] = 503
+        return JSONResponse(body, status_code=200 if ok else 503)
+
+    @app.get("/metrics", tags=["operations"], summary="Prometheus metrics",
+             response_class=Response)
+    def metrics() -> Response:
+        from prometheus_client import (
+            CONTENT_TYPE_LATEST,
+            REGISTRY,
+            CollectorRegistry,
+            generate_latest,
+        )
+
+        if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+            from prometheus_client import multiprocess
+
+            registry = CollectorRegistry()
+            multiprocess.MultiProcessCollector(registry)
+            payload = generate_latest(registry)
+        else:
+            payload = generate_latest(REGISTRY)
+        return Response(payload, media_type=CONTENT_TYPE_LATEST)
+
+
+def _check_database(settings: Settings) -> str:
+    try:
+        with unit_of_work(settings.database_url) as session:
+            session.execute(text("SELECT 1"))
+        return "ok"
+    except Exception as exc:
+        return f"unavailable ({type(exc).__name__})"
+
+
+def _check_broker(settings: Settings) -> str:
+    from kombu import Connection
+
+    from tokenledger.broker import celery_config
+
+    try:
+        options = celery_config(settings)["broker_transport_options"]
+        with Connection(settings.broker_url, connect_timeout=2,
+                        transport_options=options) as conn:
+            conn.ensure_connection(max_retries=1, interval_start=0, interval_step=0,
+                                   timeout=2)
+        return "ok"
+    except Exception as exc:
+        return f"unavailable ({type(exc).__name__})"
