@@ -35,6 +35,10 @@ class Settings(BaseSettings):
     retry_backoff_max: int = Field(default=30, gt=0)
     max_retries: int = Field(default=8, ge=0)
     queue: str = "tokenledger"
+    # Renewal chunks go here when set, so dedicated workers can take them and live
+    # charges never queue behind a million-account run; default: the main queue.
+    renewal_queue: str | None = None
+    renewal_chunk_size: int = Field(default=2000, ge=1, le=50_000)
     worker_concurrency: int | None = None
     flower_basic_auth: str | None = None
     metrics_port: int | None = None

@@ -54,3 +54,4 @@ def main() -> None:
 from tokenledger.cli import ledger_cmds  # noqa: E402,F401
 from tokenledger.cli import tokenprocess_cmds  # noqa: E402,F401
 from tokenledger.cli import ops_cmds  # noqa: E402,F401
+from tokenledger.cli import renew_cmds  # noqa: E402,F401

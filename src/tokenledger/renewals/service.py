@@ -1,0 +1,782 @@
+"""Daily resets, monthly renewals and wallet expiry, planned in keyset chunks and applied
+set-based. Nothing here commits: callers (a Celery task, the CLI) own the transaction.
+
+How a run works, and why:
+1. ``plan_run`` fixes the run's instant (``as_of``) and cuts the due accounts into keyset
+   chunks ``(after_id, upto_id]`` by account id. Every chunk judges "due" against the same
+   instant, so a run is one consistent cut however long its chunks take.
+2. ``process_chunk`` is one short transaction: it locks the chunk row (a redelivered chunk
+   waits, then sees ``done`` and changes nothing), locks the chunk's due accounts
+   ``FOR UPDATE`` in id order like every other writer, re-reads them under the lock, decides
+   each grant in Python (the same code for PostgreSQL, SQLite and dry runs) and writes
+   wallets, entries, outcomes and the period marks with one statement each.
+3. Each grant stores an ``event_outcomes`` row keyed per account and period
+   (``reset:<account_id>:<local-date>``, ``renewal:<account_id>:<period-start>``) in the same
+   transaction as its ledger entry; the key is checked under the lock, so a re-run, a second
+   beat or a redelivered chunk grants nothing twice.
+4. The chunk adds its counts to the run row last (the lock on it is held only until commit);
+   the chunk that finishes the run seals it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timedelta
+from functools import lru_cache
+from typing import Any
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError, available_timezones
+
+from sqlalchemy import (
+    ColumnElement,
+    Row,
+    and_,
+    bindparam,
+    case,
+    false,
+    func,
+    null,
+    or_,
+    select,
+    text,
+    update,
+)
+from sqlalchemy.orm import Session
+
+from tokenledger.catalog import Catalog, PlanSpec
+from tokenledger.errors import AccountNotFound, TokenLedgerError, ValidationFailed
+from tokenledger.models import STANDARD, Account, EventOutcome, LedgerEntry, Wallet
+from tokenledger.renewals.models import RUN_KINDS, RenewalChunk, RenewalRun
+from tokenledger.timeutil import as_utc, next_local_midnight
+
+accounts_t = Account.__table__
+wallets_t = Wallet.__table__
+entries_t = LedgerEntry.__table__
+outcomes_t = EventOutcome.__table__
+runs_t = RenewalRun.__table__
+chunks_t = RenewalChunk.__table__
+
+PERIOD_30D = timedelta(days=30)
+ENTRY_TYPE = {"daily": "DAILY_RESET", "monthly": "RENEWAL"}
+EVENT_TYPE = {"daily": "daily_reset", "monthly": "renewal"}
+KEY_PREFIX = {"daily": "reset", "monthly": "renewal"}
+PLAN_PERIOD = {"daily": "daily", "monthly": "30d"}
+MAX_CHUNK = 50_000
+RUN_ERRORS_KEPT = 1000
+
+
+class RunNotFound(TokenLedgerError):
+    """A renewal run id that does not exist."""
+
+    def __init__(self, run_id: int) -> None:
+        super().__init__(f"renewal run not found: {run_id}")
+        self.run_id = run_id
+
+
+@dataclass(frozen=True, slots=True)
+class RunOptions:
+    """What a batch run covers and how it behaves on errors."""
+
+    kind: str
+    tier: str | None = None
+    limit: int | None = None
+    dry_run: bool = False
+    continue_on_error: bool = True
+    chunk_size: int = 2000
+    trigger: str = "cli"
+
+    def __post_init__(self) -> None:
+        if self.kind not in RUN_KINDS:
+            raise ValidationFailed(f"kind: must be one of {', '.join(RUN_KINDS)}")
+        if self.limit is not None and self.limit < 1:
+            raise ValidationFailed("limit: must be at least 1")
+        if not 1 <= self.chunk_size <= MAX_CHUNK:
+            raise ValidationFailed(f"chunk_size: must be between 1 and {MAX_CHUNK}")
+
+
+@dataclass(slots=True)
+class Grant:
+    """One account's grant for one period (amount 0 when already at its target)."""
+
+    account_id: int
+    user_id: str
+    wallet_id: int
+    plan: str
+    period: str
+    key: str
+    before: int
+    after: int
+    mark: Any  # the new last_reset_on (date string) or last_renewal_at (datetime)
+
+    @property
+    def amount(self) -> int:
+        return self.after - self.before
+
+    def change(self) -> dict[str, Any]:
+        return {"user_id": self.user_id, "account_id": self.account_id, "plan": self.plan,
+                "period": self.period, "key": self.key, "wallet_id": self.wallet_id,
+                "balance_before": self.before, "balance_after": self.after,
+                "amount": self.amount}
+
+
+@dataclass(slots=True)
+class ChunkResult:
+    """What one chunk did; ``finished`` is true for the chunk that sealed its run."""
+
+    run_id: int
+    chunk_id: int
+    status: str
+    processed: int = 0
+    successful: int = 0
+    failed: int = 0
+    skipped: int = 0
+    tokens: int = 0
+    finished: bool = False
+    already_done: bool = False
+    errors: list[dict[str, Any]] = field(default_factory=list)
+
+
+# -- what is due ---------------------------------------------------------------------------
+
+
+def renewing_plans(catalog: Catalog, kind: str, tier: str | None = None) -> list[str]:
+    """The plan codes a run of ``kind`` covers (only ``tier`` when given)."""
+    period = PLAN_PERIOD[kind]
+    if tier is not None:
+        plan = catalog.plans.get(tier)
+        if plan is None:
+            raise ValidationFailed(f"tier: unknown plan {tier!r}")
+        if plan.period != period:
+            raise ValidationFailed(f"tier: plan {tier!r} renews {plan.period}, "
+                                   f"not in a {kind} run")
+        return [tier]
+    return sorted(code for code, plan in catalog.plans.items() if plan.period == period)
+
+
+@lru_cache(maxsize=16)
+def _local_dates(as_of: datetime) -> dict[str, str]:
+    """Every known IANA zone's calendar date at ``as_of`` (zoneinfo: DST-safe)."""
+    dates: dict[str, str] = {}
+    for name in available_timezones():
+        try:
+            dates[name] = as_of.astimezone(ZoneInfo(name)).date().isoformat()
+        except (ZoneInfoNotFoundError, ValueError, OSError):
+            continue
+    return dates
+
+
+def _local_date(as_of: datetime, tz: str) -> str | None:
+    known = _local_dates(as_of).get(tz)
+    if known is not None:
+        return known
+    try:
+        return as_of.astimezone(ZoneInfo(tz)).date().isoformat()
+    except (ZoneInfoNotFoundError, ValueError, OSError):
+        return None
+
+
+def due_clause(kind: str, as_of: datetime, plan_codes: Sequence[str]) -> ColumnElement[bool]:
+    """SQL for "this account's period has turned at ``as_of``" (both dialects).
+
+    Daily: the zones are grouped by their local date at ``as_of`` (at most three dates
+    exist at any instant), so each account is compared with its own local day without
+    the database knowing time zones. Accounts with a zone we cannot resolve are selected
+    too, so they fail loudly instead of silently never resetting.
+    """
+    if not plan_codes:
+        return false()
+    a = accounts_t.c
+    in_plans = a.plan_code.in_(list(plan_codes))
+    if kind == "monthly":
+        anchor = func.coalesce(a.last_renewal_at, a.created_at)
+        return and_(in_plans, anchor <= as_of - PERIOD_30D)
+    dates = _local_dates(as_of)
+    by_date: dict[str, list[str]] = defaultdict(list)
+    for tz, day in dates.items():
+        by_date[day].append(tz)
+    turned = [and_(a.timezone.in_(sorted(tzs)),
+                   or_(a.last_reset_on.is_(None), a.last_reset_on < day))
+              for day, tzs in sorted(by_date.items())]
+    return and_(in_plans, or_(*turned, a.timezone.not_in(sorted(dates))))
+
+
+def _target(plan: PlanSpec, balance: int) -> int:
+    """The STANDARD wallet's balance after a grant: reset to the allocation, or top up
+    (never beyond the rollover cap, and never taking anything away)."""
+    if plan.renewal_mode == "reset":
+        return plan.allocation
+    after = balance + plan.allocation
+    if plan.rollover_cap is not None:
+        after = min(after, max(plan.rollover_cap, balance))
+    return after
+
+
+def _decide(row: Row[Any], kind: str, plan: PlanSpec | None, as_of: datetime
+            ) -> Grant | str | None:
+    """A grant, an error message, or None when the account is not due (any more)."""
+    if plan is None:
+        return f"plan {row.plan_code!r} is not in the catalog"
+    if kind == "daily":
+        day = _local_date(as_of, row.timezone)
+        if day is None:
+            return f"unknown timezone {row.timezone!r}"
+        if row.last_reset_on is not None and row.last_reset_on >= day:
+            return None
+        period, mark = day, day
+    else:
+        anchor = as_utc(row.last_renewal_at or row.created_at)
+        assert anchor is not None
+        elapsed = as_of - anchor
+        if elapsed < PERIOD_30D:
+            return None
+        # Keep the account's anchor: the new period starts a whole number of periods
+        # after the old one, so renewals do not drift later with each run, and an
+        # account missed for months is caught up once, not once per missed period.
+        mark = anchor + PERIOD_30D * (elapsed // PERIOD_30D)
+        period = mark.date().isoformat()
+    if row.wallet_id is None:
+        return "account has no STANDARD wallet"
+    if not row.is_active:
+        return "STANDARD wallet is inactive"
+    return Grant(row.id, row.user_id, row.wallet_id, row.plan_code, period,
+                 f"{KEY_PREFIX[kind]}:{row.id}:{period}", row.balance,
+                 _target(plan, row.balance), mark)
+
+
+def _candidates(session: Session, kind: str, as_of: datetime, plan_codes: Sequence[str],
+                after_id: int, upto_id: int, lock: bool) -> list[Row[Any]]:
+    a, w = accounts_t.c, wallets_t.c
+    stmt = (
+        select(a.id, a.user_id, a.plan_code, a.timezone, a.last_renewal_at, a.last_reset_on,
+               a.created_at, w.id.label("wallet_id"), w.balance, w.is_active)
+        .select_from(accounts_t.outerjoin(
+            wallets_t, and_(w.account_id == a.id, w.wallet_type == STANDARD,
+                            w.expires_at.is_(None))))
+        .where(a.id > after_id, a.id <= upto_id, due_clause(kind, as_of, plan_codes))
+        .order_by(a.id)
+    )
+    if lock:
+        # The account row is every writer's serialization point; id order rules out
+        # deadlocks with live batches, which lock their accounts in the same order.
+        stmt = stmt.with_for_update(of=accounts_t)
+    return list(session.execute(stmt).all())
+
+
+def _is_pg(session: Session) -> bool:
+    return session.get_bind().dialect.name == "postgresql"
+
+
+def _existing_outcomes(session: Session, keys: list[str]) -> dict[str, str]:
+    if not keys:
+        return {}
+    if _is_pg(session):
+        rows = session.execute(text(
+            "SELECT key, event_type FROM event_outcomes WHERE key = ANY(:keys)"),
+            {"keys": keys})
+    else:
+        rows = session.execute(select(outcomes_t.c.key, outcomes_t.c.event_type)
+                               .where(outcomes_t.c.key.in_(keys)))
+    return {r.key: r.event_type for r in rows}
+
+
+def _payload_hash(kind: str, g: Grant) -> str:
+    return hashlib.sha256(f"{kind}|{g.account_id}|{g.period}|{g.amount}".encode()).hexdigest()
+
+
+# -- writing -------------------------------------------------------------------------------
+
+
+def _write(session: Session, kind: str, run_id: int, grants: list[Grant],
+           now: datetime) -> None:
+    """Wallets, entries, outcomes and period marks: one set-based statement each."""
+    movers = [g for g in grants if g.amount != 0]
+    if _is_pg(session):
+        _write_pg(session, kind, run_id, grants, movers, now)
+    else:
+        _write_portable(session, kind, run_id, grants, movers, now)
+
+
+def _write_pg(session: Session, kind: str, run_id: int, grants: list[Grant],
+              movers: list[Grant], now: datetime) -> None:
+    # unnest() turns one array per column into rows, so each write is one statement
+    # and one round trip whatever the chunk size.
+    if movers:
+        session.execute(text(
+            "UPDATE wallets AS w SET balance = v.balance"
+            " FROM unnest(CAST(:ids AS bigint[]), CAST(:balances AS bigint[])) AS v(id, balance)"
+            " WHERE w.id = v.id"),
+            {"ids": [g.wallet_id for g in movers], "balances": [g.after for g in movers]})
+        session.execute(text(
+            "INSERT INTO ledger_entries (account_id, wallet_id, amount, balance_before,"
+            " balance_after, type, event_key, metadata, created_at)"
+            " SELECT v.account_id, v.wallet_id, v.after - v.before, v.before, v.after, :type,"
+            "  v.key, jsonb_build_object('run', CAST(:run AS bigint), 'plan', v.plan,"
+            "  'period', v.period), :now"
+            " FROM unnest(CAST(:accounts AS bigint[]), CAST(:wallets AS bigint[]),"
+            "  CAST(:before AS bigint[]), CAST(:after AS bigint[]), CAST(:keys AS text[]),"
+            "  CAST(:plans AS text[]), CAST(:periods AS text[]))"
+            "  AS v(account_id, wallet_id, before, after, key, plan, period)"),
+            {"type": ENTRY_TYPE[kind], "run": run_id, "now": now,
+             "accounts": [g.account_id for g in movers],
+             "wallets": [g.wallet_id for g in movers],
+             "before": [g.before for g in movers], "after": [g.after for g in movers],
+             "keys": [g.key for g in movers], "plans": [g.plan for g in movers],
+             "periods": [g.period for g in movers]})
+        session.execute(text(
+            "INSERT INTO event_outcomes (key, payload_hash, user_id, event_type, outcome,"
+            " result, created_at)"
+            " SELECT v.key, v.hash, v.user_id, :etype, 'applied',"
+            "  jsonb_build_object('amount', v.amount, 'wallet_balance', v.after,"
+            "  'period', v.period, 'run', CAST(:run AS bigint)), :now"
+            " FROM unnest(CAST(:keys AS text[]), CAST(:hashes AS text[]),"
+            "  CAST(:users AS text[]), CAST(:amounts AS bigint[]), CAST(:after AS bigint[]),"
+            "  CAST(:periods AS text[])) AS v(key, hash, user_id, amount, after, period)"),
+            {"etype": EVENT_TYPE[kind], "run": run_id, "now": now,
+             "keys": [g.key for g in movers],
+             "hashes": [_payload_hash(kind, g) for g in movers],
+             "users": [g.user_id for g in movers], "amounts": [g.amount for g in movers],
+             "after": [g.after for g in movers], "periods": [g.period for g in movers]})
+    if grants:
+        if kind == "daily":
+            session.execute(text(
+                "UPDATE accounts AS a SET last_reset_on = v.day"
+                " FROM unnest(CAST(:ids AS bigint[]), CAST(:days AS text[])) AS v(id, day)"
+                " WHERE a.id = v.id"),
+                {"ids": [g.account_id for g in grants], "days": [g.mark for g in grants]})
+        else:
+            session.execute(text(
+                "UPDATE accounts AS a SET last_renewal_at = v.at"
+                " FROM unnest(CAST(:ids AS bigint[]), CAST(:ats AS timestamptz[])) AS v(id, at)"
+                " WHERE a.id = v.id"),
+                {"ids": [g.account_id for g in grants], "ats": [g.mark for g in grants]})
+
+
+def _write_portable(session: Session, kind: str, run_id: int, grants: list[Grant],
+                    movers: list[Grant], now: datetime) -> None:
+    if movers:
+        session.execute(
+            update(wallets_t).where(wallets_t.c.id == bindparam("_id"))
+            .values(balance=bindparam("_balance")),
+            [{"_id": g.wallet_id, "_balance": g.after} for g in movers],
+            execution_options={"synchronize_session": False})
+        session.execute(entries_t.insert(), [{
+            "account_id": g.account_id, "wallet_id": g.wallet_id, "amount": g.amount,
+            "balance_before": g.before, "balance_after": g.after, "type": ENTRY_TYPE[kind],
+            "event_key": g.key, "metadata": {"run": run_id, "plan": g.plan,
+                                             "period": g.period},
+            "created_at": now} for g in movers])
+        session.execute(outcomes_t.insert(), [{
+            "key": g.key, "payload_hash": _payload_hash(kind, g), "user_id": g.user_id,
+            "event_type": EVENT_TYPE[kind], "outcome": "applied", "reason": None,
+            "result": {"amount": g.amount, "wallet_balance": g.after, "period": g.period,
+                       "run": run_id},
+            "created_at": now} for g in movers])
+    if grants:
+        column = "last_reset_on" if kind == "daily" else "last_renewal_at"
+        session.execute(
+            update(accounts_t).where(accounts_t.c.id == bindparam("_id"))
+            .values({column: bindparam("_mark")}),
+            [{"_id": g.account_id, "_mark": g.mark} for g in grants],
+            execution_options={"synchronize_session": False})
+
+
+# -- runs ----------------------------------------------------------------------------------
+
+
+def plan_run(session: Session, options: RunOptions, catalog: Catalog,
+             now: datetime) -> RenewalRun:
+    """Record a run and cut its due accounts into keyset chunks (in the caller's
+    transaction). A run with nothing due is completed at once."""
+    as_of = as_utc(now)
+    assert as_of is not None
+    codes = renewing_plans(catalog, options.kind, options.tier)
+    run = RenewalRun(
+        kind=options.kind, status="running", trigger=options.trigger, tier=options.tier,
+        account_limit=options.limit, dry_run=options.dry_run,
+        continue_on_error=options.continue_on_error, as_of=as_of,
+        chunk_size=options.chunk_size, candidates=0, total_chunks=0, chunks_done=0,
+        total_processed=0, successful=0, failed=0, skipped=0, tokens_granted=0,
+        alert=False, created_at=as_of)
+    session.add(run)
+    session.flush()
+
+    due = due_clause(options.kind, as_of, codes)
+    a = accounts_t.c
+    chunks: list[dict[str, Any]] = []
+    after, remaining = 0, options.limit
+    while remaining is None or remaining > 0:
+        size = options.chunk_size if remaining is None else min(options.chunk_size, remaining)
+        # Keyset pagination: the id of the size-th due account after the previous chunk.
+        upto = session.scalar(select(a.id).where(due, a.id > after).order_by(a.id)
+                              .offset(size - 1).limit(1))
+        count = size
+        if upto is None:
+            tail = session.scalars(select(a.id).where(due, a.id > after).order_by(a.id)
+                                   .limit(size)).all()
+            if not tail:
+                break
+            upto, count = tail[-1], len(tail)
+        chunks.append({"run_id": run.id, "seq": len(chunks) + 1, "after_id": after,
+                       "upto_id": upto, "planned": count, "status": "pending", "processed": 0,
+                       "successful": 0, "failed": 0, "skipped": 0, "tokens": 0})
+        after = upto
+        if remaining is not None:
+            remaining -= count
+        if count < size:
+            break
+    if chunks:
+        session.execute(chunks_t.insert(), chunks)
+    run.total_chunks = len(chunks)
+    run.candidates = sum(c["planned"] for c in chunks)
+    if not chunks:
+        run.status = "completed"
+        run.finished_at = as_of
+        run.errors = []
+    session.flush()
+    return run
+
+
+def pending_chunks(session: Session, run_id: int) -> list[int]:
+    """Ids of the run's chunks not processed yet, in account order."""
+    return list(session.scalars(
+        select(chunks_t.c.id).where(chunks_t.c.run_id == run_id,
+                                    chunks_t.c.status == "pending")
+        .order_by(chunks_t.c.seq)))
+
+
+def process_chunk(session: Session, chunk_id: int, catalog: Catalog) -> ChunkResult:
+    """Apply one chunk of a run. Safe to run twice: a processed chunk changes nothing."""
+    chunk = session.execute(
+        select(chunks_t).where(chunks_t.c.id == chunk_id).with_for_update()).first()
+    if chunk is None:
+        raise ValidationFailed(f"renewal chunk {chunk_id} does not exist")
+    if chunk.status != "pending":
+        return ChunkResult(chunk.run_id, chunk_id, chunk.status, already_done=True)
+    run = session.execute(select(runs_t).where(runs_t.c.id == chunk.run_id)).one()
+    result = ChunkResult(run.id, chunk_id, "done")
+    if run.status == "stopped":
+        result.status = "skipped"
+        return _close_chunk(session, run, result, None, stop=False)
+
+    as_of = as_utc(run.as_of)
+    assert as_of is not None
+    codes = renewing_plans(catalog, run.kind, run.tier) if (
+        run.tier is None or run.tier in catalog.plans) else []
+    rows = _candidates(session, run.kind, as_of, codes, chunk.after_id, chunk.upto_id,
+                       lock=not run.dry_run)
+    grants: list[Grant] = []
+    errors: list[dict[str, Any]] = []
+    for row in rows:
+        decision = _decide(row, run.kind, catalog.plans.get(row.plan_code), as_of)
+        if decision is None:
+            result.skipped += 1
+        elif isinstance(decision, str):
+            errors.append({"user_id": row.user_id, "account_id": row.id, "error": decision})
+        else:
+            grants.append(decision)
+
+    stored = _existing_outcomes(session, [g.key for g in grants])
+    if stored:
+        kept = []
+        for g in grants:
+            event_type = stored.get(g.key)
+            if event_type is None:
+                kept.append(g)
+            elif event_type == EVENT_TYPE[run.kind]:
+                result.skipped += 1  # granted by an earlier run; only its mark was lost
+                g.after = g.before
+                kept.append(g)
+            else:
+                errors.append({"user_id": g.user_id, "account_id": g.account_id,
+                               "error": f"grant key {g.key!r} is already used by a "
+                                        f"{event_type!r} event"})
+        grants = kept
+
+    stop = False
+    if errors and not run.continue_on_error:
+        first = min(errors, key=lambda e: e["account_id"])
+        grants = [g for g in grants if g.account_id < first["account_id"]]
+        errors, stop = [first], True
+
+    if not run.dry_run:
+        _write(session, run.kind, run.id, grants, as_of)
+    applied = [g for g in grants if g.key not in stored]
+    result.successful = len(applied)
+    result.failed = len(errors)
+    result.processed = result.successful + result.failed
+    result.tokens = sum(g.amount for g in applied)
+    result.errors = errors
+    changes = [g.change() for g in applied if g.amount != 0] if run.dry_run else None
+    return _close_chunk(session, run, result, changes, stop=stop)
+
+
+def _close_chunk(session: Session, run: Row[Any], result: ChunkResult,
+                 changes: list[dict[str, Any]] | None, stop: bool) -> ChunkResult:
+    session.execute(update(chunks_t).where(chunks_t.c.id == result.chunk_id).values(
+        status=result.status, processed=result.processed, successful=result.successful,
+        failed=result.failed, skipped=result.skipped, tokens=result.tokens,
+        errors=result.errors or null(), changes=null() if changes is None else changes,
+        finished_at=func.now()))
+    r = runs_t.c
+    # Counted on the run row last, so its lock is held only until this commit.
+    totals = session.execute(
+        update(runs_t).where(r.id == run.id).values(
+            chunks_done=r.chunks_done + 1,
+            total_processed=r.total_processed + result.processed,
+            successful=r.successful + result.successful, failed=r.failed + result.failed,
+            skipped=r.skipped + result.skipped, tokens_granted=r.tokens_granted + result.tokens,
+            status=case((r.status == "running", "stopped"), else_=r.status) if stop
+            else r.status,
+            message=(f"stopped at the first error: {result.errors[0]['user_id']}: "
+                     f"{result.errors[0]['error']}") if stop else r.message,
+        ).returning(r.chunks_done, r.total_chunks)).one()
+    if totals.chunks_done >= totals.total_chunks:
+        _seal(session, run.id)
+        result.finished = True
+    return result
+
+
+def _seal(session: Session, run_id: int) -> None:
+    errors: list[dict[str, Any]] = []
+    for chunk_errors in session.scalars(
+        select(chunks_t.c.errors).where(chunks_t.c.run_id == run_id,
+                                        chunks_t.c.errors.is_not(None))
+        .order_by(chunks_t.c.seq)
+    ):
+        errors.extend(chunk_errors or [])
+        if len(errors) >= RUN_ERRORS_KEPT:
+            break
+    r = runs_t.c
+    session.execute(update(runs_t).where(r.id == run_id).values(
+        status=case((r.status == "running", "completed"), else_=r.status),
+        errors=errors[:RUN_ERRORS_KEPT], finished_at=func.now()))
+
+
+def fail_chunk(session: Session, chunk_id: int, reason: str) -> ChunkResult | None:
+    """Give up on a chunk that kept failing: its accounts count as failed, the run goes on."""
+    chunk = session.execute(
+        select(chunks_t).where(chunks_t.c.id == chunk_id).with_for_update()).first()
+    if chunk is None or chunk.status != "pending":
+        return None
+    run = session.execute(select(runs_t).where(runs_t.c.id == chunk.run_id)).one()
+    result = ChunkResult(run.id, chunk_id, "failed", processed=chunk.planned,
+                         failed=chunk.planned,
+                         errors=[{"chunk": chunk.seq, "accounts": f"{chunk.after_id + 1}.."
+                                  f"{chunk.upto_id}", "error": reason[:2000]}])
+    session.execute(update(runs_t).where(runs_t.c.id == run.id).values(status="failed",
+                                                                       message=reason[:2000]))
+    return _close_chunk(session, run, result, None, stop=False)
+
+
+# -- reading runs --------------------------------------------------------------------------
+
+
+def _run_dict(run: Row[Any]) -> dict[str, Any]:
+    data = dict(run._mapping)
+    data["limit"] = data.pop("account_limit")
+    for k in ("as_of", "created_at", "finished_at", "alert_sent_at"):
+        value = as_utc(data.get(k))
+        data[k] = value.isoformat() if value else None
+    data["errors"] = data.get("errors") or []
+    return data
+
+
+def run_report(session: Session, run_id: int, changes_limit: int = 1000) -> dict[str, Any]:
+    """A run's options, totals, errors and (for dry runs) the changes it would make."""
+    run = session.execute(select(runs_t).where(runs_t.c.id == run_id)).first()
+    if run is None:
+        raise RunNotFound(run_id)
+    data = _run_dict(run)
+    if run.dry_run:
+        changes: list[dict[str, Any]] = []
+        for chunk_changes in session.scalars(
+            select(chunks_t.c.changes).where(chunks_t.c.run_id == run_id,
+                                             chunks_t.c.changes.is_not(None))
+            .order_by(chunks_t.c.seq)
+        ):
+            changes.extend(chunk_changes or [])
+            if len(changes) >= changes_limit:
+                break
+        data["changes"] = changes[:changes_limit]
+    if not data["errors"] and run.status == "running":
+        data["errors"] = [e for errs in session.scalars(
+            select(chunks_t.c.errors).where(chunks_t.c.run_id == run_id,
+                                            chunks_t.c.errors.is_not(None))
+        ) for e in (errs or [])][:RUN_ERRORS_KEPT]
+    return data
+
+
+def list_runs(session: Session, kind: str | None = None, limit: int = 20) -> list[dict[str, Any]]:
+    """The most recent runs, newest first (without per-account detail)."""
+    stmt = select(runs_t).order_by(runs_t.c.id.desc()).limit(limit)
+    if kind is not None:
+        stmt = stmt.where(runs_t.c.kind == kind)
+    out = []
+    for run in session.execute(stmt):
+        data = _run_dict(run)
+        data["error_count"] = len(data.pop("errors"))
+        out.append(data)
+    return out
+
+
+def last_scheduled_run(session: Session, kind: str) -> datetime | None:
+    """When beat last started a full (untiered, unlimited, real) run of ``kind``."""
+    return as_utc(session.scalar(
+        select(func.max(runs_t.c.created_at)).where(
+            runs_t.c.kind == kind, runs_t.c.trigger == "beat", runs_t.c.dry_run.is_(False),
+            runs_t.c.tier.is_(None), runs_t.c.account_limit.is_(None))))
+
+
+# -- one account ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Eligibility:
+    """Whether an account's next grant is due now, and when it will be otherwise."""
+
+    user_id: str
+    plan: str
+    period: str
+    renewal_mode: str
+    eligible: bool
+    reason: str
+    next_renewal_date: datetime
+    days_until_renewal: int
+    last_renewal: str | None
+    allocation: int
+    standard_balance: int | None
+
+    def as_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["next_renewal_date"] = self.next_renewal_date.isoformat()
+        return data
+
+
+def eligibility(session: Session, user_id: str, catalog: Catalog,
+                now: datetime) -> Eligibility:
+    """Is ``user_id`` due for its daily reset or 30-day renewal at ``now``? Read-only."""
+    now_utc = as_utc(now)
+    assert now_utc is not None
+    account = session.execute(select(accounts_t).where(accounts_t.c.user_id == user_id)).first()
+    if account is None:
+        raise AccountNotFound(user_id)
+    wallet = session.execute(select(wallets_t.c.balance, wallets_t.c.is_active).where(
+        wallets_t.c.account_id == account.id, wallets_t.c.wallet_type == STANDARD,
+        wallets_t.c.expires_at.is_(None))).first()
+    plan = catalog.plans.get(account.plan_code)
+    balance = wallet.balance if wallet is not None else None
+
+    def result(eligible: bool, reason: str, period: str, next_at: datetime,
+               last: str | None) -> Eligibility:
+        days = max(0, -(-int((next_at - now_utc).total_seconds()) // 86400))
+        return Eligibility(user_id, account.plan_code, period,
+                           plan.renewal_mode if plan else "-", eligible, reason, next_at,
+                           0 if eligible else days, last, plan.allocation if plan else 0,
+                           balance)
+
+    if plan is None:
+        return result(False, f"plan {account.plan_code!r} is not in the catalog", "-",
+                      now_utc, None)
+    if plan.period == "daily":
+        day = _local_date(now_utc, account.timezone)
+        if day is None:
+            return result(False, f"unknown timezone {account.timezone!r}", "daily", now_utc,
+                          account.last_reset_on)
+        next_at = next_local_midnight(now_utc, account.timezone)
+        due = account.last_reset_on is None or account.last_reset_on < day
+        if due:
+            reason = (f"daily reset due: local date in {account.timezone} is {day}, last "
+                      f"reset {account.last_reset_on or 'never'}; the hourly tick applies it")
+            next_at = now_utc
+        else:
+            reason = (f"already reset for {day} ({account.timezone}); next reset at local "
+                      "midnight")
+        last = account.last_reset_on
+    else:
+        anchor = as_utc(account.last_renewal_at or account.created_at)
+        assert anchor is not None
+        next_at = anchor + PERIOD_30D
+        due = now_utc >= next_at
+        last = anchor.isoformat()
+        if due:
+            reason = (f"renewal due since {next_at.date().isoformat()}: last renewal "
+                      f"{anchor.date().isoformat()} is {(now_utc - anchor).days} days old")
+        else:
+            reason = (f"renewed {(now_utc - anchor).days} days ago; renews every 30 days, "
+                      f"next on {next_at.date().isoformat()}")
+    if due and wallet is None:
+        return result(False, "account has no STANDARD wallet", plan.period, next_at, last)
+    if due and not wallet.is_active:
+        return result(False, "STANDARD wallet is inactive", plan.period, next_at, last)
+    return result(due, reason, plan.period, next_at, last)
+
+
+def due_count(session: Session, kind: str, catalog: Catalog, now: datetime,
+              tier: str | None = None) -> int:
+    """How many accounts a run of ``kind`` started at ``now`` would pick up."""
+    as_of = as_utc(now)
+    assert as_of is not None
+    return session.scalar(select(func.count()).select_from(accounts_t).where(
+        due_clause(kind, as_of, renewing_plans(catalog, kind, tier)))) or 0
+
+
+# -- wallet expiry ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class ExpiryResult:
+    """Wallets zeroed by one expiry batch; ``more`` when another batch should follow."""
+
+    wallets: int
+    tokens: int
+    accounts: int
+    more: bool
+
+
+def expire_wallets(session: Session, now: datetime, limit: int = 1000) -> ExpiryResult:
+    """Zero wallets past ``expires_at`` with an ``EXPIRY`` entry each. Safe to run twice."""
+    now_utc = as_utc(now)
+    w = wallets_t.c
+    expired = and_(w.expires_at.is_not(None), w.expires_at <= now_utc, w.balance != 0)
+    account_ids = list(session.scalars(
+        select(w.account_id).where(expired).group_by(w.account_id).order_by(w.account_id)
+        .limit(limit)))
+    if not account_ids:
+        return ExpiryResult(0, 0, 0, False)
+    locked = {r.id: r.user_id for r in session.execute(
+        select(accounts_t.c.id, accounts_t.c.user_id).where(accounts_t.c.id.in_(account_ids))
+        .order_by(accounts_t.c.id).with_for_update())}
+    # Re-read under the locks: a charge may have emptied a wallet meanwhile.
+    wallets = session.execute(
+        select(w.id, w.account_id, w.balance, w.wallet_type, w.expires_at)
+        .where(expired, w.account_id.in_(list(locked))).order_by(w.id)).all()
+    keys = {wl.id: f"expiry:{wl.id}" for wl in wallets}
+    taken = _existing_outcomes(session, list(keys.values()))
+    for wallet_id, key in keys.items():
+        if key in taken:  # credited again after an earlier expiry: a new key per expiry
+            keys[wallet_id] = f"{key}:{now_utc.isoformat()}"
+    if wallets:
+        session.execute(
+            update(wallets_t).where(w.id == bindparam("_id")).values(balance=0),
+            [{"_id": wl.id} for wl in wallets],
+            execution_options={"synchronize_session": False})
+        session.execute(entries_t.insert(), [{
+            "account_id": wl.account_id, "wallet_id": wl.id, "amount": -wl.balance,
+            "balance_before": wl.balance, "balance_after": 0, "type": "EXPIRY",
+            "event_key": keys[wl.id],
+            "metadata": {"wallet_type": wl.wallet_type,
+                         "expired_at": as_utc(wl.expires_at).isoformat()},
+            "created_at": now_utc} for wl in wallets])
+        session.execute(outcomes_t.insert(), [{
+            "key": keys[wl.id],
+            "payload_hash": hashlib.sha256(json.dumps(
+                ["expiry", wl.id, wl.balance]).encode()).hexdigest(),
+            "user_id": locked[wl.account_id], "event_type": "expiry", "outcome": "applied",
+            "reason": None, "result": {"expired": wl.balance, "wallet_id": wl.id,
+                                       "wallet_type": wl.wallet_type},
+            "created_at": now_utc} for wl in wallets])
+    return ExpiryResult(len(wallets), sum(wl.balance for wl in wallets), len(locked),
+                        len(account_ids) == limit)
