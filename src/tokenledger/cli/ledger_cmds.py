@@ -297,3 +297,16 @@ def catalog_show(json_: JsonOpt = False) -> None:
                        str(m.tokens_per_credit), str(m.profit_percent),
                        str(m.provider_input_per_1k or "-"), str(m.provider_output_per_1k or "-"))
     console.print(plans, features, models)
+
+
+@app.command()
+def demo(
+    users: Annotated[int, typer.Option(min=1, max=100_000, help="Accounts to open.")] = 200,
+    events: Annotated[int, typer.Option(min=10, max=1_000_000, help="Events to publish.")] = 5000,
+    seed: Annotated[int, typer.Option(help="Random seed for the stream.")] = 7,
+) -> None:
+    """Run a real worker on the configured (default: embedded) stack with a realistic stream."""
+    from tokenledger.demo import run_demo
+
+    if not run_demo(settings(), users=users, events=events, seed=seed, console=console):
+        raise typer.Exit(1)

@@ -1,0 +1,52 @@
+"""The embedded default: SQLite ledger and a broker on a local file, nothing running."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.conftest import Worker, assert_verified, wait_for
+from tokenledger import LedgerClient, Settings
+from tokenledger.db import dispose_engines
+from tokenledger.migrate import migrate
+
+
+@pytest.fixture
+def embedded(tmp_path):
+    settings = Settings(database_url=f"sqlite:///{tmp_path / 'ledger.sqlite'}",
+                        broker_url=f"sqla+sqlite:///{tmp_path / 'broker.sqlite'}",
+                        queue="tokenledger", retry_backoff_max=1)
+    migrate(settings.database_url)
+    worker = Worker(settings, tmp_path).start()
+    yield settings
+    worker.stop()
+    dispose_engines(close=True)
+
+
+def test_defaults_need_no_servers(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for name in ("DATABASE_URL", "BROKER_URL"):
+        monkeypatch.delenv(f"TOKENLEDGER_{name}", raising=False)
+    s = Settings()
+    assert s.is_sqlite and s.embedded_broker
+    assert str(tmp_path) in s.database_url and str(tmp_path) in s.broker_url
+
+
+def test_the_pipeline_runs_on_sqlite_and_the_embedded_broker(embedded):
+    with LedgerClient(embedded) as client:
+        client.open_account("ann")
+        client.open_account("bob", plan="Gift")
+        charge = client.charge("bob", feature="image_generation")
+        keys = [charge, client.credit("ann", 10, reason="bonus"),
+                client.charge("ann", amount=12), client.charge("ann", amount=50)]
+        client.publish({"type": "charge", "key": charge, "user_id": "bob",
+                        "feature": "image_generation"})  # a duplicate delivery
+        client._publish({"type": "charge", "key": "bad", "user_id": "ann", "amount": 0})
+        results = wait_for(client, keys, timeout=60)
+        assert [results[k].status for k in keys] == ["applied", "applied", "applied",
+                                                       "declined"]
+        refund = client.refund("bob", charge, reason="operation_failed")
+        assert client.result(refund, timeout=60).data["refunded"] == 10
+        assert client.result("bad", timeout=60).status == "dead_lettered"
+        assert client.balance("ann").balance == 3
+        assert client.balance("bob").balance == 100
+    assert_verified(embedded.database_url)
