@@ -1,0 +1,507 @@
+"""Daily resets, monthly renewals, expiry and batch runs, against the real PostgreSQL.
+
+Worked examples: *given* accounts opened at a known instant, *when* a run is started at
+another instant, *then* exactly the accounts whose period turned are granted, once.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from datetime import UTC, datetime, timedelta
+from http.server import BaseHTTPRequestHandler, HTTPServer
+from pathlib import Path
+from typing import Any
+
+import pytest
+from prometheus_client import REGISTRY
+from sqlalchemy import func, select, text
+
+from tests.conftest import apply, assert_verified
+from tokenledger import Settings
+from tokenledger.catalog import current_catalog
+from tokenledger.db import unit_of_work
+from tokenledger.models import EventOutcome, LedgerEntry
+from tokenledger.renewals import runner
+from tokenledger.renewals.service import (
+    RunOptions,
+    eligibility,
+    expire_wallets,
+    plan_run,
+    process_chunk,
+    run_report,
+)
+
+pytestmark = pytest.mark.services
+
+T0 = datetime(2026, 3, 7, 12, 0, tzinfo=UTC)
+
+
+def open_accounts(url: str, specs: list[tuple[str, str, str]], now: datetime) -> None:
+    apply(url, *[{"type": "open_account", "key": f"open-{u}", "user_id": u, "plan": plan,
+                  "timezone": tz} for u, plan, tz in specs], now=now)
+
+
+def charge(url: str, user: str, amount: int, now: datetime, overdraft: bool = False) -> None:
+    result = apply(url, {"type": "charge", "key": f"c-{user}-{now.isoformat()}-{amount}",
+                         "user_id": user, "amount": amount, "allow_overdraft": overdraft},
+                   now=now)
+    assert result.results[0].status == "applied", result.results
+
+
+def run(settings: Settings, kind: str, now: datetime, **options: Any) -> dict[str, Any]:
+    """Plan and process a run in this process; its sealed report."""
+    run_id, chunk_ids = runner.start_run(settings, RunOptions(kind=kind, **options), now=now)
+    runner.execute_inline(settings, chunk_ids)
+    with unit_of_work(settings.database_url) as session:
+        return run_report(session, run_id)
+
+
+def standard(url: str, user: str) -> int:
+    with unit_of_work(url) as session:
+        return session.execute(text(
+            "SELECT w.balance FROM wallets w JOIN accounts a ON a.id = w.account_id"
+            " WHERE a.user_id = :u AND w.wallet_type = 'STANDARD'"), {"u": user}).scalar_one()
+
+
+def entries(url: str, type_: str) -> list[Any]:
+    with unit_of_work(url) as session:
+        return list(session.execute(text(
+            "SELECT a.user_id, e.amount, e.balance_before, e.balance_after, e.event_key"
+            " FROM ledger_entries e JOIN accounts a ON a.id = e.account_id"
+            " WHERE e.type = :t ORDER BY e.id"), {"t": type_}))
+
+
+def granted_users(report: dict[str, Any]) -> set[str]:
+    return {c["user_id"] for c in report.get("changes", [])}
+
+
+# -- daily reset ---------------------------------------------------------------------------
+
+
+def test_daily_reset_follows_each_accounts_local_midnight(settings: Settings, db: str) -> None:
+    # Opened 2026-03-07 12:00 UTC: Bangkok (UTC+7) is at 19:00 on the 7th, Kiritimati
+    # (UTC+14) at 02:00 on the 8th, New York (UTC-5) at 07:00 on the 7th.
+    open_accounts(db, [("bkk", "Free", "Asia/Bangkok"), ("kiri", "Free", "Pacific/Kiritimati"),
+                       ("nyc", "Free", "America/New_York"), ("utc", "Free", "UTC")], T0)
+    for user in ("bkk", "kiri", "nyc", "utc"):
+        charge(db, user, 3, T0 + timedelta(minutes=1))
+
+    # 16:59 UTC: Bangkok 23:59 (same day), Kiritimati 06:59 on the 8th (opened on the 8th).
+    report = run(settings, "daily", datetime(2026, 3, 7, 16, 59, tzinfo=UTC))
+    assert report["total_processed"] == 0 and report["status"] == "completed"
+    # 17:00 UTC: Bangkok's midnight.
+    report = run(settings, "daily", datetime(2026, 3, 7, 17, 0, tzinfo=UTC))
+    assert (report["successful"], report["tokens_granted"]) == (1, 3)
+    assert standard(db, "bkk") == 5 and standard(db, "utc") == 2
+    # 2026-03-08 00:00 UTC: UTC's midnight.
+    assert run(settings, "daily", datetime(2026, 3, 8, 0, 0, tzinfo=UTC))["successful"] == 1
+    assert standard(db, "utc") == 5 and standard(db, "kiri") == 2
+    # 09:59 UTC: New York passed its midnight at 05:00 UTC (EDT began that night);
+    # Kiritimati is at 23:59. 10:00 UTC: Kiritimati's midnight (the 9th there).
+    assert run(settings, "daily", datetime(2026, 3, 8, 9, 59, tzinfo=UTC))["successful"] == 1
+    assert standard(db, "nyc") == 5 and standard(db, "kiri") == 2
+    assert run(settings, "daily", datetime(2026, 3, 8, 10, 0, tzinfo=UTC))["successful"] == 1
+    assert standard(db, "kiri") == 5
+    resets = entries(db, "DAILY_RESET")
+    assert [(r.user_id, r.amount, r.balance_before, r.balance_after) for r in resets] == [
+        ("bkk", 3, 2, 5), ("utc", 3, 2, 5), ("nyc", 3, 2, 5), ("kiri", 3, 2, 5)]
+    assert resets[0].event_key.startswith("reset:") and resets[0].event_key.endswith(
+        ":2026-03-08")
+    assert_verified(db)
+
+
+@pytest.mark.parametrize(("day", "before_midnight", "midnight"), [
+    # DST starts 2026-03-08 in New York: the 8th has 23 hours, midnight moves to 04:00 UTC.
+    ("2026-03-08", datetime(2026, 3, 9, 3, 59, tzinfo=UTC), datetime(2026, 3, 9, 4, 0, tzinfo=UTC)),
+    # DST ends 2026-11-01: the 1st has 25 hours, midnight moves to 05:00 UTC.
+    ("2026-11-01", datetime(2026, 11, 2, 4, 59, tzinfo=UTC),
+     datetime(2026, 11, 2, 5, 0, tzinfo=UTC)),
+])
+def test_daily_reset_is_dst_safe_in_new_york(settings: Settings, db: str, day: str,
+                                             before_midnight: datetime,
+                                             midnight: datetime) -> None:
+    opened = datetime.fromisoformat(f"{day}T16:00:00+00:00")  # noon-ish on the change day
+    open_accounts(db, [("ny", "Free", "America/New_York")], opened)
+    # Hourly ticks through the change day and past the next midnight: exactly one reset.
+    granted = []
+    tick = opened
+    while tick <= midnight + timedelta(hours=3):
+        charge(db, "ny", 1, tick, overdraft=True)
+        report = run(settings, "daily", tick)
+        granted.append((tick, report["successful"]))
+        tick += timedelta(hours=1)
+    assert [t for t, n in granted if n] == [midnight], granted
+    assert run(settings, "daily", before_midnight)["successful"] == 0
+    with unit_of_work(db) as session:
+        e = eligibility(session, "ny", current_catalog(session), before_midnight)
+    assert e.next_renewal_date == midnight
+    assert_verified(db)
+
+
+def test_daily_reset_writes_no_entry_when_already_at_the_allocation(settings: Settings,
+                                                                    db: str) -> None:
+    open_accounts(db, [("full", "Free", "UTC"), ("spent", "Free", "UTC"),
+                       ("overdrawn", "Free", "UTC")], T0)
+    charge(db, "spent", 5, T0)
+    charge(db, "overdrawn", 12, T0, overdraft=True)
+    report = run(settings, "daily", T0 + timedelta(days=1))
+    assert (report["successful"], report["tokens_granted"]) == (3, 5 + 12)
+    assert [(r.user_id, r.amount, r.balance_before) for r in entries(db, "DAILY_RESET")] == [
+        ("spent", 5, 0), ("overdrawn", 12, -7)]
+    # The period is recorded as done for all three: a second tick that day grants nothing.
+    charge(db, "full", 2, T0 + timedelta(days=1, hours=1))
+    assert run(settings, "daily", T0 + timedelta(days=1, hours=2))["total_processed"] == 0
+    assert standard(db, "full") == 3
+    assert_verified(db)
+
+
+# -- monthly renewal -----------------------------------------------------------------------
+
+
+def test_monthly_renewal_modes_and_rollover_cap(settings: Settings, db: str) -> None:
+    open_accounts(db, [("gift", "Gift", "UTC"), ("pro", "Professional", "UTC"),
+                       ("biz", "Business", "UTC"), ("free", "Free", "UTC")], T0)
+    charge(db, "gift", 130, T0, overdraft=True)      # reset: -30 -> 100
+    charge(db, "biz", 2500, T0)                      # topup: 7500 -> 17500
+    assert run(settings, "monthly", T0 + timedelta(days=29, hours=23))["total_processed"] == 0
+
+    report = run(settings, "monthly", T0 + timedelta(days=30))
+    assert (report["successful"], report["failed"]) == (3, 0)
+    assert (standard(db, "gift"), standard(db, "pro"), standard(db, "biz")) == (100, 4000, 17500)
+    assert standard(db, "free") == 5  # daily plans are not renewed monthly
+    # Next period: Professional is at its cap (no entry), Business tops up to its cap.
+    report = run(settings, "monthly", T0 + timedelta(days=60, hours=5))
+    assert (report["successful"], report["tokens_granted"]) == (3, 0 + 0 + 2500)
+    assert standard(db, "biz") == 20000 and standard(db, "pro") == 4000
+    renewals = [(r.user_id, r.amount, r.balance_before, r.balance_after)
+                for r in entries(db, "RENEWAL")]
+    assert renewals == [("gift", 130, -30, 100), ("pro", 2000, 2000, 4000),
+                        ("biz", 10000, 7500, 17500), ("biz", 2500, 17500, 20000)]
+    # The anchor is kept: the third period starts 60 days after opening, not 60d 5h.
+    with unit_of_work(db) as session:
+        e = eligibility(session, "biz", current_catalog(session), T0 + timedelta(days=61))
+    assert not e.eligible and e.next_renewal_date == T0 + timedelta(days=90)
+    assert e.days_until_renewal == 29
+    assert_verified(db)
+
+
+def test_tier_and_limit_select_the_accounts(settings: Settings, db: str) -> None:
+    open_accounts(db, [(f"g{i}", "Gift", "UTC") for i in range(5)]
+                  + [(f"p{i}", "Professional", "UTC") for i in range(3)], T0)
+    later = T0 + timedelta(days=31)
+    report = run(settings, "monthly", later, tier="Gift", limit=2, dry_run=True)
+    assert report["candidates"] == 2 and granted_users(report) <= {f"g{i}" for i in range(5)}
+    report = run(settings, "monthly", later, tier="Professional", chunk_size=2)
+    assert (report["successful"], report["total_chunks"]) == (3, 2)
+    report = run(settings, "monthly", later, limit=4, chunk_size=3)
+    assert (report["successful"], report["candidates"]) == (4, 4)
+    assert run(settings, "monthly", later)["successful"] == 1
+
+
+def test_eligibility_reports_reason_and_next_date(settings: Settings, db: str) -> None:
+    open_accounts(db, [("pro", "Professional", "UTC")], T0)
+    with unit_of_work(db) as session:
+        cat = current_catalog(session)
+        early = eligibility(session, "pro", cat, T0 + timedelta(days=10))
+        due = eligibility(session, "pro", cat, T0 + timedelta(days=31))
+    assert (early.eligible, early.days_until_renewal) == (False, 20)
+    assert early.next_renewal_date == T0 + timedelta(days=30) and "next on" in early.reason
+    assert (due.eligible, due.days_until_renewal) == (True, 0) and "due" in due.reason
+
+
+# -- at most once per period ---------------------------------------------------------------
+
+
+def test_rerun_and_second_beat_grant_nothing_twice(settings: Settings, db: str) -> None:
+    open_accounts(db, [(f"u{i}", "Gift", "UTC") for i in range(7)], T0)
+    for i in range(7):
+        charge(db, f"u{i}", 10 + i, T0)
+    now = T0 + timedelta(days=30, hours=2)
+    # Two beats planned the same window before either ran.
+    a_id, a_chunks = runner.start_run(settings, RunOptions("monthly", chunk_size=3), now=now)
+    b_id, b_chunks = runner.start_run(settings, RunOptions("monthly", chunk_size=2), now=now)
+    runner.execute_inline(settings, a_chunks)
+    runner.execute_inline(settings, b_chunks)
+    # And a chunk delivered again after it committed.
+    with unit_of_work(db) as session:
+        again = process_chunk(session, a_chunks[0], current_catalog(session))
+        a, b = run_report(session, a_id), run_report(session, b_id)
+    assert again.already_done and again.processed == 0
+    assert (a["successful"], b["successful"], b["skipped"] + b["total_processed"]) == (7, 0, 0)
+    # A re-run later in the same period finds nothing due.
+    assert run(settings, "monthly", now + timedelta(days=5))["total_processed"] == 0
+    assert len(entries(db, "RENEWAL")) == 7
+    assert_verified(db)
+
+
+def test_grant_key_already_present_is_not_granted_again(settings: Settings, db: str) -> None:
+    """Even if the period mark were lost, the per-period key stops a second grant."""
+    open_accounts(db, [("g", "Gift", "UTC")], T0)
+    charge(db, "g", 40, T0)
+    now = T0 + timedelta(days=30)
+    assert run(settings, "monthly", now)["successful"] == 1
+    with unit_of_work(db) as session:  # an operator "fixes" the mark by hand
+        session.execute(text("UPDATE accounts SET last_renewal_at = :t"), {"t": T0})
+    charge(db, "g", 40, now + timedelta(hours=1))
+    report = run(settings, "monthly", now + timedelta(hours=2))
+    assert (report["successful"], report["skipped"]) == (0, 1)
+    assert standard(db, "g") == 60 and len(entries(db, "RENEWAL")) == 1
+    assert_verified(db)
+
+
+# -- dry runs, errors and alerts -----------------------------------------------------------
+
+
+def _snapshot(url: str) -> tuple[Any, ...]:
+    with unit_of_work(url) as session:
+        return (
+            session.scalar(select(func.count()).select_from(LedgerEntry)),
+            session.scalar(select(func.count()).select_from(EventOutcome)),
+            tuple(session.execute(text("SELECT id, balance FROM wallets ORDER BY id"))),
+            tuple(session.execute(text(
+                "SELECT id, last_renewal_at, last_reset_on FROM accounts ORDER BY id"))),
+        )
+
+
+def test_dry_run_reports_changes_and_writes_nothing(settings: Settings, db: str) -> None:
+    open_accounts(db, [("g", "Gift", "UTC"), ("p", "Professional", "UTC"),
+                       ("f", "Free", "Asia/Bangkok")], T0)
+    charge(db, "g", 25, T0)
+    charge(db, "f", 4, T0)
+    before = _snapshot(db)
+    monthly = run(settings, "monthly", T0 + timedelta(days=31), dry_run=True)
+    daily = run(settings, "daily", T0 + timedelta(days=1), dry_run=True)
+    assert _snapshot(db) == before
+    assert monthly["dry_run"] and monthly["successful"] == 2
+    assert sorted((c["user_id"], c["balance_before"], c["balance_after"], c["amount"])
+                  for c in monthly["changes"]) == [("g", 75, 100, 25), ("p", 2000, 4000, 2000)]
+    assert [(c["user_id"], c["amount"]) for c in daily["changes"]] == [("f", 4)]
+    # The real run afterwards does exactly what the dry run said.
+    real = run(settings, "monthly", T0 + timedelta(days=31))
+    assert real["tokens_granted"] == monthly["tokens_granted"] == 2025
+
+
+def _break_wallets(url: str, users: list[str]) -> None:
+    """A real data fault: the renewing wallet was deactivated (e.g. by a bad migration)."""
+    with unit_of_work(url) as session:
+        session.execute(text(
+            "UPDATE wallets SET is_active = false WHERE wallet_type = 'STANDARD' AND account_id"
+            " IN (SELECT id FROM accounts WHERE user_id = ANY(:users))"), {"users": users})
+
+
+def test_continue_on_error_renews_the_rest_and_lists_errors(settings: Settings,
+                                                            db: str) -> None:
+    users = [f"u{i:02d}" for i in range(10)]
+    open_accounts(db, [(u, "Gift", "UTC") for u in users], T0)
+    _break_wallets(db, ["u03", "u07"])
+    report = run(settings, "monthly", T0 + timedelta(days=30), chunk_size=4)
+    assert (report["status"], report["total_processed"], report["successful"],
+            report["failed"]) == ("completed", 10, 8, 2)
+    assert [(e["user_id"], e["error"]) for e in report["errors"]] == [
+        ("u03", "STANDARD wallet is inactive"), ("u07", "STANDARD wallet is inactive")]
+    assert_verified(db)
+
+
+def test_stop_on_error_stops_at_the_first_failing_account(settings: Settings,
+                                                          db: str) -> None:
+    users = [f"u{i:02d}" for i in range(10)]
+    open_accounts(db, [(u, "Gift", "UTC") for u in users], T0)
+    _break_wallets(db, ["u03", "u07"])
+    report = run(settings, "monthly", T0 + timedelta(days=30), chunk_size=4,
+                 continue_on_error=False)
+    assert report["status"] == "stopped" and "u03" in report["message"]
+    assert (report["successful"], report["failed"]) == (3, 1)
+    assert [r.user_id for r in entries(db, "RENEWAL")] == []  # Gift at 100: reset is a no-op
+    with unit_of_work(db) as session:
+        renewed = set(session.scalars(text(
+            "SELECT user_id FROM accounts WHERE last_renewal_at > :t"), {"t": T0}))
+    assert renewed == {"u00", "u01", "u02"}
+
+
+class _Receiver(BaseHTTPRequestHandler):
+    received: list[dict[str, Any]] = []
+
+    def do_POST(self) -> None:  # noqa: N802 - http.server's name
+        body = self.rfile.read(int(self.headers["Content-Length"]))
+        type(self).received.append({"content_type": self.headers["Content-Type"],
+                                    "body": json.loads(body)})
+        self.send_response(204)
+        self.end_headers()
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+@pytest.fixture
+def webhook() -> Any:
+    _Receiver.received = []
+    server = HTTPServer(("127.0.0.1", 0), _Receiver)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_port}/alerts", _Receiver.received
+    server.shutdown()
+    server.server_close()
+
+
+def _alerts_total() -> float:
+    return REGISTRY.get_sample_value("tokenledger_renewal_alerts_total",
+                                     {"kind": "monthly"}) or 0.0
+
+
+def test_failures_above_the_ratio_post_a_critical_alert(settings: Settings, db: str,
+                                                        webhook: Any,
+                                                        caplog: pytest.LogCaptureFixture
+                                                        ) -> None:
+    url, received = webhook
+    alerting = settings.model_copy(update={"alert_webhook_url": url,
+                                           "alert_failure_ratio": 0.1})
+    users = [f"u{i:02d}" for i in range(10)]
+    open_accounts(db, [(u, "Gift", "UTC") for u in users], T0)
+    _break_wallets(db, ["u01", "u05"])  # 2 failed > 0.1 × 8 successful
+    metric_before = _alerts_total()
+    with caplog.at_level("CRITICAL", logger="tokenledger.renewals"):
+        report = run(alerting, "monthly", T0 + timedelta(days=30), chunk_size=3)
+    assert (report["successful"], report["failed"], report["alert"]) == (8, 2, True)
+    assert report["alert_sent_at"] is not None
+    assert len(received) == 1 and received[0]["content_type"] == "application/json"
+    body = received[0]["body"]
+    assert (body["alert"], body["severity"], body["run_id"], body["failed"],
+            body["successful"]) == ("renewal_failure_rate", "critical", report["id"], 2, 8)
+    assert {e["user_id"] for e in body["errors"]} == {"u01", "u05"}
+    assert any(r.levelname == "CRITICAL" for r in caplog.records)
+    assert _alerts_total() == metric_before + 1
+
+
+def test_failures_within_the_ratio_do_not_alert(settings: Settings, db: str,
+                                                webhook: Any) -> None:
+    url, received = webhook
+    alerting = settings.model_copy(update={"alert_webhook_url": url,
+                                           "alert_failure_ratio": 0.5})
+    open_accounts(db, [(f"u{i}", "Gift", "UTC") for i in range(10)], T0)
+    _break_wallets(db, ["u1", "u2"])  # 2 failed <= 0.5 × 8
+    report = run(alerting, "monthly", T0 + timedelta(days=30))
+    assert (report["failed"], report["alert"], received) == (2, False, [])
+
+
+def test_an_unreachable_webhook_never_breaks_the_run(settings: Settings, db: str,
+                                                     caplog: pytest.LogCaptureFixture
+                                                     ) -> None:
+    down = settings.model_copy(update={"alert_webhook_url": "http://127.0.0.1:9/alerts"})
+    open_accounts(db, [("a", "Gift", "UTC"), ("b", "Gift", "UTC")], T0)
+    _break_wallets(db, ["a"])
+    report = run(down, "monthly", T0 + timedelta(days=30))
+    assert (report["status"], report["successful"], report["failed"]) == ("completed", 1, 1)
+    with unit_of_work(db) as session:
+        sealed = run_report(session, report["id"])
+    assert sealed["alert"] is True and sealed["alert_sent_at"] is None
+    assert any("webhook" in r.getMessage() for r in caplog.records)
+
+
+# -- expiry ----------------------------------------------------------------------------------
+
+
+def test_expired_wallets_are_zeroed_once(settings: Settings, db: str) -> None:
+    open_accounts(db, [("a", "Free", "UTC")], T0)
+    soon, later = T0 + timedelta(days=1), T0 + timedelta(days=10)
+    apply(db, {"type": "credit", "key": "promo", "user_id": "a", "amount": 30,
+               "wallet_type": "PROMO", "expires_at": soon.isoformat()},
+          {"type": "credit", "key": "premium", "user_id": "a", "amount": 7,
+           "wallet_type": "PREMIUM", "expires_at": later.isoformat()}, now=T0)
+    with unit_of_work(db) as session:
+        assert expire_wallets(session, T0 + timedelta(hours=23)).wallets == 0
+    with unit_of_work(db) as session:
+        result = expire_wallets(session, soon + timedelta(minutes=5))
+    assert (result.wallets, result.tokens, result.more) == (1, 30, False)
+    with unit_of_work(db) as session:
+        assert expire_wallets(session, soon + timedelta(minutes=10)).wallets == 0
+    assert [(r.amount, r.balance_after) for r in entries(db, "EXPIRY")] == [(-30, 0)]
+    assert_verified(db)
+
+
+# -- fan-out through a real worker ---------------------------------------------------------
+
+
+def test_chunks_fan_out_to_a_real_worker_and_redelivery_changes_nothing(
+        settings: Settings, db: str, worker: Any) -> None:
+    users = [f"w{i:03d}" for i in range(60)]
+    open_accounts(db, [(u, "Professional", "UTC") for u in users], T0)
+    for u in users[:10]:
+        charge(db, u, 1500, T0)
+    now = T0 + timedelta(days=30, minutes=1)
+    run_id, chunk_ids = runner.start_run(settings, RunOptions("monthly", chunk_size=7),
+                                         now=now)
+    assert len(chunk_ids) == 9
+    runner.dispatch(settings, chunk_ids)
+    runner.dispatch(settings, chunk_ids[:4])  # redelivered chunks
+    report = runner.wait_for_run(settings, run_id, timeout=60)
+    assert report["status"] == "completed", report
+    assert (report["successful"], report["failed"], report["chunks_done"]) == (60, 0, 9)
+    assert report["tokens_granted"] == 60 * 2000
+    # The duplicates arrive after the run sealed: give the worker time to see them.
+    runner.dispatch(settings, chunk_ids)
+    runner.dispatch(settings, chunk_ids)
+    time.sleep(2)
+    with unit_of_work(db) as session:
+        assert run_report(session, run_id)["successful"] == 60
+    assert len(entries(db, "RENEWAL")) == 60
+    assert_verified(db)
+
+
+def test_batch_task_plans_and_fans_out_on_the_worker(settings: Settings, db: str,
+                                                     worker: Any) -> None:
+    open_accounts(db, [(f"f{i}", "Free", "Asia/Bangkok") for i in range(5)],
+                  datetime.now(UTC) - timedelta(days=2))
+    producer = runner.producer(settings)
+    try:
+        producer.send_task("tokenledger.renew_batch", kwargs={"kind": "daily",
+                                                              "trigger": "api"},
+                           queue=settings.queue)
+    finally:
+        producer.close()
+
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        with unit_of_work(db) as session:
+            rows = session.execute(text(
+                "SELECT id, finished_at, successful FROM renewal_runs")).all()
+        if rows and rows[0].finished_at is not None:
+            break
+        time.sleep(0.2)
+    assert rows and rows[0].successful == 5
+
+
+# -- the same rules on SQLite (the embedded demo database) ---------------------------------
+
+
+def test_the_sqlite_path_applies_the_same_rules(tmp_path: Path) -> None:
+    from tokenledger.migrate import migrate
+
+    url = f"sqlite:///{tmp_path / 'ledger.sqlite'}"
+    migrate(url)
+    local = Settings(database_url=url, broker_url=f"sqla+sqlite:///{tmp_path / 'b.sqlite'}")
+    open_accounts(url, [("g", "Gift", "UTC"), ("p", "Professional", "UTC"),
+                        ("k", "Free", "Pacific/Kiritimati"), ("n", "Free", "America/New_York")],
+                  T0)
+    charge(url, "g", 60, T0)
+    charge(url, "k", 5, T0)
+    charge(url, "n", 5, T0)
+    dry = run(local, "monthly", T0 + timedelta(days=30), dry_run=True)
+    assert dry["tokens_granted"] == 60 + 2000 and standard(url, "g") == 40
+    assert run(local, "monthly", T0 + timedelta(days=30), chunk_size=1)["successful"] == 2
+    assert run(local, "monthly", T0 + timedelta(days=31))["total_processed"] == 0
+    # 04:59 UTC on the 8th: 23:59 in New York, 18:59 in Kiritimati (opened on the 8th).
+    assert run(local, "daily", datetime(2026, 3, 8, 4, 59, tzinfo=UTC))["successful"] == 0
+    report = run(local, "daily", datetime(2026, 3, 8, 5, 0, tzinfo=UTC))
+    assert (report["successful"], standard(url, "n"), standard(url, "k")) == (1, 5, 0)
+    assert (standard(url, "g"), standard(url, "p")) == (100, 4000)
+    assert_verified(url)
+
+
+def test_plan_run_counts_candidates_without_writing_grants(settings: Settings, db: str) -> None:
+    open_accounts(db, [(f"u{i}", "Gift", "UTC") for i in range(5)], T0)
+    with unit_of_work(db) as session:
+        planned = plan_run(session, RunOptions("monthly", chunk_size=2), current_catalog(session),
+                           T0 + timedelta(days=30))
+        assert (planned.candidates, planned.total_chunks, planned.status) == (5, 3, "running")
