@@ -55,7 +55,7 @@ def end(url, user, feature, input_tokens, output_tokens, key="end", now=None, **
 
 def start_at(url, user, feature, now, ttl=900, **kw) -> StartResult:
     with unit_of_work(url) as session:
-        return start(session, user, feature, now=now, hold_ttl_seconds=ttl, **kw)
+        return start(session, user, feature, now=now, hold_ttl_seconds=ttl, **kw)[0]
 
 
 def wallets(url, user="u1"):
@@ -457,6 +457,27 @@ def test_the_database_refuses_a_resolved_hold_without_a_resolution_time(client, 
     with pytest.raises(IntegrityError), unit_of_work(db) as s:
         s.get(Hold, started.hold_id).status = "settled"
         s.flush()
+
+
+def test_start_and_expiry_announce_the_balance_change_after_commit(client, db):
+    from tokenledger import notify
+
+    open_(db)
+    seen = []
+    unsubscribe = notify.subscribe(lambda n: seen.append((n.event, n.user_id, n.balance)),
+                                   events=[notify.BALANCE_CHANGED])
+    try:
+        client.token_process_start("u1", "text_generation", hold=3)
+        assert seen == [("balance_changed", "u1", 2)]
+        client.token_process_start("u1", "text_generation", hold=9)  # refused: no change
+        assert len(seen) == 1
+        with unit_of_work(db) as s:
+            report = release_expired_holds(s, utcnow() + timedelta(days=1))
+            notify.stage(s, client.settings, report.balance_changes, current_catalog(s),
+                         utcnow())
+        assert seen[-1] == ("balance_changed", "u1", 5)
+    finally:
+        unsubscribe()
 
 
 # -- catalog load -------------------------------------------------------------------------

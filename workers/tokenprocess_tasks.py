@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from tokenledger.catalog import current_catalog
+from tokenledger.ledger.service import ApplyContext
 from tokenledger.timeutil import utcnow
 from tokenledger.tokenprocess import service as token_process
 from workers.base import LedgerTask, log
@@ -24,8 +25,10 @@ def release_expired_holds(self: LedgerTask, limit: int = 1000,
     for _ in range(max_chunks):
         now = utcnow()
         with self.unit_of_work() as session:
-            report = token_process.release_expired_holds(
-                session, now, limit=limit, catalog=current_catalog(session))
+            ctx = ApplyContext(current_catalog(session), now, self.settings.timezone)
+            report = token_process.release_expired_holds(session, now, limit=limit,
+                                                         catalog=ctx.catalog)
+            self.stage_notifications(session, report.balance_changes or [], ctx)
         totals["chunks"] += 1
         totals["holds"] += report.holds
         totals["accounts"] += report.accounts

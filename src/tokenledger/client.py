@@ -162,12 +162,17 @@ class LedgerClient:
         attempt = 0
         while True:
             try:
+                now = utcnow()
                 with unit_of_work(self.settings.database_url) as session:
-                    return token_process.start(
-                        session, user_id, feature_endpoint_id, now=utcnow(),
+                    catalog = current_catalog(session)
+                    result, changes = token_process.start(
+                        session, user_id, feature_endpoint_id, now=now,
                         hold_ttl_seconds=self.settings.hold_ttl_seconds,
                         max_output_tokens=max_output_tokens, hold=hold, model=model, key=key,
-                        default_timezone=self.settings.timezone)
+                        catalog=catalog, default_timezone=self.settings.timezone)
+                    if changes:
+                        stage_notices(session, self.settings, changes, catalog, now)
+                return result
             except Exception as exc:
                 # A deadlock or serialization failure rolled everything back: try again.
                 # A lost connection might have lost the commit's answer, so don't guess.
@@ -185,7 +190,6 @@ class LedgerClient:
         raises, the hold is released (nothing charged) and the exception propagates."""
         return TokenProcess(self, user_id, feature_endpoint_id,
                             max_output_tokens=max_output_tokens, hold=hold, model=model)
-
 
     def open_account(self, user_id: str, plan: str | None = None, timezone: str | None = None,
                      key: str | None = None) -> str:

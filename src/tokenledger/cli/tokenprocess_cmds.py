@@ -143,13 +143,20 @@ def holds_list(
 @holds_app.command("expire")
 def holds_expire(limit: Annotated[int, typer.Option(min=1)] = 1000) -> None:
     """Release every hold past its expiry now (beat does this every minute)."""
+    from tokenledger import notify
+    from tokenledger.catalog import current_catalog
     from tokenledger.timeutil import utcnow
     from tokenledger.tokenprocess.service import release_expired_holds
 
+    s = settings()
     holds = credits = 0
     while True:
-        with unit_of_work(settings().database_url) as session:
-            report = release_expired_holds(session, utcnow(), limit=limit)
+        now = utcnow()
+        with unit_of_work(s.database_url) as session:
+            catalog = current_catalog(session)
+            report = release_expired_holds(session, now, limit=limit, catalog=catalog)
+            if report.balance_changes:
+                notify.stage(session, s, report.balance_changes, catalog, now)
         holds += report.holds
         credits += report.credits
         if report.accounts < limit:

@@ -95,13 +95,15 @@ def _start_digest(user_id: str, feature: str, max_output_tokens: int | None,
 def start(session: Session, user_id: str, feature_endpoint_id: str, *, now: datetime,
           hold_ttl_seconds: int, max_output_tokens: int | None = None,
           hold: int | None = None, model: str | None = None, key: str | None = None,
-          catalog: Catalog | None = None, default_timezone: str = "UTC") -> StartResult:
+          catalog: Catalog | None = None, default_timezone: str = "UTC"
+          ) -> tuple[StartResult, list[BalanceChange]]:
     """Check access and balance and place the hold, atomically under the account lock.
 
     Concurrent starts on one account serialize on its row, so their holds never add up to
     more than the balance. With a ``key`` the start is idempotent: the same key and
     arguments return the first answer, other arguments raise IdempotencyConflict.
-    Raises AccountNotFound for an unknown user.
+    Raises AccountNotFound for an unknown user. Also returns the balance change to
+    announce after commit (none when nothing was held).
     """
     if max_output_tokens is not None and max_output_tokens < 0:
         raise ValueError("max_output_tokens must be >= 0")
@@ -120,18 +122,18 @@ def start(session: Session, user_id: str, feature_endpoint_id: str, *, now: date
         if stored is not None:
             if stored.payload_hash != digest or not stored.result:
                 raise IdempotencyConflict(key)
-            return _stored_start(stored.result, account.available(now))
+            return _stored_start(stored.result, account.available(now)), []
 
     available = account.available(now)
     feature = catalog.features.get(feature_endpoint_id)
     if feature is None or not catalog.plan_includes(account.plan_code, feature_endpoint_id):
         return StartResult(NOT_ACCESSIBLE, available, NOT_IN_PACKAGE, user_id=user_id,
-                           feature_endpoint_id=feature_endpoint_id)
+                           feature_endpoint_id=feature_endpoint_id), []
     amount = estimate_hold(catalog, feature, max_output_tokens=max_output_tokens, hold=hold,
                            model=model)
     if amount > available:
         return StartResult(NOT_ACCESSIBLE, available, INSUFFICIENT, user_id=user_id,
-                           feature_endpoint_id=feature_endpoint_id, required=amount)
+                           feature_endpoint_id=feature_endpoint_id, required=amount), []
 
     hold_key = key or f"hold:{uuid.uuid4().hex}"
     expires_at = now + timedelta(seconds=hold_ttl_seconds)
@@ -163,8 +165,7 @@ def start(session: Session, user_id: str, feature_endpoint_id: str, *, now: date
         "event_type": START_EVENT, "outcome": "applied", "reason": None,
         "result": result.as_dict(), "created_at": now,
     })
-    batch.flush()
-    return result
+    return result, batch.flush()
 
 
 def _stored_start(data: dict[str, Any], available: int) -> StartResult:
