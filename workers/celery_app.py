@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import tempfile
 from typing import Any
@@ -12,6 +13,7 @@ from celery.signals import setup_logging, worker_init, worker_process_init, work
 from tokenledger.broker import celery_config
 from tokenledger.config import get_settings
 from tokenledger.db import dispose_engines
+from tokenledger.logs import configure_logging, mask_url
 from workers import beat
 
 settings = get_settings()
@@ -19,6 +21,11 @@ if settings.metrics_port and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
     # Pool children count into files that the main process sums on the metrics port; the
     # directory must be known before any metric exists (tokenledger.metrics).
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="tokenledger-metrics-")
+if not logging.getLogger().handlers:
+    # A worker, beat or flower process: JSON from the first line, since Celery warns (about
+    # running as root, say) before it sends setup_logging. A host process that configured
+    # logging itself (pytest, an embedding app) keeps its own.
+    configure_logging(settings.log_level, settings.log_json)
 app = Celery("tokenledger", set_as_current=True)
 app.conf.update(celery_config(settings))
 app.conf.update(imports=["workers.tasks", "workers.tokenprocess_tasks",
@@ -35,15 +42,17 @@ def _fresh_pool(**_: Any) -> None:
 @setup_logging.connect
 def _json_logs(loglevel: Any = None, **_: Any) -> None:
     # Connecting this signal stops Celery configuring logging: every line is JSON.
-    from tokenledger.logs import configure_logging
-
     configure_logging(loglevel or settings.log_level, settings.log_json)
 
 
 @worker_init.connect
-def _serve_metrics(**_: Any) -> None:
+def _worker_starting(**_: Any) -> None:
     from tokenledger import metrics
 
+    logging.getLogger("tokenledger.worker").info(
+        "worker starting", extra={"database": mask_url(settings.database_url),
+                                  "broker": mask_url(settings.broker_url),
+                                  "queue": settings.queue})
     metrics.serve_worker_metrics(settings)
 
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
+import uuid
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
@@ -286,6 +287,7 @@ class RedisSubscriber:
         self._subscribed = threading.Event()
         self._thread: threading.Thread | None = None
         self.reconnects = 0
+        self.client_name = f"tokenledger-notify-{uuid.uuid4().hex[:12]}"
 
     def add(self, callback: Callback, events: Iterable[str], timeout: float = 10) -> None:
         """Register ``callback``; on return the channel subscription is live."""
@@ -308,7 +310,8 @@ class RedisSubscriber:
         channels = [channel(self.settings, e) for e in EVENTS]
         while not self._stop.is_set():
             client = redis.Redis.from_url(self.url, socket_connect_timeout=2,
-                                          health_check_interval=10)
+                                          health_check_interval=10,
+                                          client_name=self.client_name)
             pubsub = client.pubsub(ignore_subscribe_messages=True)
             try:
                 pubsub.subscribe(*channels)

@@ -1,0 +1,229 @@
+"""Balance notifications: published after commit only, once per low-balance crossing,
+delivered to LedgerClient.on_balance_changed over Redis (or in process without Redis)."""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+
+import pytest
+import redis
+from sqlalchemy import func, select
+
+from tests.conftest import Worker, wait_for
+from tokenledger import LedgerClient, Settings, notify
+from tokenledger.catalog import current_catalog
+from tokenledger.db import unit_of_work
+from tokenledger.ledger.service import ApplyContext, apply_events
+from tokenledger.messages import parse_event
+from tokenledger.models import Account, LedgerEntry
+from tokenledger.notify import BalanceNotice, LowBalanceState
+from tokenledger.timeutil import utcnow
+
+pytestmark = pytest.mark.services
+
+
+class Inbox:
+    """Collects notices from a callback thread; waits for the ones a test expects."""
+
+    def __init__(self) -> None:
+        self.items: list[BalanceNotice] = []
+        self.cond = threading.Condition()
+
+    def __call__(self, notice: BalanceNotice) -> None:
+        with self.cond:
+            self.items.append(notice)
+            self.cond.notify_all()
+
+    def of(self, user_id: str) -> list[BalanceNotice]:
+        with self.cond:
+            return [n for n in self.items if n.user_id == user_id]
+
+    def wait(self, predicate: Callable[[], bool], timeout: float = 30) -> bool:
+        with self.cond:
+            return self.cond.wait_for(predicate, timeout)
+
+
+def uid(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:10]}"
+
+
+@pytest.fixture(scope="module")
+def own(settings: Settings) -> Settings:
+    """This module's queue and channels, so other runs on the same Redis never interfere."""
+    tag = uuid.uuid4().hex[:8]
+    return settings.model_copy(update={"queue": f"{settings.queue}-notify",
+                                       "notify_channel_prefix": f"tltest-{tag}:"})
+
+
+@pytest.fixture(scope="module")
+def notify_worker(own: Settings, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Worker]:
+    w = Worker(own, tmp_path_factory.mktemp("notify"), concurrency=2, extra_env={
+        "TOKENLEDGER_NOTIFY_CHANNEL_PREFIX": own.notify_channel_prefix}).start()
+    yield w
+    w.stop()
+
+
+@pytest.fixture
+def sdk(own: Settings, db: str) -> Iterator[LedgerClient]:
+    with LedgerClient(own) as client:
+        yield client
+
+
+def ledger_seq(url: str, user_id: str) -> int:
+    with unit_of_work(url) as session:
+        return session.scalar(select(func.max(LedgerEntry.id)).join(
+            Account, Account.id == LedgerEntry.account_id).where(Account.user_id == user_id))
+
+
+def apply_and_stage(settings: Settings, *events: dict, fail: bool = False) -> None:
+    """What a worker does in its unit of work; ``fail`` raises before the commit."""
+    with unit_of_work(settings.database_url) as session:
+        ctx = ApplyContext(current_catalog(session), utcnow(), "UTC")
+        result = apply_events(session, [parse_event(e) for e in events], ctx)
+        notify.stage(session, settings, result.balance_changes, ctx.catalog, ctx.now)
+        if fail:
+            raise RuntimeError("rolled back on purpose")
+
+
+def test_a_change_committed_by_the_worker_reaches_on_balance_changed(notify_worker, sdk):
+    inbox = Inbox()
+    assert sdk.on_balance_changed(inbox) is inbox
+    user = uid("cache")
+    sdk.open_account(user)  # committed in this process: published too
+    assert inbox.wait(lambda: len(inbox.of(user)) == 1)
+    key = sdk.charge(user, amount=2)
+    assert sdk.result(key, timeout=30).status == "applied"
+    assert inbox.wait(lambda: len(inbox.of(user)) == 2)
+    opened, charged = inbox.of(user)
+    assert (opened.event, opened.balance) == ("balance_changed", 5)
+    assert (charged.event, charged.balance) == ("balance_changed", 3)
+    assert charged.ledger_seq == ledger_seq(sdk.settings.database_url, user)
+    assert charged.ledger_seq > opened.ledger_seq
+
+
+def test_a_rolled_back_change_notifies_nobody(own, sdk):
+    remote, local = Inbox(), Inbox()
+    sdk.on_balance_changed(remote)
+    unsubscribe = notify.subscribe(local)
+    try:
+        rolled, committed = uid("rolled"), uid("committed")
+        with pytest.raises(RuntimeError, match="on purpose"):
+            apply_and_stage(own, {"type": "open_account", "key": f"open:{rolled}",
+                                  "user_id": rolled}, fail=True)
+        apply_and_stage(own, {"type": "open_account", "key": f"open:{committed}",
+                              "user_id": committed})
+        # Published after the rolled-back attempt on the same connection: once this one is
+        # here, the other would have arrived before it.
+        assert remote.wait(lambda: len(remote.of(committed)) == 1)
+        assert remote.of(rolled) == []
+        assert [n.user_id for n in local.items] == [committed]
+        with unit_of_work(own.database_url) as session:
+            assert session.scalar(select(Account).where(Account.user_id == rolled)) is None
+    finally:
+        unsubscribe()
+
+
+def test_low_balance_is_published_once_per_crossing_and_rearmed_above(notify_worker, sdk):
+    lows = Inbox()
+    sdk.on_balance_low(lows)
+    user = uid("low")  # Free plan: 5 tokens, threshold 1
+    sdk.open_account(user)
+    steps = [("charge", 2, 3), ("charge", 2, 1), ("charge", 1, 0), ("credit", 9, 9),
+             ("charge", 8, 1), ("charge", 1, 0)]
+    for kind, amount, balance in steps:
+        key = (sdk.charge(user, amount=amount) if kind == "charge"
+               else sdk.credit(user, amount, wallet_type="STANDARD"))
+        result = sdk.result(key, timeout=30)
+        assert (result.status, result.data["balance"]) == ("applied", balance)
+    assert lows.wait(lambda: len(lows.of(user)) >= 2)
+    time.sleep(0.5)  # nothing else may follow
+    crossings = lows.of(user)
+    assert [(n.event, n.balance, n.threshold) for n in crossings] == [
+        ("balance_low", 1, 1), ("balance_low", 1, 1)]
+    with unit_of_work(sdk.settings.database_url) as session:
+        state = session.scalar(select(LowBalanceState).join(
+            Account, Account.id == LowBalanceState.account_id).where(Account.user_id == user))
+        assert (state.balance, state.threshold) == (1, 1)  # still low, not re-notified at 0
+
+
+def test_crossing_state_is_shared_by_separate_units_of_work(own, db):
+    lows = Inbox()
+    unsubscribe = notify.subscribe(lows, events=[notify.BALANCE_LOW])
+    user = uid("shared")
+    try:
+        apply_and_stage(own, {"type": "open_account", "key": f"open:{user}", "user_id": user})
+        apply_and_stage(own, {"type": "charge", "key": f"{user}-1", "user_id": user,
+                              "amount": 4})
+        apply_and_stage(own, {"type": "charge", "key": f"{user}-2", "user_id": user,
+                              "amount": 1})
+        assert [(n.balance, n.threshold) for n in lows.of(user)] == [(1, 1)]
+        # A crossing staged in a transaction that rolls back leaves the state untouched.
+        apply_and_stage(own, {"type": "credit", "key": f"{user}-3", "user_id": user,
+                              "amount": 10, "wallet_type": "STANDARD"})
+        with pytest.raises(RuntimeError):
+            apply_and_stage(own, {"type": "charge", "key": f"{user}-4", "user_id": user,
+                                  "amount": 10}, fail=True)
+        apply_and_stage(own, {"type": "charge", "key": f"{user}-5", "user_id": user,
+                              "amount": 9})
+        assert [(n.balance, n.threshold) for n in lows.of(user)] == [(1, 1), (1, 1)]
+    finally:
+        unsubscribe()
+
+
+def test_stale_and_repeated_notices_are_not_delivered(own, sdk):
+    inbox = Inbox()
+    sdk.on_balance_changed(inbox)
+    user = uid("stale")
+    notices = [BalanceNotice("balance_changed", user, b, seq) for b, seq in
+               ((10, 100), (12, 90), (10, 100), (7, 101))]
+    notify.publish(own, notices)
+    assert inbox.wait(lambda: len(inbox.of(user)) >= 2)
+    time.sleep(0.3)
+    assert [(n.balance, n.ledger_seq) for n in inbox.of(user)] == [(10, 100), (7, 101)]
+
+
+def test_the_subscriber_reconnects_when_redis_drops_it(own, sdk):
+    inbox = Inbox()
+    sdk.on_balance_changed(inbox)
+    subscriber = sdk.__dict__["_notify_subscriber"]
+    admin = redis.Redis.from_url(own.broker_url)
+    mine = [c for c in admin.client_list() if c.get("name") == subscriber.client_name]
+    assert len(mine) == 1
+    admin.client_kill_filter(_id=mine[0]["id"])
+    user = uid("reconnect")
+    deadline = time.monotonic() + 30
+    seq = 0
+    # Notices published while it is disconnected are lost (pub/sub): keep publishing.
+    while not inbox.of(user) and time.monotonic() < deadline:
+        seq += 1
+        notify.publish(own, [BalanceNotice("balance_changed", user, 1, seq)])
+        inbox.wait(lambda: bool(inbox.of(user)), timeout=0.2)
+    assert inbox.of(user), "no notice after the connection was killed"
+    assert subscriber.reconnects >= 1
+
+
+def test_close_stops_the_subscriber_thread(own, db):
+    client = LedgerClient(own)
+    client.on_balance_changed(lambda _: None)
+    thread = client.__dict__["_notify_subscriber"]._thread
+    assert thread.is_alive() and thread.daemon
+    client.close()
+    assert not thread.is_alive()
+
+
+def test_without_redis_subscribers_in_the_same_process_are_told(tmp_path):
+    from tokenledger.migrate import migrate
+
+    local = Settings(database_url=f"sqlite:///{tmp_path / 'ledger.sqlite'}",
+                     broker_url=f"sqla+sqlite:///{tmp_path / 'broker.sqlite'}")
+    migrate(local.database_url)
+    inbox = Inbox()
+    with LedgerClient(local) as client:
+        client.on_balance_changed(inbox)
+        assert "_notify_subscriber" not in client.__dict__  # no thread, no Redis
+        client.open_account("offline")
+    client.open_account("after-close")  # unsubscribed by close()
+    assert [(n.user_id, n.balance) for n in inbox.items] == [("offline", 5)]
