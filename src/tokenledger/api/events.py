@@ -68,6 +68,8 @@ def _validate(raw: Any) -> list[Any]:
         except ValidationError as exc:
             for e in exc.errors(include_url=False):
                 loc = [p for p in e["loc"] if p not in _TAGS]
+                if e["type"] in ("union_tag_invalid", "union_tag_not_found"):
+                    loc = ["type"]
                 errors.append({"loc": (*where, *loc), "type": e["type"], "msg": e["msg"]})
     if errors:
         raise RequestValidationError(errors)
