@@ -55,3 +55,4 @@ from tokenledger.cli import ledger_cmds  # noqa: E402,F401
 from tokenledger.cli import tokenprocess_cmds  # noqa: E402,F401
 from tokenledger.cli import ops_cmds  # noqa: E402,F401
 from tokenledger.cli import renew_cmds  # noqa: E402,F401
+from tokenledger.cli import api_cmds  # noqa: E402,F401
