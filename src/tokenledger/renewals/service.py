@@ -214,7 +214,7 @@ def _target(plan: PlanSpec, balance: int) -> int:
     return after
 
 
-def _decide(row: Row[Any], kind: str, plan: PlanSpec | None, as_of: datetime
+def _decide(row: _Candidate, kind: str, plan: PlanSpec | None, as_of: datetime
             ) -> Grant | str | None:
     """A grant, an error message, or None when the account is not due (any more)."""
     if plan is None:
@@ -246,23 +246,49 @@ def _decide(row: Row[Any], kind: str, plan: PlanSpec | None, as_of: datetime
                  _target(plan, row.balance), mark)
 
 
+@dataclass(slots=True)
+class _Candidate:
+    id: int
+    user_id: str
+    plan_code: str
+    timezone: str
+    last_renewal_at: datetime | None
+    last_reset_on: str | None
+    created_at: datetime
+    wallet_id: int | None = None
+    balance: int = 0
+    is_active: bool = False
+
+
 def _candidates(session: Session, kind: str, as_of: datetime, plan_codes: Sequence[str],
-                after_id: int, upto_id: int, lock: bool) -> list[Row[Any]]:
+                after_id: int, upto_id: int, lock: bool) -> list[_Candidate]:
     a, w = accounts_t.c, wallets_t.c
     stmt = (
         select(a.id, a.user_id, a.plan_code, a.timezone, a.last_renewal_at, a.last_reset_on,
-               a.created_at, w.id.label("wallet_id"), w.balance, w.is_active)
-        .select_from(accounts_t.outerjoin(
-            wallets_t, and_(w.account_id == a.id, w.wallet_type == STANDARD,
-                            w.expires_at.is_(None))))
+               a.created_at)
         .where(a.id > after_id, a.id <= upto_id, due_clause(kind, as_of, plan_codes))
         .order_by(a.id)
     )
     if lock:
         # The account row is every writer's serialization point; id order rules out
         # deadlocks with live batches, which lock their accounts in the same order.
-        stmt = stmt.with_for_update(of=accounts_t)
-    return list(session.execute(stmt).all())
+        stmt = stmt.with_for_update()
+    found = {r.id: _Candidate(*r) for r in session.execute(stmt)}
+    if not found:
+        return []
+    # Wallets are read by a second statement, after the locks are held: under READ
+    # COMMITTED it sees every charge that committed while we waited. (A join in the
+    # locking statement would re-check only the locked rows and could read a stale
+    # balance.)
+    for r in session.execute(
+        select(w.account_id, w.id, w.balance, w.is_active)
+        .where(w.account_id > after_id, w.account_id <= upto_id, w.wallet_type == STANDARD,
+               w.expires_at.is_(None))
+    ):
+        c = found.get(r.account_id)
+        if c is not None:
+            c.wallet_id, c.balance, c.is_active = r.id, r.balance, r.is_active
+    return list(found.values())
 
 
 def _is_pg(session: Session) -> bool:
@@ -299,59 +325,65 @@ def _write(session: Session, kind: str, run_id: int, grants: list[Grant],
         _write_portable(session, kind, run_id, grants, movers, now)
 
 
+def _indexed(values: list[Any]) -> tuple[list[Any], list[int]]:
+    """Distinct values and, per row, the 1-based index of its value."""
+    distinct: dict[Any, int] = {}
+    idx = [distinct.setdefault(v, len(distinct) + 1) for v in values]
+    return list(distinct), idx
+
+
 def _write_pg(session: Session, kind: str, run_id: int, grants: list[Grant],
               movers: list[Grant], now: datetime) -> None:
     # unnest() turns one array per column into rows, so each write is one statement
-    # and one round trip whatever the chunk size.
+    # and one round trip whatever the chunk size. Only integer arrays travel per row
+    # (string arrays cost more to encode than the writes): periods and plans go as
+    # small lookup arrays, keys, user ids and payload hashes are built by the server
+    # exactly as _payload_hash and the Grant keys are built here.
     if movers:
+        periods, pidx = _indexed([g.period for g in movers])
+        plans, plidx = _indexed([g.plan for g in movers])
+        rows = {"accounts": [g.account_id for g in movers],
+                "wallets": [g.wallet_id for g in movers],
+                "before": [g.before for g in movers], "after": [g.after for g in movers],
+                "pidx": pidx, "plidx": plidx, "periods": periods, "plans": plans,
+                "prefix": KEY_PREFIX[kind], "kind": kind, "type": ENTRY_TYPE[kind],
+                "etype": EVENT_TYPE[kind], "run": run_id, "now": now}
+        source = (
+            " FROM (SELECT v.account_id, v.wallet_id, v.before, v.after,"
+            "  (CAST(:periods AS text[]))[v.pidx] AS period,"
+            "  (CAST(:plans AS text[]))[v.plidx] AS plan"
+            "  FROM unnest(CAST(:accounts AS bigint[]), CAST(:wallets AS bigint[]),"
+            "  CAST(:before AS bigint[]), CAST(:after AS bigint[]), CAST(:pidx AS int[]),"
+            "  CAST(:plidx AS int[])) AS v(account_id, wallet_id, before, after, pidx, plidx)"
+            " ) AS g")
+        key = "(CAST(:prefix AS text) || ':' || g.account_id || ':' || g.period)"
         session.execute(text(
             "UPDATE wallets AS w SET balance = v.balance"
-            " FROM unnest(CAST(:ids AS bigint[]), CAST(:balances AS bigint[])) AS v(id, balance)"
-            " WHERE w.id = v.id"),
-            {"ids": [g.wallet_id for g in movers], "balances": [g.after for g in movers]})
+            " FROM unnest(CAST(:wallets AS bigint[]), CAST(:after AS bigint[])) AS v(id, balance)"
+            " WHERE w.id = v.id"), rows)
         session.execute(text(
             "INSERT INTO ledger_entries (account_id, wallet_id, amount, balance_before,"
             " balance_after, type, event_key, metadata, created_at)"
-            " SELECT v.account_id, v.wallet_id, v.after - v.before, v.before, v.after, :type,"
-            "  v.key, jsonb_build_object('run', CAST(:run AS bigint), 'plan', v.plan,"
-            "  'period', v.period), :now"
-            " FROM unnest(CAST(:accounts AS bigint[]), CAST(:wallets AS bigint[]),"
-            "  CAST(:before AS bigint[]), CAST(:after AS bigint[]), CAST(:keys AS text[]),"
-            "  CAST(:plans AS text[]), CAST(:periods AS text[]))"
-            "  AS v(account_id, wallet_id, before, after, key, plan, period)"),
-            {"type": ENTRY_TYPE[kind], "run": run_id, "now": now,
-             "accounts": [g.account_id for g in movers],
-             "wallets": [g.wallet_id for g in movers],
-             "before": [g.before for g in movers], "after": [g.after for g in movers],
-             "keys": [g.key for g in movers], "plans": [g.plan for g in movers],
-             "periods": [g.period for g in movers]})
+            f" SELECT g.account_id, g.wallet_id, g.after - g.before, g.before, g.after, :type,"
+            f"  {key}, jsonb_build_object('run', CAST(:run AS bigint), 'plan', g.plan,"
+            f"  'period', g.period), :now {source}"), rows)
         session.execute(text(
             "INSERT INTO event_outcomes (key, payload_hash, user_id, event_type, outcome,"
             " result, created_at)"
-            " SELECT v.key, v.hash, v.user_id, :etype, 'applied',"
-            "  jsonb_build_object('amount', v.amount, 'wallet_balance', v.after,"
-            "  'period', v.period, 'run', CAST(:run AS bigint)), :now"
-            " FROM unnest(CAST(:keys AS text[]), CAST(:hashes AS text[]),"
-            "  CAST(:users AS text[]), CAST(:amounts AS bigint[]), CAST(:after AS bigint[]),"
-            "  CAST(:periods AS text[])) AS v(key, hash, user_id, amount, after, period)"),
-            {"etype": EVENT_TYPE[kind], "run": run_id, "now": now,
-             "keys": [g.key for g in movers],
-             "hashes": [_payload_hash(kind, g) for g in movers],
-             "users": [g.user_id for g in movers], "amounts": [g.amount for g in movers],
-             "after": [g.after for g in movers], "periods": [g.period for g in movers]})
+            f" SELECT {key}, encode(sha256(convert_to(CAST(:kind AS text) || '|' ||"
+            "  g.account_id || '|' || g.period || '|' || (g.after - g.before), 'UTF8')), 'hex'),"
+            "  a.user_id, :etype, 'applied', jsonb_build_object('amount', g.after - g.before,"
+            "  'wallet_balance', g.after, 'period', g.period, 'run', CAST(:run AS bigint)),"
+            f"  :now {source} JOIN accounts AS a ON a.id = g.account_id"), rows)
     if grants:
-        if kind == "daily":
-            session.execute(text(
-                "UPDATE accounts AS a SET last_reset_on = v.day"
-                " FROM unnest(CAST(:ids AS bigint[]), CAST(:days AS text[])) AS v(id, day)"
-                " WHERE a.id = v.id"),
-                {"ids": [g.account_id for g in grants], "days": [g.mark for g in grants]})
-        else:
-            session.execute(text(
-                "UPDATE accounts AS a SET last_renewal_at = v.at"
-                " FROM unnest(CAST(:ids AS bigint[]), CAST(:ats AS timestamptz[])) AS v(id, at)"
-                " WHERE a.id = v.id"),
-                {"ids": [g.account_id for g in grants], "ats": [g.mark for g in grants]})
+        marks, midx = _indexed([g.mark for g in grants])
+        cast = "text[]" if kind == "daily" else "timestamptz[]"
+        column = "last_reset_on" if kind == "daily" else "last_renewal_at"
+        session.execute(text(
+            f"UPDATE accounts AS a SET {column} = (CAST(:marks AS {cast}))[v.m]"
+            " FROM unnest(CAST(:ids AS bigint[]), CAST(:midx AS int[])) AS v(id, m)"
+            " WHERE a.id = v.id"),
+            {"ids": [g.account_id for g in grants], "marks": marks, "midx": midx})
 
 
 def _write_portable(session: Session, kind: str, run_id: int, grants: list[Grant],
