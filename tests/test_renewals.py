@@ -505,3 +505,33 @@ def test_plan_run_counts_candidates_without_writing_grants(settings: Settings, d
         planned = plan_run(session, RunOptions("monthly", chunk_size=2), current_catalog(session),
                            T0 + timedelta(days=30))
         assert (planned.candidates, planned.total_chunks, planned.status) == (5, 3, "running")
+
+
+def test_live_charges_during_a_renewal_keep_the_ledger_consistent(settings: Settings,
+                                                                  db: str) -> None:
+    """The renewal reads each balance only after it holds the account's lock, so charges
+    committed while it waited are in balance_before; verify stays clean."""
+    users = [f"c{i:03d}" for i in range(200)]
+    open_accounts(db, [(u, "Professional", "UTC") for u in users], T0)
+    now = T0 + timedelta(days=30)
+    stop = threading.Event()
+    applied = []
+
+    def charges() -> None:
+        n = 0
+        while not stop.is_set():
+            batch = [{"type": "charge", "key": f"live-{n}-{i}", "user_id": users[(n * 7 + i) % 200],
+                      "amount": 3} for i in range(20)]
+            result = apply(db, *batch, now=now)
+            applied.append(result.count("applied"))
+            n += 1
+
+    thread = threading.Thread(target=charges)
+    thread.start()
+    try:
+        report = run(settings, "monthly", now, chunk_size=10)
+    finally:
+        stop.set()
+        thread.join()
+    assert report["successful"] == 200 and sum(applied) > 0
+    assert_verified(db)
