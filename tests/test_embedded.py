@@ -36,8 +36,9 @@ def test_the_pipeline_runs_on_sqlite_and_the_embedded_broker(embedded):
         client.open_account("ann")
         client.open_account("bob", plan="Gift")
         charge = client.charge("bob", feature="image_generation")
-        keys = [charge, client.credit("ann", 10, reason="bonus"),
-                client.charge("ann", amount=12), client.charge("ann", amount=50)]
+        credit = client.credit("ann", 10, reason="bonus")
+        assert client.result(credit, timeout=60).status == "applied"
+        keys = [charge, credit, client.charge("ann", amount=12), client.charge("ann", amount=50)]
         client.publish({"type": "charge", "key": charge, "user_id": "bob",
                         "feature": "image_generation"})  # a duplicate delivery
         client._publish({"type": "charge", "key": "bad", "user_id": "ann", "amount": 0})

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import sys
 from datetime import datetime
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -310,3 +311,27 @@ def demo(
 
     if not run_demo(settings(), users=users, events=events, seed=seed, console=console):
         raise typer.Exit(1)
+
+
+@app.command()
+def bench(
+    accounts: Annotated[int, typer.Option(min=1)] = 100_000,
+    events: Annotated[int, typer.Option(min=1000)] = 200_000,
+    baseline_events: Annotated[int, typer.Option(min=100)] = 5_000,
+    naive_events: Annotated[int, typer.Option(min=100)] = 5_000,
+    latency_seconds: Annotated[float, typer.Option(min=1)] = 10.0,
+    concurrency: Annotated[int, typer.Option(min=1)] = 2,
+    pg_admin_url: Annotated[str, typer.Option(help="Server to create tokenledger_bench on.")]
+    = "postgresql://postgres@127.0.0.1:5432/postgres",
+    broker_url: Annotated[str, typer.Option()] = "redis://127.0.0.1:6379/0",
+    json_out: Annotated[Path | None, typer.Option("--json", help="Also write JSON here.")]
+    = Path("bench/results/latest.json"),
+) -> None:
+    """Measure the pipeline on PostgreSQL + Redis beside the baselines; prints table + JSON."""
+    from tokenledger.bench import print_report, run_bench
+
+    report = run_bench(admin_url=pg_admin_url, broker_url=broker_url, accounts=accounts,
+                       events=events, baseline_events=baseline_events,
+                       naive_events=naive_events, latency_seconds=latency_seconds,
+                       concurrency=concurrency, console=console)
+    print_report(report, console, json_out)

@@ -25,6 +25,7 @@ from typing import Any
 from sqlalchemy import and_, bindparam, or_, select, update
 from sqlalchemy.orm import Session
 
+from tokenledger.bulk import any_of, insert_rows, set_balances
 from tokenledger.catalog import Catalog
 from tokenledger.db import insert_for
 from tokenledger.errors import InsufficientTokens, RetryableConflict
@@ -132,8 +133,10 @@ class _Batch:
     def lock_accounts(self, user_ids: list[str] | None = None,
                       account_ids: list[int] | None = None) -> None:
         """Lock the named accounts ``FOR UPDATE`` in id order, then load their wallets."""
-        where = (accounts_t.c.user_id.in_(sorted(set(user_ids))) if user_ids is not None
-                 else accounts_t.c.id.in_(sorted(set(account_ids or []))))
+        session = self.session
+        where = (any_of(session, accounts_t.c.user_id, sorted(set(user_ids)))
+                 if user_ids is not None
+                 else any_of(session, accounts_t.c.id, sorted(set(account_ids or []))))
         rows = self.session.execute(
             select(accounts_t.c.id, accounts_t.c.user_id, accounts_t.c.plan_code,
                    accounts_t.c.timezone, accounts_t.c.last_renewal_at)
@@ -149,7 +152,7 @@ class _Batch:
             by_id[r.id] = state
         if by_id:
             for w in self.session.execute(
-                select(wallets_t).where(wallets_t.c.account_id.in_(list(by_id)))
+                select(wallets_t).where(any_of(session, wallets_t.c.account_id, list(by_id)))
                 .order_by(wallets_t.c.id).with_for_update()
             ).all():
                 by_id[w.account_id].wallets.append(WalletState(
@@ -164,7 +167,7 @@ class _Batch:
         for r in self.session.execute(
             select(outcomes_t.c.key, outcomes_t.c.payload_hash, outcomes_t.c.outcome,
                    outcomes_t.c.reason, outcomes_t.c.result)
-            .where(outcomes_t.c.key.in_(keys))
+            .where(any_of(self.session, outcomes_t.c.key, keys))
         ).all():
             self.stored[r.key] = _Stored(r.payload_hash, r.outcome, r.reason, r.result)
         if originals:
@@ -172,9 +175,9 @@ class _Batch:
                 select(entries_t.c.event_key, entries_t.c.reference, entries_t.c.type,
                        entries_t.c.wallet_id, entries_t.c.amount, entries_t.c.account_id)
                 .where(or_(and_(entries_t.c.type == "CHARGE",
-                                entries_t.c.event_key.in_(originals)),
+                                any_of(self.session, entries_t.c.event_key, originals)),
                            and_(entries_t.c.type == "REFUND",
-                                entries_t.c.reference.in_(originals))))
+                                any_of(self.session, entries_t.c.reference, originals))))
             ).all():
                 if r.type == "CHARGE":
                     self.charged[r.event_key][r.wallet_id] += -r.amount
@@ -186,7 +189,8 @@ class _Batch:
         if hold_ids:
             # Read after the account locks: every writer of a hold locks its account first,
             # so a hold of a locked account cannot change under us.
-            for r in self.session.execute(select(holds_t).where(holds_t.c.id.in_(hold_ids))):
+            for r in self.session.execute(select(holds_t).where(
+                    any_of(self.session, holds_t.c.id, hold_ids))):
                 self.holds[r.id] = HoldState.from_row(r)
 
     # -- writing -----------------------------------------------------------------------
@@ -219,23 +223,12 @@ class _Batch:
 
     def flush(self) -> list[BalanceChange]:
         session = self.session
-        dirty = [{"_id": w.id, "_balance": w.balance}
-                 for a in self.accounts.values() for w in a.wallets if w.dirty]
-        if dirty:
-            session.execute(
-                update(wallets_t).where(wallets_t.c.id == bindparam("_id"))
-                .values(balance=bindparam("_balance")),
-                dirty, execution_options={"synchronize_session": False},
-            )
+        set_balances(session, wallets_t, [(w.id, w.balance) for a in self.accounts.values()
+                                          for w in a.wallets if w.dirty])
         seq: dict[int, int] = {}
-        if self.entries:
-            for row in session.execute(
-                entries_t.insert().returning(entries_t.c.id, entries_t.c.account_id),
-                self.entries,
-            ):
-                seq[row.account_id] = max(seq.get(row.account_id, 0), row.id)
-        if self.outcomes:
-            session.execute(outcomes_t.insert(), self.outcomes)
+        for row in insert_rows(session, entries_t, self.entries, ("id", "account_id")):
+            seq[row.account_id] = max(seq.get(row.account_id, 0), row.id)
+        insert_rows(session, outcomes_t, self.outcomes)
         if self.hold_updates:
             done = session.execute(
                 update(holds_t)

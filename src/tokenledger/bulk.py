@@ -1,0 +1,104 @@
+"""Set-based statements that stay small on PostgreSQL however many rows they carry.
+
+A 1,000-row ``executemany`` or ``IN (...)`` list becomes one statement with thousands of
+parameters, and psycopg parses such a statement afresh every time: on a batch of 1,000
+events that parsing cost more than the database work itself. On PostgreSQL we send one
+array per column instead (``= ANY(:arr)``, ``INSERT ... SELECT FROM unnest(...)``,
+``UPDATE ... FROM unnest(...)``), so each statement is short and its plan is reused.
+SQLite keeps the portable forms.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from typing import Any
+
+from sqlalchemy import JSON, Boolean, Column, DateTime, Integer, Numeric, Table, bindparam, text
+from sqlalchemy.dialects.postgresql import ARRAY
+from sqlalchemy.orm import Session
+from sqlalchemy.sql.elements import ColumnElement
+
+
+def is_pg(session: Session) -> bool:
+    return session.get_bind().dialect.name == "postgresql"
+
+
+def any_of(session: Session, column: Column[Any] | Any, values: Sequence[Any]) -> ColumnElement:
+    """``column IN values``, as ``= ANY(array)`` on PostgreSQL."""
+    values = list(values)
+    if is_pg(session):
+        from sqlalchemy import any_
+
+        return column == any_(bindparam(None, values, type_=ARRAY(column.type)))
+    return column.in_(values)
+
+
+def _pg_type(column: Column[Any]) -> str:
+    kind = column.type
+    if isinstance(kind, JSON):
+        return "jsonb"
+    if isinstance(kind, DateTime):
+        return "timestamptz"
+    if isinstance(kind, Boolean):
+        return "boolean"
+    if isinstance(kind, Numeric):
+        return "numeric"
+    if isinstance(kind, Integer):  # BigInteger is an Integer
+        return "bigint"
+    return "text"
+
+
+def insert_rows(session: Session, table: Table, rows: list[dict[str, Any]],
+                returning: Sequence[str] = ()) -> list[Any]:
+    """Insert ``rows`` (all with the same keys) in one statement; optional RETURNING rows."""
+    if not rows:
+        return []
+    if not is_pg(session):
+        stmt = table.insert()
+        if returning:
+            return list(session.execute(stmt.returning(*(table.c[c] for c in returning)), rows))
+        session.execute(stmt, rows)
+        return []
+    names = list(rows[0])
+    params: dict[str, Any] = {}
+    arrays, selects = [], []
+    for i, name in enumerate(names):
+        pg_type = _pg_type(table.c[name])
+        values = [row[name] for row in rows]
+        if pg_type == "jsonb":
+            values = [None if v is None else json.dumps(v) for v in values]
+            arrays.append(f"CAST(:c{i} AS text[])")
+            selects.append(f"CAST(t.c{i} AS jsonb)")
+        else:
+            arrays.append(f"CAST(:c{i} AS {pg_type}[])")
+            selects.append(f"t.c{i}")
+        params[f"c{i}"] = values
+    columns = ", ".join(f'"{n}"' for n in names)
+    aliases = ", ".join(f"c{i}" for i in range(len(names)))
+    sql = (f'INSERT INTO "{table.name}" ({columns}) SELECT {", ".join(selects)} '
+           f'FROM unnest({", ".join(arrays)}) AS t({aliases})')
+    if returning:
+        sql += " RETURNING " + ", ".join(f'"{c}"' for c in returning)
+        return list(session.execute(text(sql), params))
+    session.execute(text(sql), params)
+    return []
+
+
+def set_balances(session: Session, table: Table, balances: list[tuple[int, int]]) -> None:
+    """``UPDATE table SET balance = new WHERE id = id`` for each (id, new) pair."""
+    if not balances:
+        return
+    if is_pg(session):
+        session.execute(text(
+            f'UPDATE "{table.name}" AS w SET balance = v.balance FROM unnest('
+            "CAST(:ids AS bigint[]), CAST(:balances AS bigint[])) AS v(id, balance)"
+            " WHERE w.id = v.id"),
+            {"ids": [b[0] for b in balances], "balances": [b[1] for b in balances]})
+        return
+    from sqlalchemy import update
+
+    session.execute(update(table).where(table.c.id == bindparam("_id"))
+                    .values(balance=bindparam("_balance")),
+                    [{"_id": i, "_balance": b} for i, b in balances],
+                    execution_options={"synchronize_session": False})
