@@ -89,9 +89,8 @@ def _start_beat(settings: Settings, queue: str, log: Path) -> subprocess.Popen[b
            "TOKENLEDGER_LOG_JSON": "false"}
     with log.open("ab") as out:
         return subprocess.Popen(
-            [sys.executable, "-m", "celery", "-A", "workers", "beat", "-l", "info",
-             ], cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
-            start_new_session=True)
+            [sys.executable, "-m", "celery", "-A", "workers", "beat", "-l", "info"],
+            cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
 
 
 def _wait_for(log: Path, needle: str, timeout: float = 45) -> None:
