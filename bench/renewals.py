@@ -108,7 +108,12 @@ class LiveCharges:
     def watch_loop(self) -> None:
         with psycopg.connect(self.settings.database_url.replace("+psycopg", ""),
                              autocommit=True) as conn:
-            while not self.stop.is_set() or len(self.seen) < len(self.published):
+            stopped_at: float | None = None
+            while True:
+                if self.stop.is_set():
+                    stopped_at = stopped_at or time.perf_counter()
+                    if time.perf_counter() - stopped_at > 30:
+                        break  # charges still queued after the run are not measured
                 with self.lock:
                     pending = [k for k in self.published if k not in self.seen]
                 if pending:
