@@ -61,7 +61,6 @@ def upgrade() -> None:
     sa.CheckConstraint("outcome IN ('applied', 'declined', 'rejected')", name='outcome_kind'),
     sa.PrimaryKeyConstraint('key')
     )
-    op.create_index('ix_outcomes_user', 'event_outcomes', ['user_id', 'created_at'], unique=False)
     op.create_table('features',
     sa.Column('code', sa.String(length=128), nullable=False),
     sa.Column('pricing', sa.String(length=16), nullable=False),
@@ -122,9 +121,9 @@ def upgrade() -> None:
     sa.CheckConstraint("wallet_type <> 'STANDARD' OR expires_at IS NULL", name='standard_never_expires'),
     sa.CheckConstraint("wallet_type = 'STANDARD' OR balance >= 0", name='wallet_non_negative'),
     sa.ForeignKeyConstraint(['account_id'], ['accounts.id'], ),
-    sa.PrimaryKeyConstraint('id')
+    sa.PrimaryKeyConstraint('id'),
+    sa.UniqueConstraint('account_id', 'id', name='uq_wallet_account_id')
     )
-    op.create_index(op.f('ix_wallets_account_id'), 'wallets', ['account_id'], unique=False)
     op.create_index('uq_wallet_expiry', 'wallets', ['account_id', 'wallet_type', 'expires_at'], unique=True, postgresql_where=sa.text('expires_at IS NOT NULL'), sqlite_where=sa.text('expires_at IS NOT NULL'))
     op.create_index('uq_wallet_no_expiry', 'wallets', ['account_id', 'wallet_type'], unique=True, postgresql_where=sa.text('expires_at IS NULL'), sqlite_where=sa.text('expires_at IS NULL'))
     op.create_table('ledger_entries',
@@ -143,30 +142,25 @@ def upgrade() -> None:
     sa.CheckConstraint("type IN ('CHARGE', 'REFUND', 'CREDIT', 'OPEN', 'DAILY_RESET', 'RENEWAL', 'EXPIRY', 'HOLD', 'HOLD_RELEASE', 'ADJUSTMENT')", name='entry_type'),
     sa.CheckConstraint('amount <> 0', name='entry_non_zero'),
     sa.CheckConstraint('balance_after = balance_before + amount', name='entry_arithmetic'),
-    sa.ForeignKeyConstraint(['account_id'], ['accounts.id'], ),
-    sa.ForeignKeyConstraint(['wallet_id'], ['wallets.id'], ),
+    sa.ForeignKeyConstraint(['account_id', 'wallet_id'], ['wallets.account_id', 'wallets.id'], name='fk_entry_wallet_of_account'),
     sa.PrimaryKeyConstraint('id'),
     sa.UniqueConstraint('event_key', 'wallet_id', 'type', name='uq_entry_event_wallet_type')
     )
     op.create_index('ix_entries_account_id', 'ledger_entries', ['account_id', 'id'], unique=False)
-    op.create_index('ix_entries_reference', 'ledger_entries', ['reference'], unique=False)
-    op.create_index('ix_entries_wallet_id', 'ledger_entries', ['wallet_id', 'id'], unique=False)
+    op.create_index('ix_entries_reference', 'ledger_entries', ['reference'], unique=False, postgresql_where=sa.text('reference IS NOT NULL'), sqlite_where=sa.text('reference IS NOT NULL'))
 
 
 def downgrade() -> None:
-    op.drop_index('ix_entries_wallet_id', table_name='ledger_entries')
     op.drop_index('ix_entries_reference', table_name='ledger_entries')
     op.drop_index('ix_entries_account_id', table_name='ledger_entries')
     op.drop_table('ledger_entries')
     op.drop_index('uq_wallet_no_expiry', table_name='wallets', postgresql_where=sa.text('expires_at IS NULL'), sqlite_where=sa.text('expires_at IS NULL'))
     op.drop_index('uq_wallet_expiry', table_name='wallets', postgresql_where=sa.text('expires_at IS NOT NULL'), sqlite_where=sa.text('expires_at IS NOT NULL'))
-    op.drop_index(op.f('ix_wallets_account_id'), table_name='wallets')
     op.drop_table('wallets')
     op.drop_table('accounts')
     op.drop_table('plans')
     op.drop_table('model_prices')
     op.drop_table('features')
-    op.drop_index('ix_outcomes_user', table_name='event_outcomes')
     op.drop_table('event_outcomes')
     op.drop_index(op.f('ix_event_conflicts_key'), table_name='event_conflicts')
     op.drop_table('event_conflicts')

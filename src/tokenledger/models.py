@@ -12,6 +12,7 @@ from sqlalchemy import (
     CheckConstraint,
     DateTime,
     ForeignKey,
+    ForeignKeyConstraint,
     Index,
     Integer,
     Numeric,
@@ -124,7 +125,7 @@ class Wallet(Base):
 
     __tablename__ = "wallets"
     id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
-    account_id: Mapped[int] = mapped_column(ForeignKey("accounts.id"), index=True)
+    account_id: Mapped[int] = mapped_column(ForeignKey("accounts.id"))
     wallet_type: Mapped[str] = mapped_column(String(32))
     balance: Mapped[int] = mapped_column(BigInteger, default=0)
     expires_at: Mapped[datetime | None] = mapped_column(Timestamp)
@@ -140,6 +141,8 @@ class Wallet(Base):
         Index("uq_wallet_expiry", "account_id", "wallet_type", "expires_at", unique=True,
               postgresql_where=text("expires_at IS NOT NULL"),
               sqlite_where=text("expires_at IS NOT NULL")),
+        # Lookups by account, and the target of ledger entries' (account, wallet) key.
+        UniqueConstraint("account_id", "id", name="uq_wallet_account_id"),
     )
 
 
@@ -148,8 +151,8 @@ class LedgerEntry(Base):
 
     __tablename__ = "ledger_entries"
     id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
-    account_id: Mapped[int] = mapped_column(ForeignKey("accounts.id"))
-    wallet_id: Mapped[int] = mapped_column(ForeignKey("wallets.id"))
+    account_id: Mapped[int] = mapped_column(BigId)
+    wallet_id: Mapped[int] = mapped_column(BigId)
     amount: Mapped[int] = mapped_column(BigInteger)
     balance_before: Mapped[int] = mapped_column(BigInteger)
     balance_after: Mapped[int] = mapped_column(BigInteger)
@@ -166,9 +169,13 @@ class LedgerEntry(Base):
         # One event touches a wallet at most once per entry type: a key applied twice
         # cannot be written twice.
         UniqueConstraint("event_key", "wallet_id", "type", name="uq_entry_event_wallet_type"),
+        # One foreign key, not two: the wallet must exist AND belong to the entry's
+        # account; one check per inserted row instead of two on the hottest table.
+        ForeignKeyConstraint(["account_id", "wallet_id"], ["wallets.account_id", "wallets.id"],
+                             name="fk_entry_wallet_of_account"),
         Index("ix_entries_account_id", "account_id", "id"),
-        Index("ix_entries_wallet_id", "wallet_id", "id"),
-        Index("ix_entries_reference", "reference"),
+        Index("ix_entries_reference", "reference", postgresql_where=text("reference IS NOT NULL"),
+              sqlite_where=text("reference IS NOT NULL")),
     )
 
 
@@ -186,7 +193,6 @@ class EventOutcome(Base):
     created_at: Mapped[datetime] = mapped_column(Timestamp, server_default=func.now())
     __table_args__ = (
         CheckConstraint(_in("outcome", OUTCOMES), name="outcome_kind"),
-        Index("ix_outcomes_user", "user_id", "created_at"),
     )
 
 

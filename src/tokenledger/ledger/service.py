@@ -25,7 +25,7 @@ from typing import Any
 from sqlalchemy import and_, bindparam, or_, select, update
 from sqlalchemy.orm import Session
 
-from tokenledger.bulk import any_of, insert_rows, set_balances
+from tokenledger.bulk import any_of, copy_rows, set_balances
 from tokenledger.catalog import Catalog
 from tokenledger.db import insert_for
 from tokenledger.errors import InsufficientTokens, RetryableConflict
@@ -226,9 +226,10 @@ class _Batch:
         set_balances(session, wallets_t, [(w.id, w.balance) for a in self.accounts.values()
                                           for w in a.wallets if w.dirty])
         seq: dict[int, int] = {}
-        for row in insert_rows(session, entries_t, self.entries, ("id", "account_id")):
-            seq[row.account_id] = max(seq.get(row.account_id, 0), row.id)
-        insert_rows(session, outcomes_t, self.outcomes)
+        ids = copy_rows(session, entries_t, self.entries, "ledger_entries_id_seq")
+        for entry_id, entry in zip(ids, self.entries, strict=True):
+            seq[entry["account_id"]] = max(seq.get(entry["account_id"], 0), entry_id)
+        copy_rows(session, outcomes_t, self.outcomes)
         if self.hold_updates:
             done = session.execute(
                 update(holds_t)
