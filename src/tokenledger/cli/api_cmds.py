@@ -36,6 +36,8 @@ def api(
         loop="uvloop" if fast else "asyncio",
         http="httptools" if importlib.util.find_spec("httptools") else "h11",
         proxy_headers=True, server_header=False,
+        # A busy host can take more than uvicorn's default 5 s to import a worker.
+        timeout_worker_healthcheck=30,
     )
 
 

@@ -1,0 +1,290 @@
+"""Token-process start over HTTP: requests per second and latency percentiles.
+
+    uv run python bench/http_start.py [--seconds 10] [--connections 16] [--accounts 5000]
+
+Creates a dedicated PostgreSQL database (dropped afterwards unless --keep), opens the
+accounts, creates a producer key, starts the API with uvicorn (2 worker processes,
+uvloop/httptools when installed) on loopback, and drives ``POST /api/token-process/start``
+from a separate load-generator process: keep-alive HTTP/1.1 connections on asyncio, each
+sending the next request as soon as the previous answer arrived (closed loop), spread
+over the accounts. Bounded in time (``--seconds`` after ``--warmup``) and in count
+(``--max-requests``). Every answer is checked: a non-200 or a start that was not
+``accessible`` counts as an error. Prints a table and JSON (``--json PATH`` writes it).
+
+``run(...)`` returns the same figures as a dict, for ``tokenledger bench``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import psycopg
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(ROOT))
+
+PG_ADMIN = os.environ.get("TOKENLEDGER_BENCH_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
+REDIS = os.environ.get("TOKENLEDGER_BENCH_REDIS", "redis://127.0.0.1:6379/0")
+FEATURE = "project_creation"  # fixed cost 1: every start places a hold of 1 credit
+TARGET_RPS = 2000
+TARGET_P99_MS = 20.0
+
+
+# -- setup -------------------------------------------------------------------------------
+
+
+def prepare(url: str, accounts: int) -> str:
+    """Migrate, open ``accounts`` Business accounts (10,000 credits each), make a key."""
+    from tokenledger.apikeys import create_key
+    from tokenledger.catalog import current_catalog
+    from tokenledger.db import unit_of_work
+    from tokenledger.ledger.service import ApplyContext, apply_events
+    from tokenledger.messages import parse_event
+    from tokenledger.migrate import migrate
+    from tokenledger.timeutil import utcnow
+
+    migrate(url)
+    for start in range(0, accounts, 1000):
+        events = [parse_event({"type": "open_account", "key": f"open:bench-{i}",
+                               "user_id": f"bench-{i}", "plan": "Business"})
+                  for i in range(start, min(accounts, start + 1000))]
+        with unit_of_work(url) as session:
+            apply_events(session, events, ApplyContext(current_catalog(session), utcnow()))
+    with unit_of_work(url) as session:
+        key = create_key(session, "producer", "bench").key
+    with psycopg.connect(url.replace("+psycopg", ""), autocommit=True) as conn:
+        conn.execute("VACUUM ANALYZE")
+    return key
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_api(url: str, broker: str, port: int, workers: int, log: Path
+              ) -> subprocess.Popen[bytes]:
+    import importlib.util
+
+    env = {**os.environ, "TOKENLEDGER_DATABASE_URL": url, "TOKENLEDGER_BROKER_URL": broker,
+           "TOKENLEDGER_QUEUE": f"bench-http-{uuid.uuid4().hex[:6]}",
+           "TOKENLEDGER_LOG_LEVEL": "WARNING"}
+    fast = importlib.util.find_spec("uvloop") is not None
+    argv = [sys.executable, "-m", "uvicorn", "tokenledger.api:app_from_env", "--factory",
+            "--host", "127.0.0.1", "--port", str(port), "--workers", str(workers),
+            "--log-level", "warning", "--no-access-log", "--timeout-worker-healthcheck", "30",
+            "--loop", "uvloop" if fast else "asyncio",
+            "--http", "httptools" if importlib.util.find_spec("httptools") else "h11"]
+    with log.open("ab") as out:
+        return subprocess.Popen(argv, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+
+
+def wait_ready(port: int, proc: subprocess.Popen[bytes], timeout: float = 60) -> None:
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError("the API exited early")
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    raise RuntimeError("the API did not become ready")
+
+
+# -- the load generator (runs in its own process) --------------------------------------------
+
+
+class _Conn:
+    """One keep-alive HTTP/1.1 connection sending pre-built POST requests."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader = reader
+        self.writer = writer
+
+    async def post(self, request: bytes) -> tuple[int, bytes]:
+        self.writer.write(request)
+        head = await self.reader.readuntil(b"\r\n\r\n")
+        status = int(head[9:12])
+        length = 0
+        for line in head.split(b"\r\n"):
+            if line[:15].lower() == b"content-length:":
+                length = int(line[15:])
+        body = await self.reader.readexactly(length)
+        return status, body
+
+
+def _request(port: int, key: str, user: str) -> bytes:
+    body = json.dumps({"user_id": user, "feature_endpoint_id": FEATURE}).encode()
+    return (f"POST /api/token-process/start HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+            f"x-server-api-key: {key}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n").encode() + body
+
+
+async def _drive(port: int, key: str, accounts: int, connections: int, warmup: float,
+                 seconds: float, max_requests: int) -> dict[str, Any]:
+    requests = [_request(port, key, f"bench-{i}") for i in range(accounts)]
+    latencies: list[float] = []
+    errors: dict[str, int] = {}
+    loop = asyncio.get_running_loop()
+    start_at = loop.time() + warmup
+    stop_at = start_at + seconds
+
+    async def client(n: int) -> None:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        conn = _Conn(reader, writer)
+        i = n
+        try:
+            while True:
+                now = loop.time()
+                if now >= stop_at or len(latencies) >= max_requests:
+                    return
+                t0 = time.perf_counter()
+                status, body = await conn.post(requests[i % accounts])
+                elapsed = time.perf_counter() - t0
+                i += connections
+                if now < start_at:
+                    continue  # warm-up: not measured
+                if status != 200:
+                    errors[f"http {status}"] = errors.get(f"http {status}", 0) + 1
+                elif b'"status":"accessible"' not in body:
+                    errors["not accessible"] = errors.get("not accessible", 0) + 1
+                latencies.append(elapsed)
+        finally:
+            writer.close()
+
+    began = time.perf_counter()
+    await asyncio.gather(*(client(n) for n in range(connections)))
+    measured = min(seconds, time.perf_counter() - began - warmup)
+    latencies.sort()
+
+    def pct(p: float) -> float:
+        return round(1000 * latencies[min(len(latencies) - 1, int(p * len(latencies)))], 3) \
+            if latencies else 0.0
+
+    return {"requests": len(latencies), "seconds": round(measured, 3),
+            "rps": round(len(latencies) / measured, 1) if measured > 0 else 0.0,
+            "p50_ms": pct(0.50), "p90_ms": pct(0.90), "p99_ms": pct(0.99),
+            "max_ms": round(1000 * latencies[-1], 3) if latencies else 0.0,
+            "errors": errors, "connections": connections}
+
+
+def loadgen_main(argv: list[str]) -> None:
+    p = argparse.ArgumentParser()
+    for name in ("port", "accounts", "connections", "max-requests"):
+        p.add_argument(f"--{name}", type=int, required=True)
+    p.add_argument("--key", required=True)
+    p.add_argument("--warmup", type=float, required=True)
+    p.add_argument("--seconds", type=float, required=True)
+    a = p.parse_args(argv)
+    try:
+        import uvloop
+
+        runner = uvloop.run
+    except ImportError:
+        runner = asyncio.run
+    result = runner(_drive(a.port, a.key, a.accounts, a.connections, a.warmup, a.seconds,
+                           a.max_requests))
+    sys.stdout.write(json.dumps(result) + "\n")
+
+
+# -- the run ---------------------------------------------------------------------------------
+
+
+def run(*, admin_url: str = PG_ADMIN, broker_url: str = REDIS, accounts: int = 5000,
+        seconds: float = 10.0, warmup: float = 2.0, connections: int = 16,
+        max_requests: int = 200_000, workers: int = 2, keep: bool = False,
+        log_dir: Path | None = None) -> dict[str, Any]:
+    """Measure token-process start over HTTP; returns req/s, percentiles and errors."""
+    from tokenledger.db import dispose_engines
+
+    name = f"tokenledger_bench_http_{os.getpid()}_{uuid.uuid4().hex[:4]}"
+    admin = psycopg.connect(admin_url, autocommit=True, connect_timeout=5)
+    admin.execute(f'CREATE DATABASE "{name}"')
+    url = admin_url.rsplit("/", 1)[0].replace("postgresql://", "postgresql+psycopg://") + \
+        f"/{name}"
+    log = (log_dir or Path.cwd()) / "tokenledger-bench-http.log"
+    proc = None
+    try:
+        t0 = time.perf_counter()
+        key = prepare(url, accounts)
+        dispose_engines(close=True)
+        setup = time.perf_counter() - t0
+        port = free_port()
+        proc = start_api(url, broker_url, port, workers, log)
+        wait_ready(port, proc)
+        out = subprocess.run(
+            [sys.executable, __file__, "--loadgen", "--port", str(port), "--key", key,
+             "--accounts", str(accounts), "--connections", str(connections),
+             "--max-requests", str(max_requests), "--warmup", str(warmup),
+             "--seconds", str(seconds)],
+            capture_output=True, text=True, timeout=warmup + seconds + 120, check=True)
+        result = json.loads(out.stdout.strip().splitlines()[-1])
+        result.update(workers=workers, accounts=accounts, setup_seconds=round(setup, 1),
+                      target_rps=TARGET_RPS, target_p99_ms=TARGET_P99_MS,
+                      meets_target=result["rps"] >= TARGET_RPS
+                      and result["p99_ms"] <= TARGET_P99_MS and not result["errors"],
+                      cpus=os.cpu_count())
+        return result
+    finally:
+        if proc is not None and proc.poll() is None:
+            os.killpg(proc.pid, 15)
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, 9)
+        if not keep:
+            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        admin.close()
+
+
+def main() -> None:
+    if "--loadgen" in sys.argv:
+        loadgen_main([a for a in sys.argv[1:] if a != "--loadgen"])
+        return
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--seconds", type=float, default=10.0, help="measured duration")
+    p.add_argument("--warmup", type=float, default=2.0)
+    p.add_argument("--connections", type=int, default=16)
+    p.add_argument("--accounts", type=int, default=5000)
+    p.add_argument("--max-requests", type=int, default=200_000)
+    p.add_argument("--workers", type=int, default=2, help="uvicorn worker processes")
+    p.add_argument("--pg", default=PG_ADMIN, help="PostgreSQL admin URL")
+    p.add_argument("--redis", default=REDIS)
+    p.add_argument("--keep", action="store_true", help="keep the bench database")
+    p.add_argument("--json", type=Path, help="also write the result here")
+    a = p.parse_args()
+    result = run(admin_url=a.pg, broker_url=a.redis, accounts=a.accounts, seconds=a.seconds,
+                 warmup=a.warmup, connections=a.connections, max_requests=a.max_requests,
+                 workers=a.workers, keep=a.keep)
+    print(f"token-process start over HTTP ({result['workers']} uvicorn workers, "
+          f"{result['connections']} connections, {result['cpus']} CPUs)")
+    print(f"  requests  {result['requests']:>10} in {result['seconds']} s")
+    print(f"  req/s     {result['rps']:>10}   (target >= {TARGET_RPS})")
+    print(f"  p50 / p90 {result['p50_ms']:>7} / {result['p90_ms']} ms")
+    print(f"  p99       {result['p99_ms']:>10} ms (target <= {TARGET_P99_MS})")
+    print(f"  max       {result['max_ms']:>10} ms")
+    print(f"  errors    {result['errors'] or 'none'}")
+    print(json.dumps(result))
+    if a.json:
+        a.json.write_text(json.dumps(result, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
