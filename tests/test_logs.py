@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import ROOT, Worker
-from tokenledger import LedgerClient, Settings
+from tokenledger import LedgerClient
 from tokenledger.broker import APPLY_EVENTS
 from tokenledger.logs import configure_logging, log_context, mask_url, scrub
 

@@ -12,7 +12,7 @@ import pytest
 import redis
 from sqlalchemy import func, select
 
-from tests.conftest import Worker, wait_for
+from tests.conftest import Worker
 from tokenledger import LedgerClient, Settings, notify
 from tokenledger.catalog import current_catalog
 from tokenledger.db import unit_of_work
@@ -144,8 +144,7 @@ def test_low_balance_is_published_once_per_crossing_and_rearmed_above(notify_wor
     assert [(n.event, n.balance, n.threshold) for n in crossings] == [
         ("balance_low", 1, 1), ("balance_low", 1, 1)]
     with unit_of_work(sdk.settings.database_url) as session:
-        state = session.scalar(select(LowBalanceState).join(
-            Account, Account.id == LowBalanceState.account_id).where(Account.user_id == user))
+        state = session.get(LowBalanceState, user)
         assert (state.balance, state.threshold) == (1, 1)  # still low, not re-notified at 0
 
 

@@ -14,22 +14,20 @@ down_revision = "0004"
 branch_labels = None
 depends_on = None
 
-BigId = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
-
 
 def upgrade() -> None:
     # A row exists while an account sits at/below its plan's low-balance threshold and has
     # been told so; deleting it re-arms the alert (tokenledger.notify).
     op.create_table(
         "low_balance_state",
-        sa.Column("account_id", BigId, autoincrement=False, nullable=False),
+        sa.Column("user_id", sa.String(length=128), nullable=False),
         sa.Column("threshold", sa.BigInteger(), nullable=False),
         sa.Column("balance", sa.BigInteger(), nullable=False),
         sa.Column("ledger_seq", sa.BigInteger(), nullable=False),
         sa.Column("since", sa.DateTime(timezone=True), server_default=sa.func.now(),
                   nullable=False),
-        sa.ForeignKeyConstraint(["account_id"], ["accounts.id"], ondelete="CASCADE"),
-        sa.PrimaryKeyConstraint("account_id"),
+        sa.ForeignKeyConstraint(["user_id"], ["accounts.user_id"], ondelete="CASCADE"),
+        sa.PrimaryKeyConstraint("user_id"),
     )
 
 

@@ -23,38 +23,40 @@ import threading
 import uuid
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
 import redis
-from sqlalchemy import BigInteger, ForeignKey, delete, event, func, select
+from sqlalchemy import BigInteger, ForeignKey, String, any_, bindparam, delete, event, func, select
+from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
 from tokenledger.catalog import Catalog
 from tokenledger.config import Settings
 from tokenledger.db import insert_for
 from tokenledger.logs import mask_url
-from tokenledger.models import Account, Base, BigId, Timestamp
+from tokenledger.models import Account, Base, Timestamp
 
 log = logging.getLogger("tokenledger.notify")
 
 BALANCE_CHANGED = "balance_changed"
 BALANCE_LOW = "balance_low"
 EVENTS = (BALANCE_CHANGED, BALANCE_LOW)
+_ENCODER = json.JSONEncoder(separators=(",", ":"))
 
 
 class LowBalanceState(Base):
     """An account that was told it is low and has not gone back above its threshold.
 
     A row exists exactly while the account is "below": inserting it is the crossing that
-    publishes ``balance_low``; deleting it re-arms the alert.
+    publishes ``balance_low``; deleting it re-arms the alert. Keyed by user_id because
+    that is what a batch's balance changes carry: one cheap probe per batch.
     """
 
     __tablename__ = "low_balance_state"
-    account_id: Mapped[int] = mapped_column(
-        BigId, ForeignKey("accounts.id", ondelete="CASCADE"), primary_key=True,
-        autoincrement=False)
+    user_id: Mapped[str] = mapped_column(
+        String(128), ForeignKey("accounts.user_id", ondelete="CASCADE"), primary_key=True)
     threshold: Mapped[int] = mapped_column(BigInteger)
     balance: Mapped[int] = mapped_column(BigInteger)
     ledger_seq: Mapped[int] = mapped_column(BigInteger)
@@ -72,10 +74,11 @@ class BalanceNotice:
     threshold: int | None = None
 
     def to_json(self) -> str:
-        data = asdict(self)
-        if self.threshold is None:
-            del data["threshold"]
-        return json.dumps(data, separators=(",", ":"))
+        data: dict[str, Any] = {"event": self.event, "user_id": self.user_id,
+                                "balance": self.balance, "ledger_seq": self.ledger_seq}
+        if self.threshold is not None:
+            data["threshold"] = self.threshold
+        return _ENCODER.encode(data)
 
     @classmethod
     def from_json(cls, raw: str | bytes) -> BalanceNotice:
@@ -172,8 +175,11 @@ def publish(settings: Settings, notices: list[BalanceNotice]) -> None:
             log.warning("could not publish %d balance notice(s) to %s: %s", len(notices),
                         mask_url(url), exc)
             return
+    counts: dict[str, int] = {}
     for notice in notices:
-        metrics.NOTIFICATIONS.labels(event=notice.event).inc()
+        counts[notice.event] = counts.get(notice.event, 0) + 1
+    for name, count in counts.items():
+        metrics.NOTIFICATIONS.labels(event=name).inc(count)
 
 
 # -- staging inside a unit of work ---------------------------------------------------------
@@ -224,20 +230,28 @@ def _publish_after_commit(session: Session, settings: Settings) -> None:
     event.listen(session, "after_soft_rollback", after_rollback)
 
 
+def _user_in(session: Session, column: Any, user_ids: list[str]) -> Any:
+    # One array parameter on PostgreSQL: a 1,000-event batch would otherwise bind (and
+    # plan) 1,000 separate parameters for each probe.
+    if session.get_bind().dialect.name == "postgresql":
+        return column == any_(bindparam("user_ids", user_ids, type_=ARRAY(String)))
+    return column.in_(user_ids)
+
+
 def _low_balance_crossings(session: Session, latest: dict[str, Any], catalog: Catalog,
                            now: datetime) -> list[BalanceNotice]:
     thresholds = {code: plan.low_balance_threshold for code, plan in catalog.plans.items()
                   if plan.low_balance_threshold is not None}
-    user_ids = list(latest)
     # Accounts currently marked low (usually few): re-arm those that went back above.
-    marked = {row.user_id: row for row in session.execute(
-        select(Account.user_id, Account.id, Account.plan_code)
-        .join(LowBalanceState, LowBalanceState.account_id == Account.id)
-        .where(Account.user_id.in_(user_ids)))}
-    rearm = [row.id for uid, row in marked.items()
-             if not _is_low(latest[uid].balance, thresholds.get(row.plan_code))]
+    marked = {row.user_id: row.plan_code for row in session.execute(
+        select(LowBalanceState.user_id, Account.plan_code)
+        .join(Account, Account.user_id == LowBalanceState.user_id)
+        .where(_user_in(session, LowBalanceState.user_id, list(latest))))}
+    rearm = [uid for uid, plan in marked.items()
+             if not _is_low(latest[uid].balance, thresholds.get(plan))]
     if rearm:
-        session.execute(delete(LowBalanceState).where(LowBalanceState.account_id.in_(rearm)))
+        session.execute(delete(LowBalanceState)
+                        .where(_user_in(session, LowBalanceState.user_id, rearm)))
     # Candidates for a new crossing: not marked and at/below the highest threshold.
     ceiling = max(thresholds.values(), default=None)
     candidates = [uid for uid, c in latest.items()
@@ -246,12 +260,12 @@ def _low_balance_crossings(session: Session, latest: dict[str, Any], catalog: Ca
         return []
     notices: list[BalanceNotice] = []
     rows: list[dict[str, Any]] = []
-    for row in session.execute(select(Account.user_id, Account.id, Account.plan_code)
-                               .where(Account.user_id.in_(candidates))):
+    for row in session.execute(select(Account.user_id, Account.plan_code)
+                               .where(_user_in(session, Account.user_id, candidates))):
         change = latest[row.user_id]
         threshold = thresholds.get(row.plan_code)
         if threshold is not None and _is_low(change.balance, threshold):
-            rows.append({"account_id": row.id, "threshold": threshold,
+            rows.append({"user_id": row.user_id, "threshold": threshold,
                          "balance": change.balance, "ledger_seq": change.ledger_seq,
                          "since": now})
             notices.append(BalanceNotice(BALANCE_LOW, row.user_id, change.balance,
