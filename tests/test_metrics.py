@@ -153,3 +153,22 @@ def test_direct_apply_is_not_counted_twice(settings, db):
                  feature="none") == value(before, "tokenledger_events_total",
                                           outcome="applied", type="open_account",
                                           feature="none")
+
+
+def test_renewal_runs_and_failures_are_exported_from_the_runs_table(settings, db):
+    from tokenledger.renewals.models import RenewalRun
+
+    now = utcnow()
+    with unit_of_work(db) as session:
+        for status, failed in (("completed", 0), ("completed", 2), ("failed", 7)):
+            session.add(RenewalRun(kind="monthly", status=status, as_of=now, chunk_size=100,
+                                   candidates=10, total_processed=10, successful=10 - failed,
+                                   failed=failed, skipped=0, tokens_granted=0,
+                                   total_chunks=1, chunks_done=1, dry_run=False,
+                                   continue_on_error=True, trigger="cli", alert=False))
+    samples = parse(metrics.render(settings)[0].decode())
+    assert value(samples, "tokenledger_renewal_runs_total", kind="monthly",
+                 status="completed") == 2
+    assert value(samples, "tokenledger_renewal_runs_total", kind="monthly", status="failed") == 1
+    assert value(samples, "tokenledger_renewal_account_failures_total", kind="monthly") == 9
+    assert value(samples, "tokenledger_scrape_error", source="renewals") == 0

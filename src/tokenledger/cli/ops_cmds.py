@@ -113,6 +113,8 @@ def _workers(s: Settings, timeout: float) -> tuple[dict[str, Any], set[str], str
         return {}, set(), f"cannot inspect workers on this broker: {exc}"
     finally:
         celery.close()
+    if not replies and s.embedded_broker:
+        return {}, set(), "the embedded broker cannot broadcast: workers cannot be pinged"
     workers: dict[str, Any] = {}
     queues: set[str] = set()
     for name in sorted(replies):
