@@ -895,6 +895,32 @@ def test_readiness_is_503_when_the_broker_or_database_is_down(settings: Settings
         server.stop()
 
 
+def test_publishing_while_the_broker_is_down_is_a_clean_503(settings: Settings, keys: dict,
+                                                           db: str) -> None:
+    down = settings.model_copy(update={"broker_url": "redis://127.0.0.1:1/0"})
+    server = ServerThread(down).start()
+    try:
+        with httpx.Client(base_url=server.url, timeout=60) as c:
+            r = c.post("/api/events", headers=auth(keys["producer"]),
+                       json={"type": "charge", "user_id": "u", "amount": 1})
+            assert r.status_code == 503, r.text
+            assert r.json()["success"] is False and "broker" in r.json()["message"]
+    finally:
+        server.stop()
+
+
+def test_user_ids_and_keys_with_slashes_reach_their_routes(http: httpx.Client, keys: dict,
+                                                         worker: Worker) -> None:
+    open_account(http, keys["producer"], "team/alice")
+    r = http.get("/api/accounts/team/alice/statistics", headers=auth(keys["reader"]))
+    assert r.status_code == 200 and r.json()["data"]["userId"] == "team/alice"
+    r = http.get("/api/accounts/team%2Falice/reports/monthly", headers=auth(keys["reader"]))
+    assert r.status_code == 200 and r.json()["data"]["userId"] == "team/alice"
+    http.post("/api/events", headers=auth(keys["producer"]),
+              json={"type": "charge", "user_id": "team/alice", "amount": 1, "key": "a/b/c"})
+    assert poll_event(http, keys["reader"], "a/b/c")["status"] == "applied"
+
+
 def test_openapi_documents_every_route(http: httpx.Client) -> None:
     assert "swagger" in http.get("/docs").text.lower()
     schema = http.get("/openapi.json").json()

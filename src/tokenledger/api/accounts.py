@@ -82,7 +82,7 @@ def open_account(body: OpenAccountIn, api: Api) -> JSONResponse:
     return respond(201, _account(api, body.user_id, True), "Account opened")
 
 
-@router.get("/{user_id}/statistics", response_model=Envelope[StatisticsOut],
+@router.get("/{user_id:path}/statistics", response_model=Envelope[StatisticsOut],
             dependencies=[Depends(require(*READ))],
             summary="Spent, earned, net change, operations, per feature and model, margin")
 def account_statistics(
@@ -100,7 +100,7 @@ def account_statistics(
     return {"success": True, "data": data}
 
 
-@router.get("/{user_id}/reports/monthly", response_model=Envelope[MonthlyReportOut],
+@router.get("/{user_id:path}/reports/monthly", response_model=Envelope[MonthlyReportOut],
             dependencies=[Depends(require(*READ))],
             summary="A month in the account's timezone: balances, summary, breakdowns (seed 004)")
 def account_monthly_report(

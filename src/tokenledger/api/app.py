@@ -133,6 +133,11 @@ async def _on_database(_: Request, exc: DBAPIError) -> JSONResponse:
     return error(500, "Internal server error")
 
 
+async def _on_broker(_: Request, exc: Exception) -> JSONResponse:
+    log.error("broker unavailable: %s", type(exc).__name__)
+    return error(503, "The broker is unavailable; retry shortly", headers={"Retry-After": "1"})
+
+
 async def _on_unexpected(_: Request, exc: Exception) -> JSONResponse:
     # Broker outages surface as kombu/redis connection errors: a 503 the caller can retry.
     name = type(exc).__module__ + "." + type(exc).__name__
@@ -221,6 +226,12 @@ def create_app(settings: Settings | None = None, *, key_cache_seconds: float = 2
     app.add_exception_handler(AuthError, _on_auth)  # type: ignore[arg-type]
     app.add_exception_handler(TokenLedgerError, _on_ledger)  # type: ignore[arg-type]
     app.add_exception_handler(DBAPIError, _on_database)  # type: ignore[arg-type]
+    import kombu.exceptions
+    import redis.exceptions
+
+    for broker_error in (kombu.exceptions.OperationalError, redis.exceptions.ConnectionError,
+                         redis.exceptions.TimeoutError):
+        app.add_exception_handler(broker_error, _on_broker)
     app.add_exception_handler(Exception, _on_unexpected)
     app.add_middleware(BodyLimit)
 

@@ -93,7 +93,7 @@ def publish(api: Api, body: Annotated[Any, Body()] = None) -> JSONResponse:
                    "Accepted; GET /api/events/{key} for each outcome")
 
 
-@router.get("/{key}", response_model=Envelope[EventOutcomeOut],
+@router.get("/{key:path}", response_model=Envelope[EventOutcomeOut],
             dependencies=[Depends(require(*READ_EVENTS))],
             summary="An event's stored outcome, or `pending`")
 def outcome(api: Api, key: Annotated[str, Path(min_length=1, max_length=255)]) -> JSONResponse:
