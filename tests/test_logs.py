@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -22,17 +23,25 @@ from tokenledger.logs import configure_logging, log_context, mask_url, scrub
 PASSWORD = "Sup3r-s3cret-pw"
 
 
+@pytest.fixture(autouse=True)
+def restore_logging() -> Iterator[None]:
+    """configure_logging replaces the root handlers; give pytest its own back."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
+    logging.captureWarnings(False)
+
+
 def test_a_line_is_one_json_object_with_context_and_extra_fields():
     buf = io.StringIO()
     configure_logging("DEBUG", stream=buf)
-    try:
-        log = logging.getLogger("tokenledger.test")
-        with log_context(task_id="t-1"):
-            log.info("applied", extra={"event_key": "k1", "user_id": "u1", "outcome": "applied",
-                                       "duration_ms": 1.5})
-        log.info("outside")
-    finally:
-        configure_logging("WARNING")
+    log = logging.getLogger("tokenledger.test")
+    with log_context(task_id="t-1"):
+        log.info("applied", extra={"event_key": "k1", "user_id": "u1", "outcome": "applied",
+                                   "duration_ms": 1.5})
+    log.info("outside")
     first, second = (json.loads(line) for line in buf.getvalue().splitlines())
     assert {k: first[k] for k in ("level", "logger", "message", "task_id", "event_key",
                                   "user_id", "outcome", "duration_ms")} == {
@@ -45,17 +54,14 @@ def test_a_line_is_one_json_object_with_context_and_extra_fields():
 def test_secrets_are_masked_in_messages_fields_and_tracebacks():
     buf = io.StringIO()
     configure_logging("INFO", stream=buf)
+    log = logging.getLogger("tokenledger.test")
+    log.warning("cannot reach postgresql+psycopg://app:%s@db:5432/ledger", PASSWORD,
+                extra={"headers": {"x-server-api-key": "tl_live_abc", "accept": "json"},
+                       "broker": f"redis://:{PASSWORD}@redis:6379/0"})
     try:
-        log = logging.getLogger("tokenledger.test")
-        log.warning("cannot reach postgresql+psycopg://app:%s@db:5432/ledger", PASSWORD,
-                    extra={"headers": {"x-server-api-key": "tl_live_abc", "accept": "json"},
-                           "broker": f"redis://:{PASSWORD}@redis:6379/0"})
-        try:
-            raise RuntimeError(f"login failed: password={PASSWORD}")
-        except RuntimeError:
-            log.exception("boom; x-server-api-key: tl_live_abc")
-    finally:
-        configure_logging("WARNING")
+        raise RuntimeError(f"login failed: password={PASSWORD}")
+    except RuntimeError:
+        log.exception("boom; x-server-api-key: tl_live_abc")
     text = buf.getvalue()
     assert PASSWORD not in text and "tl_live_abc" not in text
     warning, error = (json.loads(line) for line in text.splitlines())
