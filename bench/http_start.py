@@ -23,6 +23,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -226,7 +227,7 @@ def run(*, admin_url: str = PG_ADMIN, broker_url: str = REDIS, accounts: int = 5
     admin.execute(f'CREATE DATABASE "{name}"')
     url = admin_url.rsplit("/", 1)[0].replace("postgresql://", "postgresql+psycopg://") + \
         f"/{name}"
-    log = (log_dir or Path.cwd()) / "tokenledger-bench-http.log"
+    log = (log_dir or Path(tempfile.gettempdir())) / "tokenledger-bench-http.log"
     proc = None
     try:
         t0 = time.perf_counter()
