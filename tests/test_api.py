@@ -505,6 +505,8 @@ def test_start_and_end_validate_every_field(http: httpx.Client, keys: dict) -> N
         ({**end_base, "model": ""}, "model"),
         ({**end_base, "feature_endpoint_id": "teleport"}, "feature_endpoint_id"),
         ({**end_base, "key": "k" * 256}, "key"),
+        ({**end_base, "metadata": {"x": "y" * 17000}}, "metadata"),
+        ({**end_base, "metadata": [1]}, "metadata"),
     ]
     for body, field in end_cases:
         r = http.post("/api/token-process/end", headers=producer, json=body)
@@ -527,13 +529,18 @@ def test_end_accepts_plural_field_names_and_is_idempotent_per_key(
     producer = auth(keys["producer"])
     open_account(http, keys["producer"], "e1")
     body = {"user_id": "e1", "feature_endpoint_id": "text_generation",
-            "input_tokens": 500, "output_tokens": 0, "key": "end-e1"}
+            "input_tokens": 500, "output_tokens": 0, "key": "end-e1",
+            "metadata": {"requestId": "req-1"}}
     first = http.post("/api/token-process/end", headers=producer, json=body)
     assert first.status_code == 200, first.text
     assert first.json()["data"]["cost"] == 1  # ceil(500/1000 × 1.2) = 1
     again = http.post("/api/token-process/end", headers=producer, json=body)
     assert again.json()["data"] == first.json()["data"]
     assert balance(http, keys["reader"], "e1")["balance"] == 4
+    rows = http.get("/api/billing/transactions", params={"user_id": "e1", "type": "CHARGE"},
+                    headers=auth(keys["reader"])).json()["data"]
+    assert rows[0]["metadata"]["requestId"] == "req-1"
+    assert rows[0]["metadata"]["model"] == "gemini-pro"
     clash = http.post("/api/token-process/end", headers=producer,
                       json={**body, "input_tokens": 501})
     assert clash.status_code == 409 and clash.json()["data"]["status"] == "conflict"

@@ -233,6 +233,7 @@ class EndIn(_Strict):
     model: Code | None = None
     hold_id: Annotated[StrictInt, Field(gt=0, le=MAX_BIGINT)] | None = None
     key: Key | None = None
+    metadata: Metadata = None
 
 
 class EndOut(BaseModel):

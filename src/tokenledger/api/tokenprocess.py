@@ -71,7 +71,8 @@ def end(body: EndIn, api: Api,
         "user_id": body.user_id, "feature_endpoint_id": body.feature_endpoint_id,
         "input_tokens": body.input_token, "output_tokens": body.output_token,
         **({"model": body.model} if body.model else {}),
-        **({"hold_id": body.hold_id} if body.hold_id else {})})
+        **({"hold_id": body.hold_id} if body.hold_id else {}),
+        **({"metadata": body.metadata} if body.metadata else {})})
     # The same event LedgerClient.token_process_end publishes; built here to know its hash.
     api.client.publish(event)
     pending = {"user_id": body.user_id, "key": event.key, "status": "pending",
