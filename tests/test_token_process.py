@@ -20,7 +20,12 @@ from sqlalchemy import func, select
 
 from tests.conftest import ROOT, Worker, apply, assert_verified
 from tokenledger import FeatureNotAccessible, LedgerClient, StartResult
-from tokenledger.catalog import current_catalog, default_catalog_text, load_catalog
+from tokenledger.catalog import (
+    REFRESH_SECONDS,
+    current_catalog,
+    default_catalog_text,
+    load_catalog,
+)
 from tokenledger.db import unit_of_work
 from tokenledger.errors import AccountNotFound, CatalogError, IdempotencyConflict
 from tokenledger.models import Account, EventOutcome, LedgerEntry, Wallet
@@ -488,6 +493,7 @@ def restore_catalog(db):
     yield
     with unit_of_work(db) as s:
         load_catalog(s, default_catalog_text(), "packaged default")
+    time.sleep(REFRESH_SECONDS + 0.2)  # until running workers have re-read it too
 
 
 def test_catalog_load_replaces_prices_and_a_bad_catalog_changes_nothing(db, restore_catalog):
@@ -558,7 +564,8 @@ def test_the_cli_starts_ends_and_loads_catalogs(worker, client, settings, tmp_pa
     assert "models: changed gemini-pro" in loaded.stdout
     with unit_of_work(settings.database_url) as s:
         assert current_catalog(s).version == before + 1
-    # the running worker prices with the new catalog on its next batch
+    # running workers price with the new catalog once they re-check it (within a second)
+    time.sleep(REFRESH_SECONDS + 0.2)
     key = client.token_process_end("cli", "text_generation", 100, 400)
     assert client.result(key, timeout=30).data["cost"] == 4
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 import tomllib
 from dataclasses import dataclass, field
 from decimal import Decimal
@@ -146,6 +147,8 @@ def store_catalog(session: Session, spec: CatalogSpec, text: str, source: str) -
     version = CatalogVersion(source=source, default_plan=spec.default_plan, document=text)
     session.add(version)
     session.flush()
+    with _cache_lock:  # this process sees its own load at once
+        _cache.pop(str(session.get_bind().url), None)
     return version.id
 
 
@@ -189,26 +192,33 @@ def ensure_catalog(session: Session, path: Path | None) -> int | None:
     return store_catalog(session, parse_catalog(text, source), text, source)
 
 
-_cache: dict[str, Catalog] = {}
+# Per-process cache: (catalog, when its version was last checked). Checking the version
+# costs a round trip on every transaction; once a second is enough for a catalog change
+# to reach every worker and API process.
+REFRESH_SECONDS = 1.0
+_cache: dict[str, tuple[Catalog, float]] = {}
 _cache_lock = threading.Lock()
 
 
 def current_catalog(session: Session) -> Catalog:
-    """The newest stored catalog; re-read only when a newer version was loaded."""
-    latest = session.execute(
-        select(CatalogVersion.id, CatalogVersion.document, CatalogVersion.source)
-        .order_by(CatalogVersion.id.desc()).limit(1)
-    ).first()
-    if latest is None:
-        raise CatalogError("no catalog loaded: run `tokenledger migrate`")
+    """The newest stored catalog; a newly loaded one is seen within REFRESH_SECONDS."""
     cache_key = str(session.get_bind().url)
+    now = time.monotonic()
     with _cache_lock:
         cached = _cache.get(cache_key)
-        if cached is not None and cached.version == latest.id:
-            return cached
-    spec = parse_catalog(latest.document, latest.source)
-    catalog = Catalog(latest.id, spec.default_plan, dict(spec.plans), dict(spec.features),
-                      dict(spec.models))
+    if cached is not None and now - cached[1] < REFRESH_SECONDS:
+        return cached[0]
+    version = session.scalar(select(func.max(CatalogVersion.id)))
+    if version is None:
+        raise CatalogError("no catalog loaded: run `tokenledger migrate`")
+    if cached is not None and cached[0].version == version:
+        catalog = cached[0]
+    else:
+        row = session.execute(select(CatalogVersion.document, CatalogVersion.source)
+                              .where(CatalogVersion.id == version)).one()
+        spec = parse_catalog(row.document, row.source)
+        catalog = Catalog(version, spec.default_plan, dict(spec.plans), dict(spec.features),
+                          dict(spec.models))
     with _cache_lock:
-        _cache[cache_key] = catalog
+        _cache[cache_key] = (catalog, now)
     return catalog
