@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from typing import Any, NoReturn
 
@@ -37,6 +38,12 @@ def print_json(data: Any) -> None:
 
 def main() -> None:
     """Entry point: run the CLI, turning known failures into one-line errors."""
+    from tokenledger.logs import configure_logging
+
+    # The CLI talks to people through rich output; log records (warnings and worse, JSON
+    # lines unless TOKENLEDGER_LOG_JSON=false) go to stderr for whoever collects them.
+    configure_logging("WARNING", os.environ.get("TOKENLEDGER_LOG_JSON", "true").lower()
+                      not in ("0", "false", "no"))
     try:
         app()
     except TokenLedgerError as exc:
