@@ -51,15 +51,18 @@ def main() -> None:
         sys.exit(2)
     except (OperationalError, ProgrammingError) as exc:
         first = str(exc.orig).strip().splitlines()[0] if exc.orig else str(exc)
-        hint = " (run `tokenledger migrate`?)" if isinstance(exc, ProgrammingError) else ""
+        missing = isinstance(exc, ProgrammingError) or "no such table" in first
+        hint = " (run `tokenledger migrate`?)" if missing else ""
         err_console.print(f"[red]error:[/red] database: {first}{hint}", highlight=False,
                           soft_wrap=True)
         sys.exit(2)
 
 
 # Command modules register themselves on ``app``; each issue's commands live apart.
-from tokenledger.cli import ledger_cmds  # noqa: E402,F401
-from tokenledger.cli import tokenprocess_cmds  # noqa: E402,F401
-from tokenledger.cli import ops_cmds  # noqa: E402,F401
-from tokenledger.cli import renew_cmds  # noqa: E402,F401
-from tokenledger.cli import api_cmds  # noqa: E402,F401
+from tokenledger.cli import (
+    api_cmds,  # noqa: E402,F401
+    ledger_cmds,  # noqa: E402,F401
+    ops_cmds,  # noqa: E402,F401
+    renew_cmds,  # noqa: E402,F401
+    tokenprocess_cmds,  # noqa: E402,F401
+)
