@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import statistics
-import threading
 import time
 import uuid
 from dataclasses import asdict, dataclass, field
@@ -150,55 +149,32 @@ def sql_baseline(url: str, users: list[str], n: int) -> dict[str, Any]:
 
 def latency_run(client: LedgerClient, url: str, users: list[str], rate: float,
                 seconds: float) -> dict[str, Any]:
-    """Publish at ``rate`` events/s in 10 ms ticks; publish → observed-committed latency.
+    """Publish at ``rate`` events/s in 10 ms ticks; publish → committed latency per event.
 
-    The observer polls every few milliseconds, so figures are an upper bound."""
+    Each outcome row records when it was stored (just before its transaction commits), so
+    latency is read from the rows afterwards, with no observer loading the database."""
     prefix = f"l{uuid.uuid4().hex[:6]}-"
     sent: dict[str, float] = {}
-    seen: dict[str, float] = {}
-    stop = threading.Event()
-    lock = threading.Lock()
-
-    def observe() -> None:
-        dsn = url.replace("postgresql+psycopg", "postgresql")
-        with psycopg.connect(dsn, autocommit=True) as conn:
-            while not stop.is_set() or len(seen) < len(sent):
-                with lock:
-                    pending = [k for k in sent if k not in seen]
-                if pending:
-                    rows = conn.execute("SELECT key FROM event_outcomes WHERE key = ANY(%s)",
-                                        (pending,)).fetchall()
-                    now = time.monotonic()
-                    for (key,) in rows:
-                        seen[key] = now
-                if stop.is_set() and time.monotonic() > stop_at + 30:
-                    break
-                time.sleep(0.002)
-
-    stop_at = 0.0
-    observer = threading.Thread(target=observe, daemon=True)
-    observer.start()
     tick, i = 0.01, 0
     per_tick = max(1, round(rate * tick))
     begin = time.monotonic()
     while time.monotonic() - begin < seconds:
         batch = [{"type": "charge", "key": f"{prefix}{i + j}", "user_id": users[(i + j)
                   % len(users)], "amount": 1} for j in range(per_tick)]
-        now = time.monotonic()
+        published = time.time()
         client.publish_many(batch)
-        with lock:
-            for e in batch:
-                sent[e["key"]] = now
+        for e in batch:
+            sent[e["key"]] = published
         i += per_tick
         next_tick = begin + (i / per_tick) * tick
         time.sleep(max(0.0, next_tick - time.monotonic()))
-    stop_at = time.monotonic()
-    stop.set()
-    observer.join(timeout=60)
-    lat = sorted((seen[k] - sent[k]) * 1000 for k in sent if k in seen)
-    if not lat:
-        return {"events": i, "observed": 0}
-    return {"rate": round(rate), "events": i, "observed": len(lat),
+    _wait_settled(url, prefix, len(sent))
+    with unit_of_work(url) as s:
+        stored = dict(s.execute(text(
+            "SELECT key, extract(epoch FROM created_at) FROM event_outcomes"
+            " WHERE key LIKE :p"), {"p": prefix + "%"}).all())
+    lat = sorted((float(stored[k]) - sent[k]) * 1000 for k in sent if k in stored)
+    return {"rate": round(rate), "events": len(sent), "observed": len(lat),
             "p50_ms": round(statistics.median(lat), 1),
             "p99_ms": round(lat[min(len(lat) - 1, int(len(lat) * 0.99))], 1)}
 

@@ -85,6 +85,9 @@ def insert_rows(session: Session, table: Table, rows: list[dict[str, Any]],
     return []
 
 
+COPY_THRESHOLD = 64
+
+
 def copy_rows(session: Session, table: Table, rows: list[dict[str, Any]],
               id_sequence: str | None = None) -> list[int]:
     """Insert ``rows`` with COPY on PostgreSQL (portable INSERT elsewhere).
@@ -95,7 +98,8 @@ def copy_rows(session: Session, table: Table, rows: list[dict[str, Any]],
     """
     if not rows:
         return []
-    if not is_pg(session):
+    if not is_pg(session) or len(rows) < COPY_THRESHOLD:
+        # Few rows: one INSERT ... RETURNING beats a sequence round trip plus COPY.
         if id_sequence:
             return [r.id for r in insert_rows(session, table, rows, ("id",))]
         insert_rows(session, table, rows)

@@ -40,7 +40,7 @@ from tokenledger.models import (
     LedgerEntry,
     Wallet,
 )
-from tokenledger.timeutil import as_utc, local_date
+from tokenledger.timeutil import as_utc, local_date, utcnow
 from tokenledger.tokenprocess.models import Hold, HoldState
 
 log = logging.getLogger(__name__)
@@ -229,6 +229,9 @@ class _Batch:
         ids = copy_rows(session, entries_t, self.entries, "ledger_entries_id_seq")
         for entry_id, entry in zip(ids, self.entries, strict=True):
             seq[entry["account_id"]] = max(seq.get(entry["account_id"], 0), entry_id)
+        stored_at = utcnow()  # when the outcome was stored: just before commit
+        for outcome in self.outcomes:
+            outcome["created_at"] = stored_at
         copy_rows(session, outcomes_t, self.outcomes)
         if self.hold_updates:
             done = session.execute(
