@@ -32,15 +32,17 @@ FREE_FEATURES = ["project_creation", "chatgpt_message", "chat", "preview"]
 PAID_FEATURES = ["project_creation", "image_generation", "sora_image", "chatgpt_message"]
 
 
-def start_worker(settings: Settings, log_path: Path, concurrency: int = 2) -> subprocess.Popen:
-    """A real ``celery -A workers worker`` on the configured broker, ready to consume."""
+def start_worker(settings: Settings, log_path: Path, concurrency: int = 2,
+                 beat: bool = False) -> subprocess.Popen:
+    """A real ``celery -A workers worker`` on the configured broker, ready to consume
+    (with ``beat``: the scheduler embedded, as `celery worker -B`)."""
     env = {**os.environ, "TOKENLEDGER_DATABASE_URL": settings.database_url,
            "TOKENLEDGER_BROKER_URL": settings.broker_url, "TOKENLEDGER_QUEUE": settings.queue}
     with log_path.open("wb") as log:
         proc = subprocess.Popen(
             [sys.executable, "-m", "celery", "-A", "workers", "worker", "-Q", settings.queue,
              "-c", str(concurrency), "-l", "info", "--without-gossip", "--without-mingle",
-             "-n", f"demo-{uuid.uuid4().hex[:6]}@%h"],
+             "-n", f"demo-{uuid.uuid4().hex[:6]}@%h", *(["-B"] if beat else [])],
             env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     deadline = time.monotonic() + 60
     while b" ready." not in log_path.read_bytes():
@@ -112,6 +114,24 @@ class Stream:
         return event
 
 
+def _token_process(client: LedgerClient, stream: Stream,
+                   rng: random.Random) -> dict[str, Any] | None:
+    """An LLM call: start places a hold now; its end event joins the stream."""
+    user = rng.choice(list(stream.users))
+    started = client.token_process_start(user, "text_generation",
+                                         max_output_tokens=rng.choice([200, 500, 1000]))
+    if started.status != "accessible":
+        stream.counts["token-process starts refused"] += 1
+        return None
+    stream.counts["token-process flows (start + end)"] += 1
+    end = {"type": "token_process_end", "key": stream.key(), "user_id": user,
+           "feature_endpoint_id": "text_generation", "input_tokens": rng.randint(20, 800),
+           "output_tokens": rng.randint(0, 1000), "model": "gemini-pro",
+           "hold_id": started.hold_id}
+    stream.published.append(end)
+    return end
+
+
 def run_demo(settings: Settings, *, users: int = 200, events: int = 5000, seed: int = 7,
              console: Console | None = None) -> bool:
     """Run the whole demo; returns whether ``verify`` came out clean."""
@@ -123,8 +143,9 @@ def run_demo(settings: Settings, *, users: int = 200, events: int = 5000, seed: 
     migrate(settings.database_url, settings.catalog)
     console.print("[green]✓[/green] database migrated, catalog loaded")
     log_path = Path.cwd() / "tokenledger-demo-worker.log"
-    worker = start_worker(settings, log_path)
-    console.print(f"[green]✓[/green] worker started (pid {worker.pid}, log {log_path.name})")
+    worker = start_worker(settings, log_path, beat=True)
+    console.print(f"[green]✓[/green] worker and beat started (pid {worker.pid}, "
+                  f"log {log_path.name})")
     try:
         return _run(settings, console, run, users, events, seed)
     finally:
@@ -148,6 +169,11 @@ def _run(settings: Settings, console: Console, run: str, n_users: int, n_events:
         batch: list[dict[str, Any]] = []
         started = time.monotonic()
         for _ in range(n_events):
+            if rng.random() < 0.05:
+                flow = _token_process(client, stream, rng)
+                if flow is not None:
+                    batch.append(flow)
+                continue
             batch.append(stream.next())
             if len(batch) >= rng.randint(1, 250):
                 client.publish_many(batch)
