@@ -246,7 +246,8 @@ def _report(settings: Settings, console: Console, run: str, prefix: str, stream:
                     str(stream.counts["duplicate deliveries"]))
     outcome.add_row("conflict (recorded, not applied)", str(conflicts))
     outcome.add_row("dead-lettered", str(dead))
-    outcome.add_row("throughput", f"{unique / elapsed:,.0f} events/s")
+    outcome.add_row("end-to-end rate (publish → settled)",
+                    f"{unique / elapsed:,.0f} events/s")
     balances = Table(title="balances by plan")
     for col in ("plan", "accounts", "total tokens"):
         balances.add_column(col, justify="right" if col != "plan" else "left")
