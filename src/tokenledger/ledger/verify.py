@@ -10,6 +10,8 @@ from sqlalchemy.orm import Session
 
 from tokenledger.models import Account, EventOutcome, LedgerEntry, Wallet
 
+SYSTEM_ENTRY_TYPES = ("RENEWAL", "DAILY_RESET", "EXPIRY")
+
 
 @dataclass
 class VerifyReport:
@@ -72,6 +74,9 @@ def verify(session: Session, limit: int = 100) -> VerifyReport:
         select(LedgerEntry.id, LedgerEntry.event_key, EventOutcome.outcome)
         .outerjoin(EventOutcome, EventOutcome.key == LedgerEntry.event_key)
         .where(LedgerEntry.event_key.is_not(None))
+        # Scheduled system grants are not client events: their once-per-period record is
+        # the entry's own unique (event_key, wallet_id, type), not an outcome row.
+        .where(LedgerEntry.type.not_in(SYSTEM_ENTRY_TYPES))
         .where((EventOutcome.outcome.is_(None)) | (EventOutcome.outcome != "applied"))
         .limit(limit)
     ):

@@ -1,9 +1,10 @@
 """Renewal runs and their chunks: the record of every batch of resets and renewals.
 
-The per-account grant record is the ledger's own idempotency row: each grant writes an
-``event_outcomes`` row keyed ``reset:<account_id>:<local-date>`` or
-``renewal:<account_id>:<period-start>`` beside its ledger entry, so one account can be
-granted at most once per period no matter how many runs, beats or redeliveries try.
+The per-account grant record is the ledger entry itself: each grant's entry is keyed
+``reset:<account_id>:<local-date>`` or ``renewal:<account_id>:<period-start>`` and the
+entry's unique (event_key, wallet_id, type) admits it once, beside the account's period
+mark, so one account is granted at most once per period no matter how many runs, beats
+or redeliveries try.
 """
 
 from __future__ import annotations

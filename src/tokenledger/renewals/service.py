@@ -7,13 +7,16 @@ How a run works, and why:
    instant, so a run is one consistent cut however long its chunks take.
 2. ``process_chunk`` is one short transaction: it locks the chunk row (a redelivered chunk
    waits, then sees ``done`` and changes nothing), locks the chunk's due accounts
-   ``FOR UPDATE`` in id order like every other writer, re-reads them under the lock, decides
-   each grant in Python (the same code for PostgreSQL, SQLite and dry runs) and writes
-   wallets, entries, outcomes and the period marks with one statement each.
-3. Each grant stores an ``event_outcomes`` row keyed per account and period
-   (``reset:<account_id>:<local-date>``, ``renewal:<account_id>:<period-start>``) in the same
-   transaction as its ledger entry; the key is checked under the lock, so a re-run, a second
-   beat or a redelivered chunk grants nothing twice.
+   ``FOR UPDATE`` in id order like every other writer, and then applies every grant.
+   On PostgreSQL that is one data-modifying statement deciding and writing the whole
+   chunk on the server (``_pg_sql``); on SQLite (the demo) the same rules run in Python
+   (``_decide``) with one statement per table.
+3. The grant's ledger entry is keyed per account and period (``reset:<account_id>:
+   <local-date>``, ``renewal:<account_id>:<period-start>``) and the entry's unique
+   (event_key, wallet_id, type) makes it the once-per-period record; the account's period
+   mark (``last_reset_on``/``last_renewal_at``), written in the same transaction and
+   checked under the lock, keeps a re-run, a second beat or a redelivered chunk from even
+   trying. System grants have no ``event_outcomes`` row: they are not client events.
 4. The chunk adds its counts to the run row last (the lock on it is held only until commit);
    the chunk that finishes the run seals it.
 """
@@ -61,7 +64,6 @@ chunks_t = RenewalChunk.__table__
 
 PERIOD_30D = timedelta(days=30)
 ENTRY_TYPE = {"daily": "DAILY_RESET", "monthly": "RENEWAL"}
-EVENT_TYPE = {"daily": "daily_reset", "monthly": "renewal"}
 KEY_PREFIX = {"daily": "reset", "monthly": "renewal"}
 PLAN_PERIOD = {"daily": "daily", "monthly": "30d"}
 MAX_CHUNK = 50_000
@@ -308,86 +310,23 @@ def _existing_outcomes(session: Session, keys: list[str]) -> dict[str, str]:
     return {r.key: r.event_type for r in rows}
 
 
-def _payload_hash(kind: str, g: Grant) -> str:
-    return hashlib.sha256(f"{kind}|{g.account_id}|{g.period}|{g.amount}".encode()).hexdigest()
+def _granted_keys(session: Session, kind: str, grants: list[Grant]) -> set[str]:
+    """The grants' keys that already have their entry (a period granted before)."""
+    keys = [g.key for g in grants if g.amount != 0]
+    if not keys:
+        return set()
+    e = entries_t.c
+    return set(session.scalars(select(e.event_key).where(
+        e.event_key.in_(keys), e.type == ENTRY_TYPE[kind])))
 
 
 # -- writing -------------------------------------------------------------------------------
 
 
-def _write(session: Session, kind: str, run_id: int, grants: list[Grant],
-           now: datetime) -> None:
-    """Wallets, entries, outcomes and period marks: one set-based statement each."""
-    movers = [g for g in grants if g.amount != 0]
-    if _is_pg(session):
-        _write_pg(session, kind, run_id, grants, movers, now)
-    else:
-        _write_portable(session, kind, run_id, grants, movers, now)
-
-
-def _indexed(values: list[Any]) -> tuple[list[Any], list[int]]:
-    """Distinct values and, per row, the 1-based index of its value."""
-    distinct: dict[Any, int] = {}
-    idx = [distinct.setdefault(v, len(distinct) + 1) for v in values]
-    return list(distinct), idx
-
-
-def _write_pg(session: Session, kind: str, run_id: int, grants: list[Grant],
-              movers: list[Grant], now: datetime) -> None:
-    # unnest() turns one array per column into rows, so each write is one statement
-    # and one round trip whatever the chunk size. Only integer arrays travel per row
-    # (string arrays cost more to encode than the writes): periods and plans go as
-    # small lookup arrays, keys, user ids and payload hashes are built by the server
-    # exactly as _payload_hash and the Grant keys are built here.
-    if movers:
-        periods, pidx = _indexed([g.period for g in movers])
-        plans, plidx = _indexed([g.plan for g in movers])
-        rows = {"accounts": [g.account_id for g in movers],
-                "wallets": [g.wallet_id for g in movers],
-                "before": [g.before for g in movers], "after": [g.after for g in movers],
-                "pidx": pidx, "plidx": plidx, "periods": periods, "plans": plans,
-                "prefix": KEY_PREFIX[kind], "kind": kind, "type": ENTRY_TYPE[kind],
-                "etype": EVENT_TYPE[kind], "run": run_id, "now": now}
-        source = (
-            " FROM (SELECT v.account_id, v.wallet_id, v.before, v.after,"
-            "  (CAST(:periods AS text[]))[v.pidx] AS period,"
-            "  (CAST(:plans AS text[]))[v.plidx] AS plan"
-            "  FROM unnest(CAST(:accounts AS bigint[]), CAST(:wallets AS bigint[]),"
-            "  CAST(:before AS bigint[]), CAST(:after AS bigint[]), CAST(:pidx AS int[]),"
-            "  CAST(:plidx AS int[])) AS v(account_id, wallet_id, before, after, pidx, plidx)"
-            " ) AS g")
-        key = "(CAST(:prefix AS text) || ':' || g.account_id || ':' || g.period)"
-        session.execute(text(
-            "UPDATE wallets AS w SET balance = v.balance"
-            " FROM unnest(CAST(:wallets AS bigint[]), CAST(:after AS bigint[])) AS v(id, balance)"
-            " WHERE w.id = v.id"), rows)
-        session.execute(text(
-            "INSERT INTO ledger_entries (account_id, wallet_id, amount, balance_before,"
-            " balance_after, type, event_key, metadata, created_at)"
-            f" SELECT g.account_id, g.wallet_id, g.after - g.before, g.before, g.after, :type,"
-            f"  {key}, jsonb_build_object('run', CAST(:run AS bigint), 'plan', g.plan,"
-            f"  'period', g.period), :now {source}"), rows)
-        session.execute(text(
-            "INSERT INTO event_outcomes (key, payload_hash, user_id, event_type, outcome,"
-            " result, created_at)"
-            f" SELECT {key}, encode(sha256(convert_to(CAST(:kind AS text) || '|' ||"
-            "  g.account_id || '|' || g.period || '|' || (g.after - g.before), 'UTF8')), 'hex'),"
-            "  a.user_id, :etype, 'applied', jsonb_build_object('amount', g.after - g.before,"
-            "  'wallet_balance', g.after, 'period', g.period, 'run', CAST(:run AS bigint)),"
-            f"  :now {source} JOIN accounts AS a ON a.id = g.account_id"), rows)
-    if grants:
-        marks, midx = _indexed([g.mark for g in grants])
-        cast = "text[]" if kind == "daily" else "timestamptz[]"
-        column = "last_reset_on" if kind == "daily" else "last_renewal_at"
-        session.execute(text(
-            f"UPDATE accounts AS a SET {column} = (CAST(:marks AS {cast}))[v.m]"
-            " FROM unnest(CAST(:ids AS bigint[]), CAST(:midx AS int[])) AS v(id, m)"
-            " WHERE a.id = v.id"),
-            {"ids": [g.account_id for g in grants], "marks": marks, "midx": midx})
-
-
 def _write_portable(session: Session, kind: str, run_id: int, grants: list[Grant],
-                    movers: list[Grant], now: datetime) -> None:
+                    now: datetime) -> None:
+    """Wallets, entries and period marks, one executemany each (SQLite, the demo path)."""
+    movers = [g for g in grants if g.amount != 0]
     if movers:
         session.execute(
             update(wallets_t).where(wallets_t.c.id == bindparam("_id"))
@@ -400,12 +339,6 @@ def _write_portable(session: Session, kind: str, run_id: int, grants: list[Grant
             "event_key": g.key, "metadata": {"run": run_id, "plan": g.plan,
                                              "period": g.period},
             "created_at": now} for g in movers])
-        session.execute(outcomes_t.insert(), [{
-            "key": g.key, "payload_hash": _payload_hash(kind, g), "user_id": g.user_id,
-            "event_type": EVENT_TYPE[kind], "outcome": "applied", "reason": None,
-            "result": {"amount": g.amount, "wallet_balance": g.after, "period": g.period,
-                       "run": run_id},
-            "created_at": now} for g in movers])
     if grants:
         column = "last_reset_on" if kind == "daily" else "last_renewal_at"
         session.execute(
@@ -413,6 +346,155 @@ def _write_portable(session: Session, kind: str, run_id: int, grants: list[Grant
             .values({column: bindparam("_mark")}),
             [{"_id": g.account_id, "_mark": g.mark} for g in grants],
             execution_options={"synchronize_session": False})
+
+
+# -- the PostgreSQL chunk: server-side and set-based -----------------------------------------
+#
+# A chunk is two statements whatever its size: one locks its due accounts in id order,
+# one data-modifying CTE decides every grant and writes it. No row travels to Python and
+# no parameter is per row: the plans (and, for daily runs, each zone's local date) go in
+# as a few small arrays. The decision is the same as ``_decide``/``_target``; the tests
+# run both this path and the portable one.
+
+_PLANS = ("p(code, allocation, mode, cap) AS (SELECT * FROM unnest("
+          "CAST(:codes AS text[]), CAST(:allocs AS bigint[]), CAST(:modes AS text[]),"
+          " CAST(:caps AS bigint[])))")
+_ZONES = ("LEFT JOIN unnest(CAST(:zones AS text[]), CAST(:days AS text[])) AS z(tz, day)"
+          " ON z.tz = a.timezone")
+_DUE = {
+    "monthly": "coalesce(a.last_renewal_at, a.created_at) <= :cut",
+    # An unknown zone is selected too, so it fails loudly instead of never resetting.
+    "daily": "(z.day IS NULL OR a.last_reset_on IS NULL OR a.last_reset_on < z.day)",
+}
+_RANGE = "a.id > :after AND a.id <= :upto AND a.plan_code = ANY(CAST(:codes AS text[]))"
+# Monthly: keep the account's anchor. The new period starts a whole number of 30-day
+# periods after the old one (seconds, not calendar days: DST-proof), so renewals do not
+# drift later with each run and an account missed for months is caught up once.
+_ELAPSED = ("CAST(floor((extract(epoch FROM CAST(:as_of AS timestamptz))"
+            " - extract(epoch FROM coalesce(a.last_renewal_at, a.created_at))) / 2592000)"
+            " AS bigint)")
+_MARK = {
+    "monthly": ("coalesce(a.last_renewal_at, a.created_at)"
+                f" + {_ELAPSED} * interval '2592000 seconds'"),
+    "daily": "z.day",
+}
+_PERIOD = {"monthly": "to_char(c.mark AT TIME ZONE 'UTC', 'YYYY-MM-DD')", "daily": "c.mark"}
+_MARK_COLUMN = {"monthly": "last_renewal_at", "daily": "last_reset_on"}
+
+
+def _pg_sql(kind: str, dry_run: bool) -> tuple[str, str]:
+    """The lock statement and the decide-and-write statement for a chunk of ``kind``."""
+    zones = _ZONES if kind == "daily" else ""
+    where = f"WHERE {_RANGE} AND {_DUE[kind]}"
+    lock = (f"SELECT count(*) FROM (SELECT a.id FROM accounts AS a {zones} {where}"
+            " ORDER BY a.id FOR UPDATE OF a) AS locked")
+    zone_error = ("WHEN z.day IS NULL THEN 'unknown timezone ' || quote_literal(a.timezone)"
+                  if kind == "daily" else "")
+    key = "CAST(:prefix AS text) || ':' || g.account_id || ':' || g.period"
+    decide = (
+        f"WITH {_PLANS},"
+        # The wallets are read by this second statement, after the first one holds the
+        # locks: under READ COMMITTED its snapshot has every charge that committed while
+        # we waited. (Read in the locking statement they could be stale.)
+        " c AS (SELECT a.id AS account_id, a.user_id, a.plan_code,"
+        f"  {_MARK[kind]} AS mark, w.id AS wallet_id, w.balance AS before, p.allocation,"
+        "  p.mode, p.cap, CASE"
+        f"  {zone_error}"
+        "   WHEN w.id IS NULL THEN 'account has no STANDARD wallet'"
+        "   WHEN NOT w.is_active THEN 'STANDARD wallet is inactive' END AS error"
+        f"  FROM accounts AS a {zones} JOIN p ON p.code = a.plan_code"
+        "  LEFT JOIN wallets AS w ON w.account_id = a.id AND w.wallet_type = 'STANDARD'"
+        f"   AND w.expires_at IS NULL {where}),"
+        " s AS (SELECT min(account_id) AS first FROM c WHERE error IS NOT NULL),"
+        f" g AS (SELECT c.account_id, c.user_id, c.plan_code, c.wallet_id, c.mark,"
+        f"  {_PERIOD[kind]} AS period, c.before, CASE WHEN c.mode = 'reset' THEN c.allocation"
+        "   WHEN c.cap IS NULL THEN c.before + c.allocation"
+        "   ELSE least(c.before + c.allocation, greatest(c.cap, c.before)) END AS after"
+        "  FROM c, s WHERE c.error IS NULL"
+        "   AND (NOT :stop OR s.first IS NULL OR c.account_id < s.first)),"
+    )
+    errors = ("(SELECT coalesce(json_agg(json_build_object('user_id', c.user_id,"
+              " 'account_id', c.account_id, 'error', c.error) ORDER BY c.account_id), '[]')"
+              " FROM c, s WHERE c.error IS NOT NULL AND (NOT :stop OR c.account_id = s.first))"
+              " AS errors")
+    if dry_run:
+        # Nothing written: report what would be, and which periods were granted before.
+        return lock, decide + (
+            f" d AS (SELECT g.*, {key} AS key, EXISTS (SELECT 1 FROM ledger_entries AS e"
+            f"  WHERE e.event_key = {key} AND e.wallet_id = g.wallet_id AND e.type = :type)"
+            "  AS granted FROM g)"
+            " SELECT (SELECT count(*) FROM g) AS grants,"
+            " (SELECT count(*) FROM d WHERE granted AND after <> before) AS already,"
+            " (SELECT coalesce(sum(after - before), 0) FROM d WHERE NOT granted) AS tokens,"
+            " (SELECT coalesce(json_agg(json_build_object('user_id', user_id,"
+            "  'account_id', account_id, 'plan', plan_code, 'period', period, 'key', key,"
+            "  'wallet_id', wallet_id, 'balance_before', before, 'balance_after', after,"
+            "  'amount', after - before) ORDER BY account_id), '[]')"
+            "  FROM d WHERE NOT granted AND after <> before) AS changes,"
+            f" {errors}")
+    return lock, decide + (
+        # The entry's unique (event_key, wallet_id, type) is the once-per-period record:
+        # a period granted before (its mark lost) inserts nothing, so moves no balance.
+        " ins AS (INSERT INTO ledger_entries (account_id, wallet_id, amount,"
+        "  balance_before, balance_after, type, event_key, metadata, created_at)"
+        f"  SELECT g.account_id, g.wallet_id, g.after - g.before, g.before, g.after, :type,"
+        f"   {key}, jsonb_build_object('run', CAST(:run AS bigint), 'plan', g.plan_code,"
+        "   'period', g.period), :now FROM g WHERE g.after <> g.before ORDER BY g.account_id"
+        "  ON CONFLICT (event_key, wallet_id, type) DO NOTHING"
+        "  RETURNING wallet_id, balance_after, amount),"
+        " w AS (UPDATE wallets SET balance = ins.balance_after FROM ins"
+        "  WHERE wallets.id = ins.wallet_id RETURNING 1),"
+        f" m AS (UPDATE accounts SET {_MARK_COLUMN[kind]} = g.mark FROM g"
+        "  WHERE accounts.id = g.account_id RETURNING 1)"
+        " SELECT (SELECT count(*) FROM g) AS grants,"
+        " (SELECT count(*) FROM g WHERE after <> before) - (SELECT count(*) FROM ins)"
+        "  AS already, (SELECT coalesce(sum(amount), 0) FROM ins) AS tokens,"
+        " (SELECT count(*) FROM ins) AS inserted, (SELECT count(*) FROM w) AS wallets,"
+        " (SELECT count(*) FROM m) AS marked,"
+        f" {errors}")
+
+
+def _pg_params(kind: str, run: Row[Any], chunk: Row[Any], catalog: Catalog,
+               codes: Sequence[str], as_of: datetime) -> dict[str, Any]:
+    plans = [catalog.plans[code] for code in codes]
+    params: dict[str, Any] = {
+        "after": chunk.after_id, "upto": chunk.upto_id, "codes": list(codes),
+        "allocs": [p.allocation for p in plans], "modes": [p.renewal_mode for p in plans],
+        "caps": [p.rollover_cap for p in plans], "as_of": as_of,
+        "stop": not run.continue_on_error, "prefix": KEY_PREFIX[kind],
+        "type": ENTRY_TYPE[kind], "run": run.id, "now": as_of}
+    if kind == "monthly":
+        params["cut"] = as_of - PERIOD_30D
+    else:
+        dates = _local_dates(as_of)
+        params["zones"], params["days"] = list(dates), list(dates.values())
+    return params
+
+
+def _process_pg(session: Session, run: Row[Any], chunk: Row[Any], catalog: Catalog,
+                codes: Sequence[str], as_of: datetime, result: ChunkResult
+                ) -> list[dict[str, Any]] | None:
+    """Decide and write the chunk on the server; fills ``result``, returns dry-run changes."""
+    if not codes:
+        return [] if run.dry_run else None
+    lock, decide = _pg_sql(run.kind, run.dry_run)
+    params = _pg_params(run.kind, run, chunk, catalog, codes, as_of)
+    if not run.dry_run:
+        # The account row is every writer's serialization point; id order rules out
+        # deadlocks with live batches, which lock their accounts in the same order.
+        session.execute(text(lock), params)
+    row = session.execute(text(decide), params).one()
+    if not run.dry_run and (row.wallets != row.inserted or row.marked != row.grants):
+        # Cannot happen while every STANDARD wallet is unique per account; never commit it.
+        raise RuntimeError(f"renewal chunk {chunk.id}: {row.inserted} entries but "
+                           f"{row.wallets} wallets, {row.grants} grants but {row.marked} marks")
+    result.errors = list(row.errors)
+    result.successful = row.grants - row.already
+    result.skipped += row.already
+    result.failed = len(result.errors)
+    result.processed = result.successful + result.failed
+    result.tokens = int(row.tokens)
+    return list(row.changes) if run.dry_run else None
 
 
 # -- runs ----------------------------------------------------------------------------------
@@ -497,6 +579,11 @@ def process_chunk(session: Session, chunk_id: int, catalog: Catalog) -> ChunkRes
     assert as_of is not None
     codes = renewing_plans(catalog, run.kind, run.tier) if (
         run.tier is None or run.tier in catalog.plans) else []
+    if _is_pg(session):
+        changes = _process_pg(session, run, chunk, catalog, codes, as_of, result)
+        stop = bool(result.errors) and not run.continue_on_error
+        return _close_chunk(session, run, result, changes, stop=stop)
+
     rows = _candidates(session, run.kind, as_of, codes, chunk.after_id, chunk.upto_id,
                        lock=not run.dry_run)
     grants: list[Grant] = []
@@ -510,32 +597,20 @@ def process_chunk(session: Session, chunk_id: int, catalog: Catalog) -> ChunkRes
         else:
             grants.append(decision)
 
-    stored = _existing_outcomes(session, [g.key for g in grants])
-    if stored:
-        kept = []
-        for g in grants:
-            event_type = stored.get(g.key)
-            if event_type is None:
-                kept.append(g)
-            elif event_type == EVENT_TYPE[run.kind]:
-                result.skipped += 1  # granted by an earlier run; only its mark was lost
-                g.after = g.before
-                kept.append(g)
-            else:
-                errors.append({"user_id": g.user_id, "account_id": g.account_id,
-                               "error": f"grant key {g.key!r} is already used by a "
-                                        f"{event_type!r} event"})
-        grants = kept
-
     stop = False
     if errors and not run.continue_on_error:
         first = min(errors, key=lambda e: e["account_id"])
         grants = [g for g in grants if g.account_id < first["account_id"]]
         errors, stop = [first], True
 
+    granted = _granted_keys(session, run.kind, grants)
+    for g in grants:
+        if g.key in granted:  # granted by an earlier run; only its mark was lost
+            result.skipped += 1
+            g.after = g.before
     if not run.dry_run:
-        _write(session, run.kind, run.id, grants, as_of)
-    applied = [g for g in grants if g.key not in stored]
+        _write_portable(session, run.kind, run.id, grants, as_of)
+    applied = [g for g in grants if g.key not in granted]
     result.successful = len(applied)
     result.failed = len(errors)
     result.processed = result.successful + result.failed
