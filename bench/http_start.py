@@ -12,6 +12,13 @@ over the accounts. Bounded in time (``--seconds`` after ``--warmup``) and in cou
 ``accessible`` counts as an error. Prints a table and JSON (``--json PATH`` writes it).
 
 ``run(...)`` returns the same figures as a dict, for ``tokenledger bench``.
+
+    uv run python bench/http_start.py --roundtrips 200
+
+counts instead, load-independently, what one start costs the database: libpq round trips
+(client-to-server turns in a PQtrace of every pooled connection, the pool's checkout
+included) and statements, over that many sequential in-process starts of the path the
+route takes.
 """
 
 from __future__ import annotations
@@ -270,6 +277,69 @@ def run(*, admin_url: str = PG_ADMIN, broker_url: str = REDIS, accounts: int = 5
         admin.close()
 
 
+# -- round trips per start (load-independent) --------------------------------------------------
+
+
+def count_roundtrips(*, admin_url: str = PG_ADMIN, starts: int = 200,
+                     accounts: int = 50) -> dict[str, Any]:
+    """Sequential in-process starts with every pooled connection traced by libpq."""
+    from sqlalchemy import event
+
+    from tokenledger.config import Settings
+    from tokenledger.db import dispose_engines, get_engine
+    from tokenledger.tokenprocess.service import run_start
+
+    name = f"tokenledger_bench_rt_{os.getpid()}_{uuid.uuid4().hex[:4]}"
+    admin = psycopg.connect(admin_url, autocommit=True, connect_timeout=5)
+    admin.execute(f'CREATE DATABASE "{name}"')
+    url = admin_url.rsplit("/", 1)[0].replace("postgresql://", "postgresql+psycopg://") + \
+        f"/{name}"
+    trace = tempfile.TemporaryFile()
+    try:
+        prepare(url, accounts)
+        dispose_engines(close=True)
+        settings = Settings(database_url=url, broker_url=REDIS, notify_enabled=False)
+        engine = get_engine(url)
+        statements = 0
+
+        @event.listens_for(engine, "connect")
+        def _trace(dbapi_conn: Any, _record: Any) -> None:
+            dbapi_conn.pgconn.trace(trace.fileno())
+            dbapi_conn.pgconn.set_trace_flags(psycopg.pq.Trace.SUPPRESS_TIMESTAMPS)
+
+        @event.listens_for(engine, "before_cursor_execute")
+        def _count(*_: Any) -> None:
+            nonlocal statements
+            statements += 1
+
+        for i in range(20):  # warm the pool, the catalog cache and prepared statements
+            run_start(settings, f"bench-{i % accounts}", FEATURE)
+        trace.seek(0)
+        trace.truncate()
+        statements = 0
+        t0 = time.perf_counter()
+        for i in range(starts):
+            result = run_start(settings, f"bench-{i % accounts}", FEATURE)
+            assert result.status == "accessible", result
+        elapsed = time.perf_counter() - t0
+        dispose_engines(close=True)
+        trace.seek(0)
+        turns, previous = 0, ""
+        for line in trace.read().decode(errors="replace").splitlines():
+            side = line[:1]
+            if side == "B" and previous == "F":
+                turns += 1
+            if side in ("F", "B"):
+                previous = side
+        return {"starts": starts, "roundtrips_per_start": round(turns / starts, 2),
+                "sqlalchemy_statements_per_start": round(statements / starts, 2),
+                "sequential_ms_per_start": round(1000 * elapsed / starts, 3)}
+    finally:
+        trace.close()
+        admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        admin.close()
+
+
 def main() -> None:
     if "--loadgen" in sys.argv:
         loadgen_main([a for a in sys.argv[1:] if a != "--loadgen"])
@@ -285,7 +355,12 @@ def main() -> None:
     p.add_argument("--redis", default=REDIS)
     p.add_argument("--keep", action="store_true", help="keep the bench database")
     p.add_argument("--json", type=Path, help="also write the result here")
+    p.add_argument("--roundtrips", type=int, metavar="N",
+                   help="only count database round trips over N sequential starts")
     a = p.parse_args()
+    if a.roundtrips:
+        print(json.dumps(count_roundtrips(admin_url=a.pg, starts=a.roundtrips)))
+        return
     result = run(admin_url=a.pg, broker_url=a.redis, accounts=a.accounts, seconds=a.seconds,
                  warmup=a.warmup, connections=a.connections, max_requests=a.max_requests,
                  workers=a.workers, keep=a.keep)

@@ -203,11 +203,41 @@ def stage(session: Session, settings: Settings, changes: Iterable[Any],
     notices = [BalanceNotice(BALANCE_CHANGED, c.user_id, c.balance, c.ledger_seq)
                for c in latest.values()]
     notices += _low_balance_crossings(session, latest, catalog, now)
+    queue(session, settings, notices)
+    return notices
+
+
+def queue(session: Session, settings: Settings, notices: list[BalanceNotice]) -> None:
+    """Publish ``notices`` after this session's transaction commits, never if it rolls
+    back. For writers that worked out the low-balance crossings themselves."""
+    if not notices:
+        return
     session.info.setdefault(_PENDING, []).extend(notices)
     if not session.info.get(_HOOKED):
         _publish_after_commit(session, settings)
         session.info[_HOOKED] = True
-    return notices
+
+
+# One account's balance change, as :func:`stage` sees it, in one statement that needs no
+# answer before it is sent (so it can ride in a pipeline with the change itself): at or
+# below the threshold, mark the account unless it is marked already (a returned row is the
+# crossing); above it (or with no threshold), re-arm. The ledger_seq is the last entry id
+# this session drew: the change's own newest entry.
+_MARK_LOW = (
+    "INSERT INTO low_balance_state (user_id, threshold, balance, ledger_seq, since)"
+    " VALUES (%s, %s, %s, currval('ledger_entries_id_seq'), %s)"
+    " ON CONFLICT DO NOTHING RETURNING user_id")
+_REARM = "DELETE FROM low_balance_state WHERE user_id = %s"
+
+
+def low_balance_statement(user_id: str, balance: int, threshold: int | None, now: datetime
+                          ) -> tuple[str, tuple[Any, ...], bool]:
+    """PostgreSQL (sql, params, marks) keeping ``low_balance_state`` right after entries
+    for one locked account were written in this transaction, as :func:`stage` would; when
+    ``marks``, a returned row is the crossing that publishes ``balance_low``."""
+    if _is_low(balance, threshold):
+        return _MARK_LOW, (user_id, threshold, balance, now), True
+    return _REARM, (user_id,), False
 
 
 def _publish_after_commit(session: Session, settings: Settings) -> None:

@@ -15,6 +15,7 @@ from tokenledger.catalog import current_catalog
 from tokenledger.client import build_event, new_key
 from tokenledger.db import unit_of_work
 from tokenledger.reports import get_account
+from tokenledger.tokenprocess.service import run_start
 
 router = APIRouter(prefix="/api/token-process", tags=["token process"], responses=AUTH_ERRORS)
 
@@ -31,9 +32,9 @@ def start(body: StartIn, api: Api,
     seed's message (`Insufficient tokens` or `Feature endpoint is not available in your
     package`). With an ``Idempotency-Key`` header a retried start returns the first answer.
     """
-    r = api.client.token_process_start(
-        body.user_id, body.feature_endpoint_id, max_output_tokens=body.max_output_tokens,
-        hold=body.hold, model=body.model, key=idempotency_key)
+    r = run_start(api.settings, body.user_id, body.feature_endpoint_id,
+                  max_output_tokens=body.max_output_tokens, hold=body.hold, model=body.model,
+                  key=idempotency_key)
     accessible = r.status == "accessible"
     data: dict[str, Any] = {"user_id": body.user_id, "token": r.token, "status": r.status,
                             "message": r.message,

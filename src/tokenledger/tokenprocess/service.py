@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 import uuid
 from collections import defaultdict
 from dataclasses import asdict, dataclass
@@ -22,7 +23,10 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from tokenledger import notify
 from tokenledger.catalog import Catalog, current_catalog
+from tokenledger.config import Settings
+from tokenledger.db import is_disconnect, is_transient, unit_of_work
 from tokenledger.errors import AccountNotFound, IdempotencyConflict
 from tokenledger.ledger.service import (
     ApplyContext,
@@ -38,7 +42,8 @@ from tokenledger.ledger.wallets import AccountState, WalletState, draw_order
 from tokenledger.messages import TokenProcessEnd
 from tokenledger.models import STANDARD
 from tokenledger.pricing import estimate_hold, price_usage, resolve_model
-from tokenledger.timeutil import as_utc
+from tokenledger.timeutil import as_utc, utcnow
+from tokenledger.tokenprocess import pgstart
 from tokenledger.tokenprocess.models import OPEN, HoldState
 
 ACCESSIBLE = "accessible"
@@ -95,7 +100,8 @@ def _start_digest(user_id: str, feature: str, max_output_tokens: int | None,
 def start(session: Session, user_id: str, feature_endpoint_id: str, *, now: datetime,
           hold_ttl_seconds: int, max_output_tokens: int | None = None,
           hold: int | None = None, model: str | None = None, key: str | None = None,
-          catalog: Catalog | None = None, default_timezone: str = "UTC"
+          catalog: Catalog | None = None, default_timezone: str = "UTC",
+          notify_settings: Settings | None = None
           ) -> tuple[StartResult, list[BalanceChange]]:
     """Check access and balance and place the hold, atomically under the account lock.
 
@@ -103,19 +109,26 @@ def start(session: Session, user_id: str, feature_endpoint_id: str, *, now: date
     more than the balance. With a ``key`` the start is idempotent: the same key and
     arguments return the first answer, other arguments raise IdempotencyConflict.
     Raises AccountNotFound for an unknown user. Also returns the balance change to
-    announce after commit (none when nothing was held).
+    announce after commit (none when nothing was held); with ``notify_settings`` the
+    notices are staged here instead and nothing is returned to stage.
     """
     if max_output_tokens is not None and max_output_tokens < 0:
         raise ValueError("max_output_tokens must be >= 0")
     if hold is not None and hold < 0:
         raise ValueError("hold must be >= 0")
     catalog = catalog or current_catalog(session)
+    digest = _start_digest(user_id, feature_endpoint_id, max_output_tokens, hold, model)
+    if session.get_bind().dialect.name == "postgresql":
+        return pgstart.start(session, user_id, feature_endpoint_id, now=now,
+                             hold_ttl_seconds=hold_ttl_seconds,
+                             max_output_tokens=max_output_tokens, hold=hold, model=model,
+                             key=key, catalog=catalog, digest=digest,
+                             notify_settings=notify_settings)
     batch = _Batch(session, ApplyContext(catalog, now, default_timezone))
     batch.lock_accounts(user_ids=[user_id])
     account = batch.accounts.get(user_id)
     if account is None:
         raise AccountNotFound(user_id)
-    digest = _start_digest(user_id, feature_endpoint_id, max_output_tokens, hold, model)
     if key is not None:
         stored = session.execute(select(outcomes_t.c.payload_hash, outcomes_t.c.result)
                                  .where(outcomes_t.c.key == key)).first()
@@ -165,7 +178,37 @@ def start(session: Session, user_id: str, feature_endpoint_id: str, *, now: date
         "event_type": START_EVENT, "outcome": "applied", "reason": None,
         "result": result.as_dict(), "created_at": now,
     })
-    return result, batch.flush()
+    changes = batch.flush()
+    if notify_settings is not None and changes:
+        notify.stage(session, notify_settings, changes, catalog, now)
+        return result, []
+    return result, changes
+
+
+def run_start(settings: Settings, user_id: str, feature_endpoint_id: str, *,
+              max_output_tokens: int | None = None, hold: int | None = None,
+              model: str | None = None, key: str | None = None) -> StartResult:
+    """One start in its own unit of work, notices published after the commit.
+
+    A deadlock or serialization failure rolled everything back and is tried again (up to
+    3 attempts); a lost connection might have lost the commit's answer, so it is raised.
+    """
+    attempt = 0
+    while True:
+        try:
+            now = utcnow()
+            with unit_of_work(settings.database_url) as session:
+                result, _ = start(
+                    session, user_id, feature_endpoint_id, now=now,
+                    hold_ttl_seconds=settings.hold_ttl_seconds,
+                    max_output_tokens=max_output_tokens, hold=hold, model=model, key=key,
+                    default_timezone=settings.timezone, notify_settings=settings)
+            return result
+        except Exception as exc:
+            attempt += 1
+            if attempt >= 3 or not is_transient(exc) or is_disconnect(exc):
+                raise
+            time.sleep(0.01 * attempt)
 
 
 def _stored_start(data: dict[str, Any], available: int) -> StartResult:
