@@ -196,3 +196,43 @@ def test_a_worker_killed_mid_batch_loses_nothing_and_applies_nothing_twice(
     assert entries == len(events)
     assert balances == expected
     assert_verified(db)
+
+
+@pytest.mark.slow
+def test_database_connections_cut_mid_flight_lose_nothing_and_apply_nothing_twice(
+        settings, db, tmp_path):
+    """PostgreSQL drops every worker connection, again and again, while batches apply."""
+    cut = settings.model_copy(update={"queue": settings.queue + "-cut"})
+    users = [f"c{i}" for i in range(50)]
+    apply(db, *({"type": "open_account", "key": f"o-{u}", "user_id": u, "plan": "Business"}
+                for u in users))
+    worker = Worker(cut, tmp_path, concurrency=2).start()
+    events = [{"type": "charge", "key": f"cut-{n}", "user_id": users[n % 50], "amount": 1}
+              for n in range(20_000)]
+    killed = 0
+    try:
+        with LedgerClient(cut) as client:
+            for start in range(0, len(events), 200):
+                client.publish_many(events[start:start + 200])
+            for _ in range(15):
+                time.sleep(0.3)
+                with unit_of_work(db) as s:
+                    killed += s.scalar(text(
+                        "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
+                        " WHERE datname = current_database() AND pid <> pg_backend_pid()")) or 0
+            results = wait_for(client, [e["key"] for e in events], timeout=240)
+    finally:
+        worker.stop()
+    assert killed > 0, "no worker connection was ever cut"
+    assert "retrying tokenledger.apply_events" in worker.log.read_text(), \
+        "no transaction was cut mid-flight"
+    assert {r.status for r in results.values()} == {"applied"}
+    with unit_of_work(db) as s:
+        charges = s.scalar(select(func.count()).select_from(LedgerEntry)
+                           .where(LedgerEntry.type == "CHARGE"))
+        balances = dict(s.execute(text(
+            "SELECT a.user_id, sum(w.balance) FROM accounts a JOIN wallets w"
+            " ON w.account_id = a.id GROUP BY a.user_id")).all())
+    assert charges == len(events)
+    assert balances == {u: 10000 - 400 for u in users}
+    assert_verified(db)
