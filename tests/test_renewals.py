@@ -535,3 +535,83 @@ def test_live_charges_during_a_renewal_keep_the_ledger_consistent(settings: Sett
         thread.join()
     assert report["successful"] == 200 and sum(applied) > 0
     assert_verified(db)
+
+
+# -- slices, and what a grant leaves behind ------------------------------------------------
+
+
+def test_a_chunk_commits_in_slices_and_a_crash_resumes_without_granting_twice(
+        settings: Settings, db: str) -> None:
+    users = [f"s{i:02d}" for i in range(11)]
+    open_accounts(db, [(u, "Professional", "UTC") for u in users], T0)
+    for i, u in enumerate(users):
+        charge(db, u, 100 + i, T0)
+    run_id, (chunk_id,) = runner.start_run(settings, RunOptions("monthly", chunk_size=50),
+                                           now=T0 + timedelta(days=30))
+    # The first slice commits on its own: its grants, its counts, the chunk's new cursor.
+    with unit_of_work(db) as session:
+        first = process_chunk(session, chunk_id, current_catalog(session), slice_size=4)
+    assert (first.more, first.status, first.successful) == (True, "pending", 4)
+    assert len(entries(db, "RENEWAL")) == 4
+    with unit_of_work(db) as session:
+        mid = run_report(session, run_id)
+    assert (mid["finished_at"], mid["successful"]) == (None, 0)  # counted when the chunk ends
+    # "The worker died here": the redelivered chunk resumes after the committed slice.
+    result = runner.run_chunk(settings, chunk_id, slice_size=3)
+    assert (result.more, result.finished, result.successful) == (False, True, 11)
+    with unit_of_work(db) as session:
+        report = run_report(session, run_id)
+    assert (report["status"], report["successful"], report["tokens_granted"]) == (
+        "completed", 11, 11 * 2000)
+    assert sorted(r.user_id for r in entries(db, "RENEWAL")) == users
+    assert runner.run_chunk(settings, chunk_id).already_done
+    assert_verified(db)
+
+
+def test_stop_on_error_inside_a_later_slice_stops_the_run(settings: Settings, db: str) -> None:
+    users = [f"u{i:02d}" for i in range(10)]
+    open_accounts(db, [(u, "Business", "UTC") for u in users], T0)
+    _break_wallets(db, ["u06"])
+    run_id, (chunk_id,) = runner.start_run(
+        settings, RunOptions("monthly", chunk_size=10, continue_on_error=False),
+        now=T0 + timedelta(days=30))
+    result = runner.run_chunk(settings, chunk_id, slice_size=4)
+    assert (result.finished, result.successful, result.failed) == (True, 6, 1)
+    with unit_of_work(db) as session:
+        report = run_report(session, run_id)
+    assert report["status"] == "stopped" and "u06" in report["message"]
+    assert [r.user_id for r in entries(db, "RENEWAL")] == users[:6]
+    assert_verified(db)
+
+
+def test_grants_leave_an_entry_and_a_mark_but_no_client_outcome(settings: Settings,
+                                                                db: str) -> None:
+    """System grants are not client events: the entry's unique key is their record, and
+    a client event that happens to reuse a grant key is applied as its own event."""
+    open_accounts(db, [("g", "Gift", "UTC")], T0)
+    charge(db, "g", 30, T0)
+    with unit_of_work(db) as session:
+        outcomes_before = session.scalar(select(func.count()).select_from(EventOutcome))
+    assert run(settings, "monthly", T0 + timedelta(days=30))["successful"] == 1
+    (entry,) = entries(db, "RENEWAL")
+    with unit_of_work(db) as session:
+        assert session.scalar(select(func.count()).select_from(EventOutcome)) == outcomes_before
+    result = apply(db, {"type": "charge", "key": entry.event_key, "user_id": "g",
+                        "amount": 1}, now=T0 + timedelta(days=30, hours=1))
+    assert result.results[0].status == "applied"
+    assert standard(db, "g") == 99
+    assert_verified(db)
+
+
+def test_an_unknown_timezone_fails_loudly_in_the_daily_reset(settings: Settings,
+                                                             db: str) -> None:
+    open_accounts(db, [("ok", "Free", "UTC"), ("bad", "Free", "UTC")], T0)
+    charge(db, "ok", 2, T0)
+    with unit_of_work(db) as session:
+        session.execute(text("UPDATE accounts SET timezone = 'Mars/Olympus_Mons'"
+                             " WHERE user_id = 'bad'"))
+    report = run(settings, "daily", T0 + timedelta(days=1))
+    assert (report["successful"], report["failed"]) == (1, 1)
+    assert report["errors"] == [{"user_id": "bad", "account_id": report["errors"][0][
+        "account_id"], "error": "unknown timezone 'Mars/Olympus_Mons'"}]
+    assert standard(db, "ok") == 5

@@ -21,6 +21,7 @@ from tokenledger.config import Settings
 from tokenledger.db import is_transient, unit_of_work
 from tokenledger.renewals import alerts
 from tokenledger.renewals.service import (
+    LOCK_SLICE,
     ChunkResult,
     RunOptions,
     fail_chunk,
@@ -50,10 +51,15 @@ def start_run(settings: Settings, options: RunOptions, now: datetime | None = No
     return run_id, chunk_ids
 
 
-def run_chunk(settings: Settings, chunk_id: int) -> ChunkResult:
-    """Process one chunk in its own transaction, then finish the run if it was the last."""
-    with unit_of_work(settings.database_url) as session:
-        result = process_chunk(session, chunk_id, current_catalog(session))
+def run_chunk(settings: Settings, chunk_id: int, slice_size: int | None = LOCK_SLICE
+              ) -> ChunkResult:
+    """Process one chunk, one short transaction per slice of ``slice_size`` accounts, then
+    finish the run if it was the last chunk."""
+    while True:
+        with unit_of_work(settings.database_url) as session:
+            result = process_chunk(session, chunk_id, current_catalog(session), slice_size)
+        if not result.more:
+            break
     if result.finished:
         alerts.on_run_finished(settings, result.run_id)
     return result
