@@ -16,6 +16,23 @@ from tokenledger.errors import RetryableConflict
 
 _engines: dict[str, Engine] = {}
 _lock = threading.Lock()
+# Pool options for engines created from now on. A pool smaller than the process's
+# concurrency closes every overflow connection it gets back, so each burst then pays for
+# new server processes: a server sizes it to its thread count (see configure_pool).
+_pool_options: dict[str, Any] = {"pool_size": 5, "max_overflow": 10, "pool_pre_ping": True}
+
+
+def configure_pool(*, pool_size: int | None = None, max_overflow: int | None = None,
+                   pre_ping: bool | None = None) -> None:
+    """Set the pool of PostgreSQL engines this process creates from now on (a server calls
+    it at start, before its first unit of work)."""
+    with _lock:
+        if pool_size is not None:
+            _pool_options["pool_size"] = pool_size
+        if max_overflow is not None:
+            _pool_options["max_overflow"] = max_overflow
+        if pre_ping is not None:
+            _pool_options["pool_pre_ping"] = pre_ping
 
 
 def _configure_sqlite(engine: Engine) -> None:
@@ -46,9 +63,7 @@ def get_engine(url: str) -> Engine:
                 engine = create_engine(url, connect_args={"timeout": 30})
                 _configure_sqlite(engine)
             else:
-                engine = create_engine(
-                    url, pool_size=5, max_overflow=10, pool_pre_ping=True, pool_recycle=1800
-                )
+                engine = create_engine(url, pool_recycle=1800, **_pool_options)
             _engines[url] = engine
         return engine
 
@@ -62,8 +77,17 @@ def dispose_engines(close: bool = False) -> None:
         _engines.clear()
 
 
+_factories: dict[str, sessionmaker[Session]] = {}
+
+
 def session_factory(url: str) -> sessionmaker[Session]:
-    return sessionmaker(bind=get_engine(url), expire_on_commit=False)
+    """One sessionmaker per URL per process: making one defines a Session subclass, whose
+    event dispatch SQLAlchemy then builds, which cost more than a short transaction."""
+    factory = _factories.get(url)
+    if factory is None or factory.kw["bind"] is not get_engine(url):
+        factory = sessionmaker(bind=get_engine(url), expire_on_commit=False)
+        _factories[url] = factory
+    return factory
 
 
 @contextmanager

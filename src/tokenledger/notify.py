@@ -17,8 +17,11 @@ process that committed; with the embedded broker (no Redis) that is the only pat
 
 from __future__ import annotations
 
+import atexit
 import json
 import logging
+import os
+import queue
 import threading
 import uuid
 from collections import OrderedDict
@@ -182,10 +185,84 @@ def publish(settings: Settings, notices: list[BalanceNotice]) -> None:
         metrics.NOTIFICATIONS.labels(event=name).inc(count)
 
 
+class _Publisher:
+    """One daemon thread per process that publishes committed notices off the caller's
+    path, sending everything queued meanwhile in one Redis pipeline."""
+
+    def __init__(self) -> None:
+        self._queue: queue.SimpleQueue[tuple[Settings, list[BalanceNotice]] | None] = \
+            queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._pid: int | None = None
+        self._done = threading.Condition()
+        self._pending = 0
+
+    def put(self, settings: Settings, notices: list[BalanceNotice]) -> None:
+        if self._pid != os.getpid():  # first use, or a forked child without the thread
+            with self._lock:
+                if self._pid != os.getpid():
+                    self._queue = queue.SimpleQueue()
+                    threading.Thread(target=self._run, daemon=True,
+                                     name="tokenledger-notify-publish").start()
+                    self._pid = os.getpid()
+        with self._done:
+            self._pending += 1
+        self._queue.put((settings, notices))
+
+    def flush(self, timeout: float) -> bool:
+        """Wait until everything queued so far was published (True) or ``timeout``."""
+        if self._pid != os.getpid():
+            return True
+        with self._done:
+            return self._done.wait_for(lambda: self._pending == 0, timeout)
+
+    def _run(self) -> None:
+        q = self._queue
+        while True:
+            item = q.get()
+            batches: dict[int, tuple[Settings, list[BalanceNotice]]] = {}
+            taken = 0
+            while item is not None:
+                taken += 1
+                settings, notices = item
+                batches.setdefault(id(settings), (settings, []))[1].extend(notices)
+                try:
+                    item = q.get_nowait()
+                except queue.Empty:
+                    item = None
+            for settings, notices in batches.values():
+                try:
+                    publish(settings, notices)
+                except Exception:  # noqa: BLE001 - the thread must outlive any bug
+                    log.exception("publishing %d balance notice(s) failed", len(notices))
+            with self._done:
+                self._pending -= taken
+                self._done.notify_all()
+
+
+_publisher = _Publisher()
+
+
+def publish_soon(settings: Settings, notices: list[BalanceNotice]) -> None:
+    """:func:`publish` from a background thread, for committed notices whose writer should
+    not wait for Redis (the token-process start). Same at-most-once delivery; notices of
+    one process keep their order."""
+    if notices:
+        _publisher.put(settings, notices)
+
+
+def flush_published(timeout: float = 5.0) -> bool:
+    """Wait for :func:`publish_soon`'s backlog to be published (True) or ``timeout``."""
+    return _publisher.flush(timeout)
+
+
+atexit.register(flush_published, 2.0)
+
+
 # -- staging inside a unit of work ---------------------------------------------------------
 
 _PENDING = "tokenledger.balance_notices"
-_HOOKED = "tokenledger.balance_notices_hooked"
+_SETTINGS = "tokenledger.balance_notices_settings"
 
 
 def stage(session: Session, settings: Settings, changes: Iterable[Any],
@@ -203,19 +280,16 @@ def stage(session: Session, settings: Settings, changes: Iterable[Any],
     notices = [BalanceNotice(BALANCE_CHANGED, c.user_id, c.balance, c.ledger_seq)
                for c in latest.values()]
     notices += _low_balance_crossings(session, latest, catalog, now)
-    queue(session, settings, notices)
+    _queue(session, settings, notices)
     return notices
 
 
-def queue(session: Session, settings: Settings, notices: list[BalanceNotice]) -> None:
-    """Publish ``notices`` after this session's transaction commits, never if it rolls
-    back. For writers that worked out the low-balance crossings themselves."""
+def _queue(session: Session, settings: Settings, notices: list[BalanceNotice]) -> None:
+    # Published by _after_commit, never if the transaction rolls back.
     if not notices:
         return
     session.info.setdefault(_PENDING, []).extend(notices)
-    if not session.info.get(_HOOKED):
-        _publish_after_commit(session, settings)
-        session.info[_HOOKED] = True
+    session.info[_SETTINGS] = settings
 
 
 # One account's balance change, as :func:`stage` sees it, in one statement that needs no
@@ -240,24 +314,30 @@ def low_balance_statement(user_id: str, balance: int, threshold: int | None, now
     return _REARM, (user_id,), False
 
 
-def _publish_after_commit(session: Session, settings: Settings) -> None:
-    # Registered once per session and never removed (removing a listener while SQLAlchemy
-    # dispatches it is unsafe); each handler only drains what this transaction staged.
-    def after_commit(committed: Session) -> None:
-        if committed.get_nested_transaction() is not None:
-            return  # a savepoint was released; the outer transaction has not committed
-        publish(settings, committed.info.pop(_PENDING, []))
+# Listeners on the Session class, installed once: registering them per session made
+# SQLAlchemy rebuild the session's event dispatch every time, which cost a short
+# transaction more than its own statements. Each only drains what its session staged.
+@event.listens_for(Session, "after_commit")
+def _after_commit(committed: Session) -> None:
+    info = committed.info
+    if _PENDING not in info:
+        return
+    if committed.get_nested_transaction() is not None:
+        return  # a savepoint was released; the outer transaction has not committed
+    notices = info.pop(_PENDING)
+    publish(info.pop(_SETTINGS), notices)
 
-    def after_rollback(rolled_back: Session, transaction: Any) -> None:
-        if transaction.nested or transaction.parent is not None:
-            return  # a savepoint: the outer transaction may still commit
-        dropped = rolled_back.info.pop(_PENDING, [])
-        if dropped:
-            log.debug("dropped %d balance notice(s) of a rolled-back transaction",
-                      len(dropped))
 
-    event.listen(session, "after_commit", after_commit)
-    event.listen(session, "after_soft_rollback", after_rollback)
+@event.listens_for(Session, "after_soft_rollback")
+def _after_rollback(rolled_back: Session, transaction: Any) -> None:
+    if _PENDING not in rolled_back.info:
+        return
+    if transaction.nested or transaction.parent is not None:
+        return  # a savepoint: the outer transaction may still commit
+    dropped = rolled_back.info.pop(_PENDING, [])
+    rolled_back.info.pop(_SETTINGS, None)
+    if dropped:
+        log.debug("dropped %d balance notice(s) of a rolled-back transaction", len(dropped))
 
 
 def _user_in(session: Session, column: Any, user_ids: list[str]) -> Any:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -22,7 +23,7 @@ from tokenledger.api.schemas import ErrorBody
 from tokenledger.apikeys import KeyCache
 from tokenledger.client import LedgerClient
 from tokenledger.config import Settings, get_settings
-from tokenledger.db import is_disconnect, unit_of_work
+from tokenledger.db import configure_pool, is_disconnect, unit_of_work
 from tokenledger.errors import (
     AccountNotFound,
     CatalogError,
@@ -37,6 +38,10 @@ log = logging.getLogger("tokenledger.api")
 
 # A batch of 1,000 events, each with 16 KiB of metadata, fits with room to spare.
 MAX_BODY_BYTES = 24 * 1024 * 1024
+# Concurrent token-process starts per process. Commits are what a start waits for, and
+# PostgreSQL flushes the WAL of all concurrent commits at once, so more starts in flight
+# means more commits per flush; the pool keeps a connection for each of them.
+START_THREADS = 16
 
 
 @dataclass
@@ -47,6 +52,9 @@ class ApiState:
     client: LedgerClient
     keys: KeyCache
     end_wait: float
+    # Token-process starts run here, not in the shared threadpool: a fixed set of threads
+    # each holding at most one pooled connection, so starts never wait behind slow reads.
+    starts: ThreadPoolExecutor
 
 
 # -- error bodies -------------------------------------------------------------------------
@@ -202,11 +210,13 @@ def create_app(settings: Settings | None = None, *, key_cache_seconds: float = 2
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         client = LedgerClient(settings)
+        starts = ThreadPoolExecutor(START_THREADS, thread_name_prefix="tokenledger-start")
         app.state.api = ApiState(settings, client, KeyCache(key_cache_seconds),
-                                 end_wait_seconds)
+                                 end_wait_seconds, starts)
         try:
             yield
         finally:
+            starts.shutdown(wait=True)
             client.close()
 
     app = FastAPI(
@@ -257,6 +267,11 @@ def create_app(settings: Settings | None = None, *, key_cache_seconds: float = 2
 
 def app_from_env() -> FastAPI:
     """The app for ``uvicorn --factory``: settings from the TOKENLEDGER_* environment."""
+    # A connection for every start thread and for as many requests in the shared threadpool
+    # again, kept open between bursts. No ping before each checkout (a round trip per
+    # request): a connection found dead invalidates the pool, a start retries it (nothing
+    # was committed), and other requests answer 503 with Retry-After once.
+    configure_pool(pool_size=2 * START_THREADS, max_overflow=START_THREADS, pre_ping=False)
     return create_app(get_settings())
 
 

@@ -17,8 +17,9 @@ from tokenledger.db import unit_of_work
 from tokenledger.models import DeadLetter, EventOutcome
 
 
-def state(request: Request) -> ApiState:
-    """The per-process API state (a FastAPI dependency)."""
+async def state(request: Request) -> ApiState:
+    """The per-process API state (a FastAPI dependency; async, so FastAPI does not hop to
+    a worker thread to run it)."""
     return request.app.state.api
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+from functools import partial
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Header
@@ -24,17 +26,18 @@ router = APIRouter(prefix="/api/token-process", tags=["token process"], response
              dependencies=[Depends(require(*PRODUCE))],
              responses={409: {"model": ErrorBody, "description": "Key reused with other input"}},
              summary="Check the feature and the balance and hold the estimated cost (seed 002)")
-def start(body: StartIn, api: Api,
-          idempotency_key: Annotated[Key | None, Header()] = None) -> JSONResponse:
+async def start(body: StartIn, api: Api,
+                idempotency_key: Annotated[Key | None, Header()] = None) -> JSONResponse:
     """One short transaction: lock the account, check plan and balance, place the hold.
 
     ``accessible`` carries the ``hold_id`` to pass to end; ``not-accessible`` carries the
     seed's message (`Insufficient tokens` or `Feature endpoint is not available in your
     package`). With an ``Idempotency-Key`` header a retried start returns the first answer.
     """
-    r = run_start(api.settings, body.user_id, body.feature_endpoint_id,
-                  max_output_tokens=body.max_output_tokens, hold=body.hold, model=body.model,
-                  key=idempotency_key)
+    r = await asyncio.get_running_loop().run_in_executor(api.starts, partial(
+        run_start, api.settings, body.user_id, body.feature_endpoint_id,
+        max_output_tokens=body.max_output_tokens, hold=body.hold, model=body.model,
+        key=idempotency_key))
     accessible = r.status == "accessible"
     data: dict[str, Any] = {"user_id": body.user_id, "token": r.token, "status": r.status,
                             "message": r.message,

@@ -30,7 +30,6 @@ from sqlalchemy.orm import Session
 
 from tokenledger import notify
 from tokenledger.catalog import Catalog
-from tokenledger.config import Settings
 from tokenledger.errors import AccountNotFound, IdempotencyConflict
 from tokenledger.ledger.service import BalanceChange
 from tokenledger.ledger.wallets import AccountState, WalletState, draw_order
@@ -59,28 +58,32 @@ _INSERT_OUTCOME = (
     " created_at) VALUES (%s, %s, %s, %s, 'applied', %s, %s)")
 
 
+Started = tuple[Any, list[BalanceChange], list[notify.BalanceNotice]]
+
+
 def start(session: Session, user_id: str, feature_endpoint_id: str, *, now: datetime,
           hold_ttl_seconds: int, max_output_tokens: int | None, hold: int | None,
           model: str | None, key: str | None, catalog: Catalog, digest: str,
-          notify_settings: Settings | None = None) -> tuple[Any, list[BalanceChange]]:
-    """``service.start`` on PostgreSQL; see the module docstring for the round trips.
+          with_notices: bool = False) -> Started:
+    """``service.start`` on PostgreSQL: (result, balance changes, notices).
 
-    With ``notify_settings`` the balance notices (and the low-balance state) are staged
-    here, in the write pipeline, and no changes are returned for the caller to stage.
+    With ``with_notices`` the low-balance state is kept in the write pipeline and the
+    notices to publish once committed are returned (with no changes left to stage);
+    without, the changes are returned for ``notify.stage`` and no notices.
     """
     raw = session.connection().connection.driver_connection
     # One pipeline for the whole start: fetching the reads flushes them (one round trip),
     # leaving the block sends the writes and waits for them (another).
     with raw.pipeline():
         done = _start(raw, user_id, feature_endpoint_id, now, hold_ttl_seconds,
-                      max_output_tokens, hold, model, key, catalog, digest, notify_settings)
-    return done.finish(session, notify_settings) if isinstance(done, _Written) else done
+                      max_output_tokens, hold, model, key, catalog, digest, with_notices)
+    return done.finish() if isinstance(done, _Written) else done
 
 
 def _start(raw: Any, user_id: str, feature_endpoint_id: str, now: datetime,
            hold_ttl_seconds: int, max_output_tokens: int | None, hold: int | None,
            model: str | None, key: str | None, catalog: Catalog, digest: str,
-           notify_settings: Settings | None) -> tuple[Any, list[BalanceChange]] | _Written:
+           with_notices: bool) -> Started | _Written:
     from tokenledger.tokenprocess import service as sv
 
     locked = raw.execute(_LOCK_ACCOUNT, (user_id,))
@@ -99,16 +102,16 @@ def _start(raw: Any, user_id: str, feature_endpoint_id: str, now: datetime,
     if stored is not None:
         if stored[0] != digest or not stored[1]:
             raise IdempotencyConflict(key)
-        return sv._stored_start(stored[1], available), []
+        return sv._stored_start(stored[1], available), [], []
     feature = catalog.features.get(feature_endpoint_id)
     if feature is None or not catalog.plan_includes(plan_code, feature_endpoint_id):
         return sv.StartResult(sv.NOT_ACCESSIBLE, available, sv.NOT_IN_PACKAGE,
-                              user_id=user_id, feature_endpoint_id=feature_endpoint_id), []
+                              user_id=user_id, feature_endpoint_id=feature_endpoint_id), [], []
     amount = estimate_hold(catalog, feature, max_output_tokens=max_output_tokens, hold=hold,
                            model=model)
     if amount > available:
         return sv.StartResult(sv.NOT_ACCESSIBLE, available, sv.INSUFFICIENT, user_id=user_id,
-                              feature_endpoint_id=feature_endpoint_id, required=amount), []
+                              feature_endpoint_id=feature_endpoint_id, required=amount), [], []
 
     hold_key = key or f"hold:{uuid.uuid4().hex}"
     expires_at = now + timedelta(seconds=hold_ttl_seconds)
@@ -143,7 +146,7 @@ def _start(raw: Any, user_id: str, feature_endpoint_id: str, now: datetime,
     plan = catalog.plans.get(plan_code)
     low = (notify.low_balance_statement(user_id, balance,
                                         plan.low_balance_threshold if plan else None, now)
-           if entries and notify_settings is not None else None)
+           if entries and with_notices else None)
 
     raw.execute(_INSERT_HOLD, (hold_id, hold_key, account_id, user_id, feature_endpoint_id,
                                chosen, amount, Jsonb(allocations), OPEN, expires_at, now))
@@ -169,18 +172,15 @@ class _Written:
     low: tuple[str, tuple[Any, ...], bool] | None
     low_cur: Any
 
-    def finish(self, session: Session, notify_settings: Settings | None
-               ) -> tuple[Any, list[BalanceChange]]:
+    def finish(self) -> Started:
         if not self.entries:
-            return self.result, []
+            return self.result, [], []
         user_id = self.result.user_id
         seq = max(cur.fetchone()[0] for cur in self.entries)
-        changes = [BalanceChange(user_id, self.balance, seq)]
-        if notify_settings is None:
-            return self.result, changes
+        if self.low is None:
+            return self.result, [BalanceChange(user_id, self.balance, seq)], []
         notices = [notify.BalanceNotice(notify.BALANCE_CHANGED, user_id, self.balance, seq)]
-        if self.low is not None and self.low[2] and self.low_cur.fetchone() is not None:
+        if self.low[2] and self.low_cur.fetchone() is not None:
             notices.append(notify.BalanceNotice(notify.BALANCE_LOW, user_id, self.balance,
                                                 seq, self.low[1][1]))
-        notify.queue(session, notify_settings, notices)
-        return self.result, []
+        return self.result, [], notices

@@ -100,8 +100,7 @@ def _start_digest(user_id: str, feature: str, max_output_tokens: int | None,
 def start(session: Session, user_id: str, feature_endpoint_id: str, *, now: datetime,
           hold_ttl_seconds: int, max_output_tokens: int | None = None,
           hold: int | None = None, model: str | None = None, key: str | None = None,
-          catalog: Catalog | None = None, default_timezone: str = "UTC",
-          notify_settings: Settings | None = None
+          catalog: Catalog | None = None, default_timezone: str = "UTC"
           ) -> tuple[StartResult, list[BalanceChange]]:
     """Check access and balance and place the hold, atomically under the account lock.
 
@@ -109,8 +108,7 @@ def start(session: Session, user_id: str, feature_endpoint_id: str, *, now: date
     more than the balance. With a ``key`` the start is idempotent: the same key and
     arguments return the first answer, other arguments raise IdempotencyConflict.
     Raises AccountNotFound for an unknown user. Also returns the balance change to
-    announce after commit (none when nothing was held); with ``notify_settings`` the
-    notices are staged here instead and nothing is returned to stage.
+    announce after commit (none when nothing was held).
     """
     if max_output_tokens is not None and max_output_tokens < 0:
         raise ValueError("max_output_tokens must be >= 0")
@@ -119,11 +117,11 @@ def start(session: Session, user_id: str, feature_endpoint_id: str, *, now: date
     catalog = catalog or current_catalog(session)
     digest = _start_digest(user_id, feature_endpoint_id, max_output_tokens, hold, model)
     if session.get_bind().dialect.name == "postgresql":
-        return pgstart.start(session, user_id, feature_endpoint_id, now=now,
-                             hold_ttl_seconds=hold_ttl_seconds,
-                             max_output_tokens=max_output_tokens, hold=hold, model=model,
-                             key=key, catalog=catalog, digest=digest,
-                             notify_settings=notify_settings)
+        result, changes, _ = pgstart.start(
+            session, user_id, feature_endpoint_id, now=now, hold_ttl_seconds=hold_ttl_seconds,
+            max_output_tokens=max_output_tokens, hold=hold, model=model, key=key,
+            catalog=catalog, digest=digest)
+        return result, changes
     batch = _Batch(session, ApplyContext(catalog, now, default_timezone))
     batch.lock_accounts(user_ids=[user_id])
     account = batch.accounts.get(user_id)
@@ -178,37 +176,58 @@ def start(session: Session, user_id: str, feature_endpoint_id: str, *, now: date
         "event_type": START_EVENT, "outcome": "applied", "reason": None,
         "result": result.as_dict(), "created_at": now,
     })
-    changes = batch.flush()
-    if notify_settings is not None and changes:
-        notify.stage(session, notify_settings, changes, catalog, now)
-        return result, []
-    return result, changes
+    return result, batch.flush()
 
 
 def run_start(settings: Settings, user_id: str, feature_endpoint_id: str, *,
               max_output_tokens: int | None = None, hold: int | None = None,
               model: str | None = None, key: str | None = None) -> StartResult:
-    """One start in its own unit of work, notices published after the commit.
+    """One start in its own unit of work; its notices are published once it committed.
 
-    A deadlock or serialization failure rolled everything back and is tried again (up to
-    3 attempts); a lost connection might have lost the commit's answer, so it is raised.
+    A deadlock, a serialization failure, or a connection found dead before the commit
+    was sent rolled everything back and is tried again (up to 3 attempts). A connection
+    lost during the commit might have lost only the answer, so that one is raised.
     """
     attempt = 0
     while True:
+        committing = False
         try:
             now = utcnow()
             with unit_of_work(settings.database_url) as session:
-                result, _ = start(
-                    session, user_id, feature_endpoint_id, now=now,
-                    hold_ttl_seconds=settings.hold_ttl_seconds,
-                    max_output_tokens=max_output_tokens, hold=hold, model=model, key=key,
-                    default_timezone=settings.timezone, notify_settings=settings)
+                catalog = current_catalog(session)
+                if session.get_bind().dialect.name == "postgresql":
+                    result, _, notices = pgstart.start(
+                        session, user_id, feature_endpoint_id, now=now,
+                        hold_ttl_seconds=settings.hold_ttl_seconds,
+                        max_output_tokens=_checked("max_output_tokens", max_output_tokens),
+                        hold=_checked("hold", hold), model=model, key=key, catalog=catalog,
+                        digest=_start_digest(user_id, feature_endpoint_id, max_output_tokens,
+                                             hold, model),
+                        with_notices=True)
+                else:
+                    result, changes = start(
+                        session, user_id, feature_endpoint_id, now=now,
+                        hold_ttl_seconds=settings.hold_ttl_seconds,
+                        max_output_tokens=max_output_tokens, hold=hold, model=model, key=key,
+                        catalog=catalog, default_timezone=settings.timezone)
+                    notices = []
+                    if changes:
+                        notify.stage(session, settings, changes, catalog, now)
+                committing = True
+            notify.publish_soon(settings, notices)
             return result
         except Exception as exc:
             attempt += 1
-            if attempt >= 3 or not is_transient(exc) or is_disconnect(exc):
+            retry = is_transient(exc) and not (committing and is_disconnect(exc))
+            if attempt >= 3 or not retry:
                 raise
             time.sleep(0.01 * attempt)
+
+
+def _checked(name: str, value: int | None) -> int | None:
+    if value is not None and value < 0:
+        raise ValueError(f"{name} must be >= 0")
+    return value
 
 
 def _stored_start(data: dict[str, Any], available: int) -> StartResult:
