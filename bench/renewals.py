@@ -1,7 +1,7 @@
 """Monthly renewal of 1,000,000 accounts on PostgreSQL, through real workers, with live
 charges flowing meanwhile.
 
-    uv run python bench/renewals.py [--accounts 1000000] [--chunk-size 5000]
+    uv run python bench/renewals.py [--accounts 1000000] [--chunk-size 25000]
 
 Creates a dedicated database (dropped afterwards unless --keep), fills it set-based with
 ``INSERT ... SELECT generate_series``, starts renewal workers on their own queue and one
@@ -142,7 +142,7 @@ class LiveCharges:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--accounts", type=int, default=1_000_000)
-    parser.add_argument("--chunk-size", type=int, default=5000)
+    parser.add_argument("--chunk-size", type=int, default=25000)
     parser.add_argument("--renewal-concurrency", type=int, default=2)
     # One charge per message is about 100/s for one worker process: publishing faster
     # saturates it and the p99 measures its queue, not the renewal's effect on charges.

@@ -47,6 +47,7 @@ from sqlalchemy import (
     text,
     update,
 )
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from tokenledger.catalog import Catalog, PlanSpec
@@ -341,8 +342,7 @@ def _write_portable(session: Session, kind: str, run_id: int, grants: list[Grant
         session.execute(entries_t.insert(), [{
             "account_id": g.account_id, "wallet_id": g.wallet_id, "amount": g.amount,
             "balance_before": g.before, "balance_after": g.after, "type": ENTRY_TYPE[kind],
-            "event_key": g.key, "metadata": {"run": run_id, "plan": g.plan,
-                                             "period": g.period},
+            "event_key": g.key, "metadata": {"run": run_id, "plan": g.plan},
             "created_at": now} for g in movers])
     if grants:
         column = "last_reset_on" if kind == "daily" else "last_renewal_at"
@@ -361,9 +361,11 @@ def _write_portable(session: Session, kind: str, run_id: int, grants: list[Grant
 # as a few small arrays. The decision is the same as ``_decide``/``_target``; the tests
 # run both this path and the portable one.
 
-_PLANS = ("p(code, allocation, mode, cap) AS (SELECT * FROM unnest("
+# Each plan's entry metadata is built once per statement, not once per row.
+_PLANS = ("p(code, allocation, mode, cap, meta) AS (SELECT v.*, jsonb_build_object("
+          "'run', CAST(:run AS bigint), 'plan', v.code) FROM unnest("
           "CAST(:codes AS text[]), CAST(:allocs AS bigint[]), CAST(:modes AS text[]),"
-          " CAST(:caps AS bigint[])))")
+          " CAST(:caps AS bigint[])) AS v(code, allocation, mode, cap))")
 _ZONES = ("LEFT JOIN unnest(CAST(:zones AS text[]), CAST(:days AS text[])) AS z(tz, day)"
           " ON z.tz = a.timezone")
 _DUE = {
@@ -387,8 +389,9 @@ _PERIOD = {"monthly": "to_char(c.mark AT TIME ZONE 'UTC', 'YYYY-MM-DD')", "daily
 _MARK_COLUMN = {"monthly": "last_renewal_at", "daily": "last_reset_on"}
 
 
-def _pg_sql(kind: str, dry_run: bool) -> tuple[str, str]:
-    """The lock statement and the decide-and-write statement for a chunk of ``kind``."""
+def _pg_sql(kind: str, dry_run: bool, on_conflict: bool = False) -> tuple[str, str]:
+    """The lock statement and the decide-and-write statement for a chunk of ``kind``
+    (``on_conflict``: tolerate entries of periods granted before, at some cost per row)."""
     zones = _ZONES if kind == "daily" else ""
     where = f"WHERE {_RANGE} AND {_DUE[kind]}"
     lock = (f"SELECT count(*) FROM (SELECT a.id FROM accounts AS a {zones} {where}"
@@ -403,7 +406,7 @@ def _pg_sql(kind: str, dry_run: bool) -> tuple[str, str]:
         # we waited. (Read in the locking statement they could be stale.)
         " c AS (SELECT a.id AS account_id, a.user_id, a.plan_code,"
         f"  {_MARK[kind]} AS mark, w.id AS wallet_id, w.balance AS before, p.allocation,"
-        "  p.mode, p.cap, CASE"
+        "  p.mode, p.cap, p.meta, CASE"
         f"  {zone_error}"
         "   WHEN w.id IS NULL THEN 'account has no STANDARD wallet'"
         "   WHEN NOT w.is_active THEN 'STANDARD wallet is inactive' END AS error"
@@ -412,7 +415,7 @@ def _pg_sql(kind: str, dry_run: bool) -> tuple[str, str]:
         "   AND w.expires_at IS NULL AND w.account_id > :after AND w.account_id <= :upto"
         f"  {where}),"
         " s AS (SELECT min(account_id) AS first FROM c WHERE error IS NOT NULL),"
-        f" g AS (SELECT c.account_id, c.user_id, c.plan_code, c.wallet_id, c.mark,"
+        f" g AS (SELECT c.account_id, c.user_id, c.plan_code, c.wallet_id, c.mark, c.meta,"
         f"  {_PERIOD[kind]} AS period, c.before, CASE WHEN c.mode = 'reset' THEN c.allocation"
         "   WHEN c.cap IS NULL THEN c.before + c.allocation"
         "   ELSE least(c.before + c.allocation, greatest(c.cap, c.before)) END AS after"
@@ -444,10 +447,9 @@ def _pg_sql(kind: str, dry_run: bool) -> tuple[str, str]:
         " ins AS (INSERT INTO ledger_entries (account_id, wallet_id, amount,"
         "  balance_before, balance_after, type, event_key, metadata, created_at)"
         f"  SELECT g.account_id, g.wallet_id, g.after - g.before, g.before, g.after, :type,"
-        f"   {key}, jsonb_build_object('run', CAST(:run AS bigint), 'plan', g.plan_code,"
-        "   'period', g.period), :now FROM g WHERE g.after <> g.before ORDER BY g.account_id"
-        "  ON CONFLICT (event_key, wallet_id, type) DO NOTHING"
-        "  RETURNING wallet_id, balance_after, amount),"
+        f"   {key}, g.meta, :now FROM g WHERE g.after <> g.before ORDER BY g.account_id"
+        + (" ON CONFLICT (event_key, wallet_id, type) DO NOTHING" if on_conflict else "")
+        + " RETURNING wallet_id, balance_after, amount),"
         " w AS (UPDATE wallets SET balance = ins.balance_after FROM ins"
         "  WHERE wallets.id = ins.wallet_id RETURNING 1),"
         f" m AS (UPDATE accounts SET {_MARK_COLUMN[kind]} = g.mark FROM g"
@@ -486,11 +488,21 @@ def _process_pg(session: Session, run: Row[Any], after: int, upto: int, catalog:
         return [] if run.dry_run else None
     lock, decide = _pg_sql(run.kind, run.dry_run)
     params = _pg_params(run.kind, run, after, upto, catalog, codes, as_of)
-    if not run.dry_run:
+    if run.dry_run:
+        row = session.execute(text(decide), params).one()
+    else:
         # The account row is every writer's serialization point; id order rules out
         # deadlocks with live batches, which lock their accounts in the same order.
         session.execute(text(lock), params)
-    row = session.execute(text(decide), params).one()
+        try:
+            with session.begin_nested():
+                row = session.execute(text(decide), params).one()
+        except IntegrityError:
+            # Under the locks, a grant key can only exist already if an account's period
+            # mark was set back by hand: redo the slice, skipping the granted periods.
+            # (Tolerating conflicts on every row costs ~15% of the insert, so only here.)
+            row = session.execute(text(_pg_sql(run.kind, False, on_conflict=True)[1]),
+                                  params).one()
     if not run.dry_run and (row.wallets != row.inserted or row.marked != row.grants):
         # Cannot happen while every STANDARD wallet is unique per account; never commit it.
         raise RuntimeError(f"renewal of accounts {after + 1}..{upto}: {row.inserted} entries but "
