@@ -16,9 +16,9 @@ over the accounts. Bounded in time (``--seconds`` after ``--warmup``) and in cou
     uv run python bench/http_start.py --roundtrips 200
 
 counts instead, load-independently, what one start costs the database: libpq round trips
-(client-to-server turns in a PQtrace of every pooled connection, the pool's checkout
-included) and statements, over that many sequential in-process starts of the path the
-route takes.
+(client-to-server turns in a PQtrace of every pooled connection, with the API server's
+pool settings) and SQLAlchemy-level statements, over that many sequential in-process
+starts of the path the route takes (``run_start``).
 """
 
 from __future__ import annotations
@@ -285,6 +285,7 @@ def count_roundtrips(*, admin_url: str = PG_ADMIN, starts: int = 200,
     """Sequential in-process starts with every pooled connection traced by libpq."""
     from sqlalchemy import event
 
+    from tokenledger.api.app import configure_server_pool
     from tokenledger.config import Settings
     from tokenledger.db import dispose_engines, get_engine
     from tokenledger.tokenprocess.service import run_start
@@ -294,10 +295,11 @@ def count_roundtrips(*, admin_url: str = PG_ADMIN, starts: int = 200,
     admin.execute(f'CREATE DATABASE "{name}"')
     url = admin_url.rsplit("/", 1)[0].replace("postgresql://", "postgresql+psycopg://") + \
         f"/{name}"
-    trace = tempfile.TemporaryFile()
+    trace = tempfile.TemporaryFile()  # noqa: SIM115 - closed in the finally below
     try:
         prepare(url, accounts)
         dispose_engines(close=True)
+        configure_server_pool()  # the pool the API server runs with
         settings = Settings(database_url=url, broker_url=REDIS, notify_enabled=False)
         engine = get_engine(url)
         statements = 0

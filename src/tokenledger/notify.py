@@ -292,26 +292,29 @@ def _queue(session: Session, settings: Settings, notices: list[BalanceNotice]) -
     session.info[_SETTINGS] = settings
 
 
-# One account's balance change, as :func:`stage` sees it, in one statement that needs no
-# answer before it is sent (so it can ride in a pipeline with the change itself): at or
-# below the threshold, mark the account unless it is marked already (a returned row is the
-# crossing); above it (or with no threshold), re-arm. The ledger_seq is the last entry id
-# this session drew: the change's own newest entry.
+# One account's balance change, as :func:`stage` sees it, as a data-modifying CTE for the
+# statement that writes the change's entries (a CTE named ``entries`` returning their ids):
+# at or below the threshold, mark the account unless it is marked already (a row in
+# ``low`` is the crossing); above it (or with no threshold), re-arm. Nothing happens when
+# no entry was written.
 _MARK_LOW = (
-    "INSERT INTO low_balance_state (user_id, threshold, balance, ledger_seq, since)"
-    " VALUES (%s, %s, %s, currval('ledger_entries_id_seq'), %s)"
-    " ON CONFLICT DO NOTHING RETURNING user_id")
-_REARM = "DELETE FROM low_balance_state WHERE user_id = %s"
+    "low AS (INSERT INTO low_balance_state (user_id, threshold, balance, ledger_seq, since)"
+    " SELECT %(low_user)s, %(low_threshold)s, %(low_balance)s, max(id), %(low_now)s"
+    " FROM entries HAVING count(*) > 0 ON CONFLICT DO NOTHING RETURNING 1)")
+_REARM = (
+    "low AS (DELETE FROM low_balance_state WHERE user_id = %(low_user)s"
+    " AND EXISTS (SELECT FROM entries) RETURNING 0)")
 
 
-def low_balance_statement(user_id: str, balance: int, threshold: int | None, now: datetime
-                          ) -> tuple[str, tuple[Any, ...], bool]:
-    """PostgreSQL (sql, params, marks) keeping ``low_balance_state`` right after entries
-    for one locked account were written in this transaction, as :func:`stage` would; when
-    ``marks``, a returned row is the crossing that publishes ``balance_low``."""
+def low_balance_cte(user_id: str, balance: int, threshold: int | None, now: datetime
+                    ) -> tuple[str, dict[str, Any], bool]:
+    """PostgreSQL (``low AS (...)``, params, marks) keeping ``low_balance_state`` right
+    for one locked account whose entries the same statement writes, as :func:`stage`
+    would; when ``marks``, a row returned by ``low`` is the crossing (``balance_low``)."""
     if _is_low(balance, threshold):
-        return _MARK_LOW, (user_id, threshold, balance, now), True
-    return _REARM, (user_id,), False
+        return _MARK_LOW, {"low_user": user_id, "low_threshold": threshold,
+                           "low_balance": balance, "low_now": now}, True
+    return _REARM, {"low_user": user_id}, False
 
 
 # Listeners on the Session class, installed once: registering them per session made

@@ -267,12 +267,17 @@ def create_app(settings: Settings | None = None, *, key_cache_seconds: float = 2
 
 def app_from_env() -> FastAPI:
     """The app for ``uvicorn --factory``: settings from the TOKENLEDGER_* environment."""
+    configure_server_pool()
+    return create_app(get_settings())
+
+
+def configure_server_pool() -> None:
+    """The connection pool of an API server process (call before its first request)."""
     # A connection for every start thread and for as many requests in the shared threadpool
     # again, kept open between bursts. No ping before each checkout (a round trip per
     # request): a connection found dead invalidates the pool, a start retries it (nothing
     # was committed), and other requests answer 503 with Retry-After once.
     configure_pool(pool_size=2 * START_THREADS, max_overflow=START_THREADS, pre_ping=False)
-    return create_app(get_settings())
 
 
 def _add_operational_routes(app: FastAPI) -> None:

@@ -16,7 +16,7 @@ import json
 import time
 import uuid
 from collections import defaultdict
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, fields
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -80,10 +80,14 @@ class StartResult:
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-ready, without empty fields."""
-        data = asdict(self)
+        # Every field is a scalar: no need for asdict's deep copy on the hot path.
+        data = {name: getattr(self, name) for name in _START_FIELDS}
         if self.expires_at is not None:
             data["expires_at"] = self.expires_at.isoformat()
         return {k: v for k, v in data.items() if v is not None}
+
+
+_START_FIELDS = tuple(f.name for f in fields(StartResult))
 
 
 # -- start --------------------------------------------------------------------------------
