@@ -38,7 +38,8 @@ class Settings(BaseSettings):
     # Renewal chunks go here when set, so dedicated workers can take them and live
     # charges never queue behind a million-account run; default: the main queue.
     renewal_queue: str | None = None
-    renewal_chunk_size: int = Field(default=2000, ge=1, le=50_000)
+    # Accounts per chunk task; each chunk still commits every 2,000 (short account locks).
+    renewal_chunk_size: int = Field(default=25_000, ge=1, le=100_000)
     worker_concurrency: int | None = None
     flower_basic_auth: str | None = None
     metrics_port: int | None = None
