@@ -150,6 +150,7 @@ def main() -> None:
     # At 20 charges/s, 15 s gives ~300 idle samples: fewer make the idle p99 one outlier.
     parser.add_argument("--idle-seconds", type=float, default=15)
     parser.add_argument("--keep", action="store_true", help="keep the database")
+    parser.add_argument("--json", type=Path, help="also write the whole result here")
     args = parser.parse_args()
 
     name = f"tokenledger_bench_renewals_{os.getpid()}"
@@ -223,6 +224,8 @@ def main() -> None:
         result["verify_seconds"] = round(time.perf_counter() - vstart, 1)
         print(json.dumps({k: result[k] for k in ("verify_ok", "renewal_entries",
                                                  "verify_seconds")}), flush=True)
+        if args.json:
+            args.json.write_text(json.dumps(result, indent=2) + "\n")
     finally:
         for p in procs:
             if p.poll() is None:

@@ -14,6 +14,9 @@ from __future__ import annotations
 
 import json
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
 import uuid
 from dataclasses import asdict, dataclass, field
@@ -229,13 +232,56 @@ def run_bench(*, admin_url: str, broker_url: str, accounts: int = 100_000,
     return report
 
 
+BENCH_DIR = Path(__file__).resolve().parents[2] / "bench"
+
+
+def harness(script: str, args: list[str], console: Console) -> dict[str, Any] | None:
+    """Run one of the repository's bench/ harnesses and return the JSON it wrote."""
+    path = BENCH_DIR / script
+    if not path.exists():
+        console.print(f"[yellow]{script} not found (bench/ ships with the repository)[/yellow]")
+        return None
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "result.json"
+        done = subprocess.run([sys.executable, str(path), *args, "--json", str(out)],
+                              capture_output=True, text=True, timeout=1800)
+        if done.returncode != 0 or not out.exists():
+            console.print(f"[red]{script} failed:[/red] {done.stderr.strip()[-500:]}")
+            return None
+        return json.loads(out.read_text())
+
+
+def run_harnesses(report: BenchReport, *, http_seconds: float, renewal_accounts: int,
+                  console: Console) -> None:
+    """Token-process start over HTTP and the renewal run, each measured by its harness."""
+    if http_seconds > 0:
+        console.print(f"token-process start over HTTP for {http_seconds:g} s …")
+        http = harness("http_start.py", ["--seconds", str(http_seconds)], console)
+        if http:
+            report.figures["http_token_process_start"] = {
+                "events": http.get("requests", 0), "seconds": http.get("seconds"),
+                "req_per_s": http.get("rps"), "p50_ms": http.get("p50_ms"),
+                "p99_ms": http.get("p99_ms")}
+    if renewal_accounts > 0:
+        console.print(f"monthly renewal of {renewal_accounts:,} accounts …")
+        ren = harness("renewals.py", ["--accounts", str(renewal_accounts)], console)
+        if ren:
+            report.figures["renewal_run"] = {
+                "events": ren.get("successful", 0), "seconds": ren.get("wall_seconds"),
+                "events_per_s": ren.get("accounts_per_second"),
+                "p99_ms": (ren.get("charges_during") or {}).get("p99_ms"),
+                "live_charge_p99_ratio": ren.get("p99_ratio"),
+                "verify_ok": ren.get("verify_ok")}
+
+
 def print_report(report: BenchReport, console: Console, json_path: Path | None) -> None:
     table = Table(title=f"tokenledger bench — {report.accounts:,} accounts")
     for col in ("measurement", "events", "seconds", "events/s", "p50 ms", "p99 ms"):
         table.add_column(col, justify="left" if col == "measurement" else "right")
     for name, f in report.figures.items():
-        table.add_row(name, f"{f.get('events', 0):,}", str(f.get("seconds", "")),
-                      f"{f['events_per_s']:,.0f}" if "events_per_s" in f else "",
+        rate = f.get("events_per_s") or f.get("req_per_s")
+        table.add_row(name, f"{f.get('events') or 0:,}", str(f.get("seconds", "")),
+                      f"{rate:,.0f}" if rate else "",
                       str(f.get("p50_ms", "")), str(f.get("p99_ms", "")))
     console.print(table)
     for name, value in report.ratios.items():

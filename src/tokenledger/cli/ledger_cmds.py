@@ -321,6 +321,10 @@ def bench(
     naive_events: Annotated[int, typer.Option(min=100)] = 5_000,
     latency_seconds: Annotated[float, typer.Option(min=1)] = 10.0,
     concurrency: Annotated[int, typer.Option(min=1)] = 2,
+    http_seconds: Annotated[float, typer.Option(help="Token-process start over HTTP; 0 skips.")]
+    = 10.0,
+    renewal_accounts: Annotated[int, typer.Option(help="Accounts in the renewal run; 0 skips.")]
+    = 1_000_000,
     pg_admin_url: Annotated[str, typer.Option(help="Server to create tokenledger_bench on.")]
     = "postgresql://postgres@127.0.0.1:5432/postgres",
     broker_url: Annotated[str, typer.Option()] = "redis://127.0.0.1:6379/0",
@@ -328,10 +332,12 @@ def bench(
     = Path("bench/results/latest.json"),
 ) -> None:
     """Measure the pipeline on PostgreSQL + Redis beside the baselines; prints table + JSON."""
-    from tokenledger.bench import print_report, run_bench
+    from tokenledger.bench import print_report, run_bench, run_harnesses
 
     report = run_bench(admin_url=pg_admin_url, broker_url=broker_url, accounts=accounts,
                        events=events, baseline_events=baseline_events,
                        naive_events=naive_events, latency_seconds=latency_seconds,
                        concurrency=concurrency, console=console)
+    run_harnesses(report, http_seconds=http_seconds, renewal_accounts=renewal_accounts,
+                  console=console)
     print_report(report, console, json_out)
