@@ -16,7 +16,7 @@ from sqlalchemy import select
 from tokenledger.broker import APPLY_EVENTS, celery_config
 from tokenledger.catalog import current_catalog
 from tokenledger.config import Settings, get_settings
-from tokenledger.db import is_disconnect, is_transient, unit_of_work
+from tokenledger.db import unit_of_work
 from tokenledger.errors import AccountNotFound, ResultTimeout, ValidationFailed
 from tokenledger.ledger.service import ApplyContext, EventResult
 from tokenledger.ledger.service import apply_events as _apply
@@ -159,27 +159,12 @@ class LedgerClient:
                 raise ValidationFailed(f"{name}: must be a whole number >= 0")
         if key is not None and not 0 < len(key) <= 255:
             raise ValidationFailed("key: must be 1 to 255 characters")
-        attempt = 0
-        while True:
-            try:
-                now = utcnow()
-                with unit_of_work(self.settings.database_url) as session:
-                    catalog = current_catalog(session)
-                    result, changes = token_process.start(
-                        session, user_id, feature_endpoint_id, now=now,
-                        hold_ttl_seconds=self.settings.hold_ttl_seconds,
-                        max_output_tokens=max_output_tokens, hold=hold, model=model, key=key,
-                        catalog=catalog, default_timezone=self.settings.timezone)
-                    if changes:
-                        stage_notices(session, self.settings, changes, catalog, now)
-                return result
-            except Exception as exc:
-                # A deadlock or serialization failure rolled everything back: try again.
-                # A lost connection might have lost the commit's answer, so don't guess.
-                attempt += 1
-                if attempt >= 3 or not is_transient(exc) or is_disconnect(exc):
-                    raise
-                time.sleep(0.01 * attempt)
+        # The same lean, retrying unit of work as the HTTP route (one statement of writes
+        # on PostgreSQL); its notices are published after commit, before we return.
+        return token_process.run_start(self.settings, user_id, feature_endpoint_id,
+                                       max_output_tokens=max_output_tokens, hold=hold,
+                                       model=model, key=key,
+                                       publish_in_background=False)
 
     def token_process(self, user_id: str | Callable[..., str], feature_endpoint_id: str, *,
                       max_output_tokens: int | None = None, hold: int | None = None,

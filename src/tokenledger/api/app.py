@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
@@ -13,7 +12,6 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
-from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError, OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -23,7 +21,7 @@ from tokenledger.api.schemas import ErrorBody
 from tokenledger.apikeys import KeyCache
 from tokenledger.client import LedgerClient
 from tokenledger.config import Settings, get_settings
-from tokenledger.db import configure_pool, is_disconnect, unit_of_work
+from tokenledger.db import configure_pool, is_disconnect
 from tokenledger.errors import (
     AccountNotFound,
     CatalogError,
@@ -267,8 +265,12 @@ def create_app(settings: Settings | None = None, *, key_cache_seconds: float = 2
 
 def app_from_env() -> FastAPI:
     """The app for ``uvicorn --factory``: settings from the TOKENLEDGER_* environment."""
+    from tokenledger.logs import configure_logging
+
+    settings = get_settings()
+    configure_logging(settings.log_level, settings.log_json)  # JSON lines, keys scrubbed
     configure_server_pool()
-    return create_app(get_settings())
+    return create_app(settings)
 
 
 def configure_server_pool() -> None:
@@ -288,10 +290,11 @@ def _add_operational_routes(app: FastAPI) -> None:
     @app.get("/readyz", tags=["operations"], summary="The database and the broker answer",
              responses={503: {"model": ErrorBody}})
     def readyz(request: Request) -> JSONResponse:
+        from tokenledger.health import readiness
+
         state: ApiState = request.app.state.api
-        checks = {"database": _check_database(state.settings),
-                  "broker": _check_broker(state.settings)}
-        ok = all(v == "ok" for v in checks.values())
+        ok, results = readiness(state.settings)
+        checks = {c.name: "ok" if c.ok else f"unavailable ({c.detail})" for c in results}
         body = {"success": ok, "message": None if ok else "not ready", "data": checks}
         if not ok:
             body["status"] = 503
@@ -299,45 +302,8 @@ def _add_operational_routes(app: FastAPI) -> None:
 
     @app.get("/metrics", tags=["operations"], summary="Prometheus metrics",
              response_class=Response)
-    def metrics() -> Response:
-        from prometheus_client import (
-            CONTENT_TYPE_LATEST,
-            REGISTRY,
-            CollectorRegistry,
-            generate_latest,
-        )
+    def metrics(request: Request) -> Response:
+        from tokenledger.metrics import render
 
-        if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
-            from prometheus_client import multiprocess
-
-            registry = CollectorRegistry()
-            multiprocess.MultiProcessCollector(registry)
-            payload = generate_latest(registry)
-        else:
-            payload = generate_latest(REGISTRY)
-        return Response(payload, media_type=CONTENT_TYPE_LATEST)
-
-
-def _check_database(settings: Settings) -> str:
-    try:
-        with unit_of_work(settings.database_url) as session:
-            session.execute(text("SELECT 1"))
-        return "ok"
-    except Exception as exc:
-        return f"unavailable ({type(exc).__name__})"
-
-
-def _check_broker(settings: Settings) -> str:
-    from kombu import Connection
-
-    from tokenledger.broker import celery_config
-
-    try:
-        options = celery_config(settings)["broker_transport_options"]
-        with Connection(settings.broker_url, connect_timeout=2,
-                        transport_options=options) as conn:
-            conn.ensure_connection(max_retries=1, interval_start=0, interval_step=0,
-                                   timeout=2)
-        return "ok"
-    except Exception as exc:
-        return f"unavailable ({type(exc).__name__})"
+        payload, content_type = render(request.app.state.api.settings)
+        return Response(payload, media_type=content_type)

@@ -33,6 +33,7 @@ def api(
     uvicorn.run(
         "tokenledger.api:app_from_env", factory=True, host=host, port=port, workers=workers,
         log_level=log_level, access_log=access_log,
+        log_config=None,  # our JSON handler (app_from_env) is the only one
         loop="uvloop" if fast else "asyncio",
         http="httptools" if importlib.util.find_spec("httptools") else "h11",
         proxy_headers=True, server_header=False,

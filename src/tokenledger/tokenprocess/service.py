@@ -185,8 +185,10 @@ def start(session: Session, user_id: str, feature_endpoint_id: str, *, now: date
 
 def run_start(settings: Settings, user_id: str, feature_endpoint_id: str, *,
               max_output_tokens: int | None = None, hold: int | None = None,
-              model: str | None = None, key: str | None = None) -> StartResult:
-    """One start in its own unit of work; its notices are published once it committed.
+              model: str | None = None, key: str | None = None,
+              publish_in_background: bool = True) -> StartResult:
+    """One start in its own unit of work; its notices are published once it committed
+    (from a background thread, or before returning with ``publish_in_background=False``).
 
     A deadlock, a serialization failure, or a connection found dead before the commit
     was sent rolled everything back and is tried again (up to 3 attempts). A connection
@@ -218,7 +220,10 @@ def run_start(settings: Settings, user_id: str, feature_endpoint_id: str, *,
                     if changes:
                         notify.stage(session, settings, changes, catalog, now)
                 committing = True
-            notify.publish_soon(settings, notices)
+            if publish_in_background:
+                notify.publish_soon(settings, notices)
+            else:
+                notify.publish(settings, notices)
             return result
         except Exception as exc:
             attempt += 1
