@@ -184,7 +184,7 @@ def latency_run(client: LedgerClient, url: str, users: list[str], rate: float,
 
 def run_bench(*, admin_url: str, broker_url: str, accounts: int = 100_000,
               events: int = 200_000, baseline_events: int = 5_000, naive_events: int = 5_000,
-              latency_seconds: float = 10, concurrency: int = 2,
+              latency_seconds: float = 10, concurrency: int = 4,
               console: Console | None = None) -> BenchReport:
     """Run every measurement in one go on a fresh database ``tokenledger_bench``."""
     console = console or Console()

@@ -48,8 +48,8 @@ def worker(
     s = settings()
     argv = [sys.executable, "-m", "celery", "-A", "workers", "worker", "-Q", s.queue,
             "-l", loglevel]
-    if concurrency or s.worker_concurrency:
-        argv += ["-c", str(concurrency or s.worker_concurrency)]
+    if concurrency:  # otherwise TOKENLEDGER_WORKER_CONCURRENCY, or two per core
+        argv += ["-c", str(concurrency)]
     if beat:
         argv.append("-B")
     os.execv(sys.executable, argv)
@@ -320,7 +320,7 @@ def bench(
     baseline_events: Annotated[int, typer.Option(min=100)] = 5_000,
     naive_events: Annotated[int, typer.Option(min=100)] = 5_000,
     latency_seconds: Annotated[float, typer.Option(min=1)] = 10.0,
-    concurrency: Annotated[int, typer.Option(min=1)] = 2,
+    concurrency: Annotated[int, typer.Option(min=1)] = 4,
     http_seconds: Annotated[float, typer.Option(help="Token-process start over HTTP; 0 skips.")]
     = 10.0,
     renewal_accounts: Annotated[int, typer.Option(help="Accounts in the renewal run; 0 skips.")]
