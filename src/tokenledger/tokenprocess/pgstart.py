@@ -24,8 +24,7 @@ SQLite uses).
 
 from __future__ import annotations
 
-import uuid
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import Any
 
 from psycopg.types.json import Jsonb
@@ -36,7 +35,6 @@ from tokenledger.catalog import Catalog
 from tokenledger.errors import AccountNotFound, IdempotencyConflict
 from tokenledger.ledger.service import BalanceChange
 from tokenledger.ledger.wallets import AccountState, WalletState, draw_order
-from tokenledger.pricing import estimate_hold, resolve_model
 from tokenledger.timeutil import as_utc
 
 _LOCK_ACCOUNT = (
@@ -103,24 +101,14 @@ def start(session: Session, user_id: str, feature_endpoint_id: str, *, now: date
                 raise IdempotencyConflict(key)
             return sv._stored_start(stored[1], available), [], []
 
-    feature = catalog.features.get(feature_endpoint_id)
-    if feature is None or not catalog.plan_includes(plan_code, feature_endpoint_id):
-        return sv.StartResult(sv.NOT_ACCESSIBLE, available, sv.NOT_IN_PACKAGE,
-                              user_id=user_id, feature_endpoint_id=feature_endpoint_id), [], []
-    amount = estimate_hold(catalog, feature, max_output_tokens=max_output_tokens, hold=hold,
-                           model=model)
-    if amount > available:
-        return sv.StartResult(sv.NOT_ACCESSIBLE, available, sv.INSUFFICIENT, user_id=user_id,
-                              feature_endpoint_id=feature_endpoint_id, required=amount), [], []
-
-    hold_key = key or f"hold:{uuid.uuid4().hex}"
-    expires_at = now + timedelta(seconds=hold_ttl_seconds)
-    chosen = resolve_model(catalog, feature, model) if feature.pricing == "usage" else model
-    meta: dict[str, Any] = {"expires_at": expires_at.isoformat()}
-    if chosen:
-        meta["model"] = chosen
-    if max_output_tokens is not None:
-        meta["max_output_tokens"] = max_output_tokens
+    decided = sv.plan_hold(catalog, plan_code, available, now=now, user_id=user_id,
+                           feature_endpoint_id=feature_endpoint_id,
+                           max_output_tokens=max_output_tokens, hold=hold, model=model,
+                           key=key, hold_ttl_seconds=hold_ttl_seconds)
+    if isinstance(decided, sv.StartResult):
+        return decided, [], []
+    amount, hold_key, expires_at = decided.amount, decided.key, decided.expires_at
+    chosen, meta = decided.model, decided.metadata
     meta["hold_id"] = hold_id
     # Draw as ``ledger.service.draw`` does; amount <= available, so no overdraft.
     wallet_ids: list[int] = []

@@ -101,6 +101,44 @@ def _start_digest(user_id: str, feature: str, max_output_tokens: int | None,
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
+@dataclass(frozen=True, slots=True)
+class HoldPlan:
+    """The hold a start is about to place (decided under the account lock)."""
+
+    amount: int
+    key: str
+    expires_at: datetime
+    model: str | None
+    metadata: dict[str, Any]  # shared by the hold's entries; the hold id is added later
+
+
+def plan_hold(catalog: Catalog, plan_code: str, available: int, *, now: datetime,
+              user_id: str, feature_endpoint_id: str, max_output_tokens: int | None,
+              hold: int | None, model: str | None, key: str | None,
+              hold_ttl_seconds: int) -> StartResult | HoldPlan:
+    """A start's decision: a refusal in the seed's words, or the hold to place.
+
+    Shared by the portable and the PostgreSQL start, which differ only in how they write.
+    """
+    feature = catalog.features.get(feature_endpoint_id)
+    if feature is None or not catalog.plan_includes(plan_code, feature_endpoint_id):
+        return StartResult(NOT_ACCESSIBLE, available, NOT_IN_PACKAGE, user_id=user_id,
+                           feature_endpoint_id=feature_endpoint_id)
+    amount = estimate_hold(catalog, feature, max_output_tokens=max_output_tokens, hold=hold,
+                           model=model)
+    if amount > available:
+        return StartResult(NOT_ACCESSIBLE, available, INSUFFICIENT, user_id=user_id,
+                           feature_endpoint_id=feature_endpoint_id, required=amount)
+    expires_at = now + timedelta(seconds=hold_ttl_seconds)
+    chosen = resolve_model(catalog, feature, model) if feature.pricing == "usage" else model
+    meta: dict[str, Any] = {"expires_at": expires_at.isoformat()}
+    if chosen:
+        meta["model"] = chosen
+    if max_output_tokens is not None:
+        meta["max_output_tokens"] = max_output_tokens
+    return HoldPlan(amount, key or f"hold:{uuid.uuid4().hex}", expires_at, chosen, meta)
+
+
 def start(session: Session, user_id: str, feature_endpoint_id: str, *, now: datetime,
           hold_ttl_seconds: int, max_output_tokens: int | None = None,
           hold: int | None = None, model: str | None = None, key: str | None = None,
@@ -139,26 +177,14 @@ def start(session: Session, user_id: str, feature_endpoint_id: str, *, now: date
                 raise IdempotencyConflict(key)
             return _stored_start(stored.result, account.available(now)), []
 
-    available = account.available(now)
-    feature = catalog.features.get(feature_endpoint_id)
-    if feature is None or not catalog.plan_includes(account.plan_code, feature_endpoint_id):
-        return StartResult(NOT_ACCESSIBLE, available, NOT_IN_PACKAGE, user_id=user_id,
-                           feature_endpoint_id=feature_endpoint_id), []
-    amount = estimate_hold(catalog, feature, max_output_tokens=max_output_tokens, hold=hold,
-                           model=model)
-    if amount > available:
-        return StartResult(NOT_ACCESSIBLE, available, INSUFFICIENT, user_id=user_id,
-                           feature_endpoint_id=feature_endpoint_id, required=amount), []
-
-    hold_key = key or f"hold:{uuid.uuid4().hex}"
-    expires_at = now + timedelta(seconds=hold_ttl_seconds)
-    chosen = resolve_model(catalog, feature, model) if feature.pricing == "usage" else model
-    # One dict shared by the hold's entries: the hold id is filled in once it exists.
-    meta: dict[str, Any] = {"expires_at": expires_at.isoformat()}
-    if chosen:
-        meta["model"] = chosen
-    if max_output_tokens is not None:
-        meta["max_output_tokens"] = max_output_tokens
+    decided = plan_hold(catalog, account.plan_code, account.available(now), now=now,
+                        user_id=user_id, feature_endpoint_id=feature_endpoint_id,
+                        max_output_tokens=max_output_tokens, hold=hold, model=model, key=key,
+                        hold_ttl_seconds=hold_ttl_seconds)
+    if isinstance(decided, StartResult):
+        return decided, []
+    amount, hold_key, expires_at = decided.amount, decided.key, decided.expires_at
+    chosen, meta = decided.model, decided.metadata
     allocations = draw(batch, account, amount, key=hold_key, type_="HOLD",
                        feature=feature_endpoint_id, allow_overdraft=False, preferred=None,
                        metadata=meta) if amount else []
