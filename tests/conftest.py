@@ -95,6 +95,14 @@ def apply(url: str, *events: dict, now=None) -> BatchResult:
         return apply_events(session, parsed, ctx)
 
 
+def balances_by_user(url: str) -> dict[str, int]:
+    """Each account's balance: the sum of all its wallets."""
+    with unit_of_work(url) as session:
+        return dict(session.execute(text(
+            "SELECT a.user_id, sum(w.balance) FROM accounts a JOIN wallets w"
+            " ON w.account_id = a.id GROUP BY a.user_id")).all())
+
+
 def assert_verified(url: str) -> None:
     with unit_of_work(url) as session:
         report = verify(session)

@@ -9,7 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 from sqlalchemy import func, select, text
 
-from tests.conftest import Worker, apply, assert_verified, wait_for
+from tests.conftest import Worker, apply, assert_verified, balances_by_user, wait_for
 from tokenledger import LedgerClient
 from tokenledger.db import unit_of_work
 from tokenledger.models import DeadLetter, EventOutcome, LedgerEntry
@@ -190,9 +190,7 @@ def test_a_worker_killed_mid_batch_loses_nothing_and_applies_nothing_twice(
     with unit_of_work(db) as s:
         entries = s.scalar(select(func.count()).select_from(LedgerEntry)
                            .where(LedgerEntry.type == "CHARGE"))
-        balances = dict(s.execute(text(
-            "SELECT a.user_id, sum(w.balance) FROM accounts a JOIN wallets w"
-            " ON w.account_id = a.id GROUP BY a.user_id")).all())
+    balances = balances_by_user(db)
     assert entries == len(events)
     assert balances == expected
     assert_verified(db)
@@ -230,9 +228,7 @@ def test_database_connections_cut_mid_flight_lose_nothing_and_apply_nothing_twic
     with unit_of_work(db) as s:
         charges = s.scalar(select(func.count()).select_from(LedgerEntry)
                            .where(LedgerEntry.type == "CHARGE"))
-        balances = dict(s.execute(text(
-            "SELECT a.user_id, sum(w.balance) FROM accounts a JOIN wallets w"
-            " ON w.account_id = a.id GROUP BY a.user_id")).all())
+    balances = balances_by_user(db)
     assert charges == len(events)
     assert balances == {u: 10000 - 400 for u in users}
     assert_verified(db)

@@ -10,7 +10,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from sqlalchemy import text
 
-from tests.conftest import apply, assert_verified
+from tests.conftest import apply, assert_verified, balances_by_user
 from tokenledger.db import unit_of_work
 from tokenledger.schema import ledger_tables
 
@@ -120,9 +120,5 @@ def test_any_sequence_with_redeliveries_matches_the_model(db, ops, cuts):
         if i >= len(events):
             break
     assert got == expected
-    with unit_of_work(db) as session:
-        balances = dict(session.execute(text(
-            "SELECT a.user_id, sum(w.balance) FROM accounts a JOIN wallets w"
-            " ON w.account_id = a.id GROUP BY a.user_id")).all())
-    assert balances == model.balances
+    assert balances_by_user(db) == model.balances
     assert_verified(db)

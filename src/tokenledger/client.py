@@ -111,7 +111,7 @@ class LedgerClient:
                key: str | None = None, metadata: dict[str, Any] | None = None,
                allow_overdraft: bool = False, preferred_wallet_type: str | None = None) -> str:
         """Charge by feature (its catalog cost) or by amount; returns the event key."""
-        return self.publish(_compact(type="charge", user_id=user_id, feature=feature,
+        return self.publish(event_fields(type="charge", user_id=user_id, feature=feature,
                                      amount=amount, key=key, metadata=metadata,
                                      allow_overdraft=allow_overdraft,
                                      preferred_wallet_type=preferred_wallet_type))
@@ -120,14 +120,14 @@ class LedgerClient:
                expires_at: datetime | None = None, key: str | None = None,
                reason: str | None = None, metadata: dict[str, Any] | None = None) -> str:
         """Add credits to a wallet of ``wallet_type``; returns the event key."""
-        return self.publish(_compact(type="credit", user_id=user_id, amount=amount,
+        return self.publish(event_fields(type="credit", user_id=user_id, amount=amount,
                                      wallet_type=wallet_type, expires_at=expires_at, key=key,
                                      reason=reason, metadata=metadata))
 
     def refund(self, user_id: str, original_key: str, amount: int | None = None,
                key: str | None = None, reason: str | None = None) -> str:
         """Give back (part of) a charge to the wallets it came from; returns the event key."""
-        return self.publish(_compact(type="refund", user_id=user_id, original_key=original_key,
+        return self.publish(event_fields(type="refund", user_id=user_id, original_key=original_key,
                                      amount=amount, key=key, reason=reason))
 
     def token_process_end(self, user_id: str, feature_endpoint_id: str, input_tokens: int,
@@ -136,7 +136,7 @@ class LedgerClient:
                           metadata: dict[str, Any] | None = None) -> str:
         """Report a token process's usage: the worker prices it, settles the hold and
         stores ``{user_id, token, cost, status}``; returns the event key."""
-        return self.publish(_compact(type="token_process_end", user_id=user_id,
+        return self.publish(event_fields(type="token_process_end", user_id=user_id,
                                      feature_endpoint_id=feature_endpoint_id,
                                      input_tokens=input_tokens, output_tokens=output_tokens,
                                      model=model, hold_id=hold_id, key=key,
@@ -179,7 +179,7 @@ class LedgerClient:
     def open_account(self, user_id: str, plan: str | None = None, timezone: str | None = None,
                      key: str | None = None) -> str:
         """Open an account now (idempotent per key, default ``open:<user_id>``)."""
-        event = build_event(_compact(type="open_account", user_id=user_id, plan=plan,
+        event = build_event(event_fields(type="open_account", user_id=user_id, plan=plan,
                                      timezone=timezone, key=key or f"open:{user_id}"))
         with unit_of_work(self.settings.database_url) as session:
             ctx = ApplyContext(current_catalog(session), utcnow(), self.settings.timezone)
@@ -287,5 +287,6 @@ class LedgerClient:
         self.close()
 
 
-def _compact(**fields: Any) -> dict[str, Any]:
+def event_fields(**fields: Any) -> dict[str, Any]:
+    """An event dict from keyword arguments, leaving out the ones not given (None)."""
     return {k: v for k, v in fields.items() if v is not None}

@@ -4,9 +4,9 @@ Each domain package keeps its models in its own module and adds one import here.
 """
 
 import tokenledger.apikeys.models  # noqa: F401  (api_keys)
-import tokenledger.tokenprocess.models  # noqa: F401  (holds)
 import tokenledger.notify  # noqa: F401  (low_balance_state)
 import tokenledger.renewals.models  # noqa: F401  (renewal_runs, renewal_chunks)
+import tokenledger.tokenprocess.models  # noqa: F401  (holds)
 from tokenledger.models import Base
 
 CATALOG_TABLES = frozenset({"plans", "features", "model_prices", "catalog_versions"})

@@ -312,10 +312,7 @@ class Margin(_Camel):
     margin_value_percent: float | None
 
 
-class StatisticsOut(_Camel):
-    user_id: str
-    start: datetime | None
-    end: datetime | None
+class Summary(_Camel):
     total_spent: int
     total_refunded: int
     net_spent: int
@@ -324,6 +321,12 @@ class StatisticsOut(_Camel):
     net_change: int
     operation_count: int
     average_per_operation: float
+
+
+class StatisticsOut(Summary):
+    user_id: str
+    start: datetime | None
+    end: datetime | None
     by_type: dict[str, int]
     by_feature: dict[str, FeatureStats]
     by_model: dict[str, ModelStats]
@@ -334,17 +337,6 @@ class Period(_Camel):
     start: datetime
     end: datetime
     timezone: str
-
-
-class Summary(_Camel):
-    total_spent: int
-    total_refunded: int
-    net_spent: int
-    total_earned: int
-    total_removed: int
-    net_change: int
-    operation_count: int
-    average_per_operation: float
 
 
 class DaySpend(_Camel):

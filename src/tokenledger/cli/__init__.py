@@ -59,7 +59,7 @@ def main() -> None:
 
 
 # Command modules register themselves on ``app``; each issue's commands live apart.
-from tokenledger.cli import (
+from tokenledger.cli import (  # noqa: E402
     api_cmds,  # noqa: E402,F401
     ledger_cmds,  # noqa: E402,F401
     ops_cmds,  # noqa: E402,F401

@@ -13,6 +13,7 @@ import typer
 from rich.table import Table
 
 from tokenledger.cli import app, console, fail, print_json, settings
+from tokenledger.client import event_fields
 from tokenledger.db import unit_of_work
 
 accounts_app = typer.Typer(no_args_is_help=True, help="Open and inspect accounts.")
@@ -147,7 +148,7 @@ def publish_charge(
     wait: WaitOpt = 10.0,
 ) -> None:
     """Charge by feature or amount."""
-    _publish_and_report(_compact(type="charge", user_id=user_id, feature=feature,
+    _publish_and_report(event_fields(type="charge", user_id=user_id, feature=feature,
                                  amount=amount, key=key, allow_overdraft=allow_overdraft,
                                  preferred_wallet_type=preferred_wallet_type), wait)
 
@@ -163,7 +164,7 @@ def publish_credit(
     wait: WaitOpt = 10.0,
 ) -> None:
     """Add credits to a wallet."""
-    _publish_and_report(_compact(type="credit", user_id=user_id, amount=amount,
+    _publish_and_report(event_fields(type="credit", user_id=user_id, amount=amount,
                                  wallet_type=wallet_type, reason=reason, key=key,
                                  expires_at=expires_at.isoformat() if expires_at else None), wait)
 
@@ -178,12 +179,8 @@ def publish_refund(
     wait: WaitOpt = 10.0,
 ) -> None:
     """Refund (part of) an earlier charge."""
-    _publish_and_report(_compact(type="refund", user_id=user_id, original_key=original_key,
+    _publish_and_report(event_fields(type="refund", user_id=user_id, original_key=original_key,
                                  amount=amount, reason=reason, key=key), wait)
-
-
-def _compact(**fields: object) -> dict:
-    return {k: v for k, v in fields.items() if v is not None}
 
 
 @app.command()

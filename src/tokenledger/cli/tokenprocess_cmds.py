@@ -12,11 +12,11 @@ from tokenledger.cli import app, console, fail, print_json, settings
 from tokenledger.cli.ledger_cmds import (
     JsonOpt,
     WaitOpt,
-    _compact,
     _publish_and_report,
     catalog_app,
     publish_app,
 )
+from tokenledger.client import event_fields
 from tokenledger.db import unit_of_work
 
 holds_app = typer.Typer(no_args_is_help=True, help="Token-process holds.")
@@ -67,7 +67,7 @@ def publish_end(
     wait: WaitOpt = 10.0,
 ) -> None:
     """End a token process: the worker prices the usage and settles the hold."""
-    _publish_and_report(_compact(type="token_process_end", user_id=user_id,
+    _publish_and_report(event_fields(type="token_process_end", user_id=user_id,
                                  feature_endpoint_id=feature, input_tokens=input_tokens,
                                  output_tokens=output_tokens, model=model, hold_id=hold_id,
                                  key=key), wait)
