@@ -226,3 +226,102 @@ def test_without_redis_subscribers_in_the_same_process_are_told(tmp_path):
         client.open_account("offline")
     client.open_account("after-close")  # unsubscribed by close()
     assert [(n.user_id, n.balance) for n in inbox.items] == [("offline", 5)]
+
+
+# -- system grants: renewals, daily resets, wallet expiry ---------------------------------
+
+
+def entry_ids(url: str, entry_type: str) -> dict[str, int]:
+    """Each user's newest entry of ``entry_type``: its ledger_seq."""
+    with unit_of_work(url) as session:
+        return dict(session.execute(
+            select(Account.user_id, func.max(LedgerEntry.id))
+            .join(LedgerEntry, LedgerEntry.account_id == Account.id)
+            .where(LedgerEntry.type == entry_type).group_by(Account.user_id)).all())
+
+
+def stage_at(settings: Settings, now, *events: dict) -> None:
+    """apply_and_stage at a given instant."""
+    with unit_of_work(settings.database_url) as session:
+        ctx = ApplyContext(current_catalog(session), now, "UTC")
+        result = apply_events(session, [parse_event(e) for e in events], ctx)
+        notify.stage(session, settings, result.balance_changes, ctx.catalog, now)
+
+
+def run_inline(settings: Settings, kind: str, now, **options) -> None:
+    from tokenledger.renewals import runner
+    from tokenledger.renewals.service import RunOptions
+
+    _, chunk_ids = runner.start_run(settings, RunOptions(kind=kind, **options), now=now)
+    runner.execute_inline(settings, chunk_ids)
+    assert notify.flush_published(10)
+
+
+def system_grants_notify(settings: Settings, url: str) -> None:
+    """Monthly renewal, daily reset and wallet expiry each tell every account they moved,
+    after commit, with its new balance and the grant's entry as ledger_seq; a dry run and
+    a repeated run tell nobody; a reset that lifts a low account re-arms its crossing."""
+    from datetime import timedelta
+
+    from tokenledger.renewals import runner
+
+    t0 = utcnow() - timedelta(days=40)
+    inbox = Inbox()
+    unsubscribe = notify.subscribe(inbox)
+    try:
+        stage_at(settings, t0, *[{"type": "open_account", "key": f"open:{u}", "user_id": u,
+                                  "plan": plan} for u, plan in
+                                 (("gift", "Gift"), ("pro", "Professional"), ("free", "Free"))])
+        stage_at(settings, t0, {"type": "charge", "key": "spend", "user_id": "gift",
+                                "amount": 60},
+                 {"type": "charge", "key": "drain", "user_id": "free", "amount": 5},
+                 {"type": "credit", "key": "promo", "user_id": "pro", "amount": 30,
+                  "wallet_type": "PROMO", "expires_at": (t0 + timedelta(days=45)).isoformat()})
+        assert [n.balance for n in inbox.of("free")] == [5, 0, 0]  # opened, drained, low
+        inbox.items.clear()
+
+        month = t0 + timedelta(days=31)
+        run_inline(settings, "monthly", month, dry_run=True)
+        assert inbox.items == []
+        run_inline(settings, "monthly", month)
+        seqs = entry_ids(url, "RENEWAL")
+        got = {n.user_id: (n.event, n.balance, n.ledger_seq) for n in inbox.items}
+        # Gift resets 40 -> 100; Professional tops up 2000 + 2000, plus its live promo.
+        assert got == {"gift": ("balance_changed", 100, seqs["gift"]),
+                       "pro": ("balance_changed", 4030, seqs["pro"])}
+        run_inline(settings, "monthly", month)  # nothing granted twice, nobody told twice
+        assert len(inbox.items) == 2
+
+        inbox.items.clear()
+        run_inline(settings, "daily", t0 + timedelta(days=1, hours=1))
+        assert [(n.event, n.balance, n.ledger_seq) for n in inbox.items] == [
+            ("balance_changed", 5, entry_ids(url, "DAILY_RESET")["free"])]
+        with unit_of_work(url) as session:  # lifted above its threshold: re-armed
+            assert session.get(LowBalanceState, "free") is None
+
+        inbox.items.clear()
+        result = runner.expire_batch(settings, t0 + timedelta(days=46))
+        assert notify.flush_published(10) and result.wallets == 1
+        assert [(n.user_id, n.balance, n.ledger_seq) for n in inbox.items] == [
+            ("pro", 4000, entry_ids(url, "EXPIRY")["pro"])]
+    finally:
+        unsubscribe()
+
+
+def test_renewals_resets_and_expiry_notify_each_account_moved(own, db):
+    remote = Inbox()
+    with LedgerClient(own) as client:
+        client.on_balance_changed(remote)
+        system_grants_notify(own, db)
+        # The same notices went over Redis to another subscriber.
+        assert remote.wait(lambda: len(remote.of("pro")) >= 2)
+    assert {n.user_id for n in remote.items} >= {"gift", "pro", "free"}
+
+
+def test_system_grants_notify_on_the_sqlite_path_too(tmp_path):
+    from tokenledger.migrate import migrate
+
+    local = Settings(database_url=f"sqlite:///{tmp_path / 'ledger.sqlite'}",
+                     broker_url=f"sqla+sqlite:///{tmp_path / 'broker.sqlite'}")
+    migrate(local.database_url)
+    system_grants_notify(local, local.database_url)

@@ -10,7 +10,7 @@ from sqlalchemy import func, select
 from tokenledger.models import DeadLetter
 from tokenledger.renewals import alerts
 from tokenledger.renewals import runner as renewals
-from tokenledger.renewals.service import RunOptions, expire_wallets
+from tokenledger.renewals.service import RunOptions
 from tokenledger.timeutil import utcnow
 from workers.base import LedgerTask, log
 from workers.celery_app import app
@@ -62,8 +62,7 @@ def expire_wallets_task(self: RenewalTask, limit: int = 1000,
     """Zero every wallet past its expiry with an EXPIRY entry: one unit of work per batch."""
     totals = {"wallets": 0, "tokens": 0, "accounts": 0, "batches": 0}
     for _ in range(max_batches):
-        with self.unit_of_work() as session:
-            report = expire_wallets(session, utcnow(), limit=limit)
+        report = renewals.expire_batch(self.settings, utcnow(), limit=limit)
         totals["batches"] += 1
         totals["wallets"] += report.wallets
         totals["tokens"] += report.tokens

@@ -38,8 +38,11 @@ class Settings(BaseSettings):
     # Renewal chunks go here when set, so dedicated workers can take them and live
     # charges never queue behind a million-account run; default: the main queue.
     renewal_queue: str | None = None
-    # Accounts per chunk task; each chunk still commits every 2,000 (short account locks).
+    # Accounts per chunk task; each chunk still commits every renewal_slice_size accounts.
     renewal_chunk_size: int = Field(default=25_000, ge=1, le=100_000)
+    # Accounts per renewal transaction: a live charge on an account of a slice in flight
+    # waits for the slice's commit, so this bounds that wait (~20 us of work per account).
+    renewal_slice_size: int = Field(default=2000, ge=1, le=100_000)
     worker_concurrency: int | None = None
     flower_basic_auth: str | None = None
     metrics_port: int | None = None

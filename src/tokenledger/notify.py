@@ -263,13 +263,16 @@ atexit.register(flush_published, 2.0)
 
 _PENDING = "tokenledger.balance_notices"
 _SETTINGS = "tokenledger.balance_notices_settings"
+_SOON = "tokenledger.balance_notices_soon"
 
 
 def stage(session: Session, settings: Settings, changes: Iterable[Any],
-          catalog: Catalog, now: datetime) -> list[BalanceNotice]:
+          catalog: Catalog, now: datetime, *, soon: bool = False) -> list[BalanceNotice]:
     """Record low-balance crossings in this transaction and publish every notice after
     it commits (never if it rolls back). ``changes`` are BalanceChange-like objects
-    (user_id, balance, ledger_seq) for accounts this transaction has locked."""
+    (user_id, balance, ledger_seq) for accounts this transaction has locked. With
+    ``soon`` the commit hands them to the background publisher (:func:`publish_soon`)
+    instead of waiting for Redis: for bulk writers whose next transaction should not."""
     latest: dict[str, Any] = {}
     for change in changes:
         prior = latest.get(change.user_id)
@@ -280,16 +283,19 @@ def stage(session: Session, settings: Settings, changes: Iterable[Any],
     notices = [BalanceNotice(BALANCE_CHANGED, c.user_id, c.balance, c.ledger_seq)
                for c in latest.values()]
     notices += _low_balance_crossings(session, latest, catalog, now)
-    _queue(session, settings, notices)
+    _queue(session, settings, notices, soon)
     return notices
 
 
-def _queue(session: Session, settings: Settings, notices: list[BalanceNotice]) -> None:
+def _queue(session: Session, settings: Settings, notices: list[BalanceNotice],
+           soon: bool = False) -> None:
     # Published by _after_commit, never if the transaction rolls back.
     if not notices:
         return
     session.info.setdefault(_PENDING, []).extend(notices)
     session.info[_SETTINGS] = settings
+    if soon:
+        session.info[_SOON] = True
 
 
 # One account's balance change, as :func:`stage` sees it, as a data-modifying CTE for the
@@ -328,7 +334,8 @@ def _after_commit(committed: Session) -> None:
     if committed.get_nested_transaction() is not None:
         return  # a savepoint was released; the outer transaction has not committed
     notices = info.pop(_PENDING)
-    publish(info.pop(_SETTINGS), notices)
+    send = publish_soon if info.pop(_SOON, False) else publish
+    send(info.pop(_SETTINGS), notices)
 
 
 @event.listens_for(Session, "after_soft_rollback")
@@ -339,6 +346,7 @@ def _after_rollback(rolled_back: Session, transaction: Any) -> None:
         return  # a savepoint: the outer transaction may still commit
     dropped = rolled_back.info.pop(_PENDING, [])
     rolled_back.info.pop(_SETTINGS, None)
+    rolled_back.info.pop(_SOON, None)
     if dropped:
         log.debug("dropped %d balance notice(s) of a rolled-back transaction", len(dropped))
 

@@ -190,13 +190,11 @@ def renew_show(run_id: int, json_: JsonOpt = False) -> None:
 @renew_app.command("expire")
 def renew_expire(json_: JsonOpt = False) -> None:
     """Zero every wallet past its expiry now (beat does this every 5 minutes)."""
-    from tokenledger.renewals.service import expire_wallets
-    from tokenledger.timeutil import utcnow
+    from tokenledger.renewals.runner import expire_batch
 
     totals = {"wallets": 0, "tokens": 0, "accounts": 0}
     while True:
-        with unit_of_work(settings().database_url) as session:
-            result = expire_wallets(session, utcnow())
+        result = expire_batch(settings())
         totals["wallets"] += result.wallets
         totals["tokens"] += result.tokens
         totals["accounts"] += result.accounts

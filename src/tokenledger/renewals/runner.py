@@ -15,15 +15,17 @@ from typing import Any
 
 from celery import Celery
 
+from tokenledger import notify
 from tokenledger.broker import celery_config
 from tokenledger.catalog import current_catalog
 from tokenledger.config import Settings
 from tokenledger.db import is_transient, unit_of_work
 from tokenledger.renewals import alerts
 from tokenledger.renewals.service import (
-    LOCK_SLICE,
     ChunkResult,
+    ExpiryResult,
     RunOptions,
+    expire_wallets,
     fail_chunk,
     pending_chunks,
     plan_run,
@@ -51,17 +53,37 @@ def start_run(settings: Settings, options: RunOptions, now: datetime | None = No
     return run_id, chunk_ids
 
 
-def run_chunk(settings: Settings, chunk_id: int, slice_size: int | None = LOCK_SLICE
+def run_chunk(settings: Settings, chunk_id: int, slice_size: int | None = None
               ) -> ChunkResult:
-    """Process one chunk, one short transaction per slice of ``slice_size`` accounts, then
-    finish the run if it was the last chunk."""
+    """Process one chunk, one short transaction per slice of ``slice_size`` accounts
+    (default: ``settings.renewal_slice_size``), then finish the run if it was the last
+    chunk."""
+    slice_size = slice_size or settings.renewal_slice_size
     while True:
         with unit_of_work(settings.database_url) as session:
-            result = process_chunk(session, chunk_id, current_catalog(session), slice_size)
+            catalog = current_catalog(session)
+            result = process_chunk(session, chunk_id, catalog, slice_size)
+            # balance_changed for every granted account, once this slice commits; sent
+            # from a background thread while the next slice runs.
+            notify.stage(session, settings, result.balance_changes, catalog, utcnow(),
+                         soon=True)
         if not result.more:
             break
     if result.finished:
         alerts.on_run_finished(settings, result.run_id)
+    return result
+
+
+def expire_batch(settings: Settings, now: datetime | None = None, limit: int = 1000
+                 ) -> ExpiryResult:
+    """Zero up to ``limit`` accounts' expired wallets in one unit of work, and tell
+    subscribers each account's new balance once it commits."""
+    with unit_of_work(settings.database_url) as session:
+        now = now or utcnow()
+        result = expire_wallets(session, now, limit=limit)
+        if result.balance_changes:
+            notify.stage(session, settings, result.balance_changes, current_catalog(session),
+                         now)
     return result
 
 

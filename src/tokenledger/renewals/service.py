@@ -52,9 +52,10 @@ from sqlalchemy.orm import Session
 
 from tokenledger.catalog import Catalog, PlanSpec
 from tokenledger.errors import AccountNotFound, TokenLedgerError, ValidationFailed
+from tokenledger.ledger.service import BalanceChange
 from tokenledger.models import STANDARD, Account, EventOutcome, LedgerEntry, Wallet
 from tokenledger.renewals.models import RUN_KINDS, RenewalChunk, RenewalRun
-from tokenledger.timeutil import as_utc, next_local_midnight
+from tokenledger.timeutil import as_utc, next_local_midnight, utcnow
 
 accounts_t = Account.__table__
 wallets_t = Wallet.__table__
@@ -68,10 +69,6 @@ ENTRY_TYPE = {"daily": "DAILY_RESET", "monthly": "RENEWAL"}
 KEY_PREFIX = {"daily": "reset", "monthly": "renewal"}
 PLAN_PERIOD = {"daily": "daily", "monthly": "30d"}
 MAX_CHUNK = 50_000
-# Accounts per transaction within a chunk on PostgreSQL. A live charge on a locked account
-# waits for the whole transaction: ~2,000 accounts keep that wait to a few tens of ms,
-# while the per-transaction cost (a handful of round trips and one commit) stays small.
-LOCK_SLICE = 2000
 RUN_ERRORS_KEPT = 1000
 
 
@@ -145,6 +142,8 @@ class ChunkResult:
     already_done: bool = False
     more: bool = False  # a slice committed; the chunk's next slice is still to do
     errors: list[dict[str, Any]] = field(default_factory=list)
+    # This slice's balance changes (one per granted account), for notify.stage.
+    balance_changes: list[BalanceChange] = field(default_factory=list)
 
 
 # -- what is due ---------------------------------------------------------------------------
@@ -353,6 +352,29 @@ def _write_portable(session: Session, kind: str, run_id: int, grants: list[Grant
             execution_options={"synchronize_session": False})
 
 
+def _balance_changes(session: Session, entry_type: str,
+                     written: list[tuple[str, int, str]]) -> list[BalanceChange]:
+    """After entries of ``entry_type`` were written, as (user_id, account_id, event_key):
+    each account's live balance and its newest such entry (the change's ledger_seq)."""
+    if not written:
+        return []
+    e, w = entries_t.c, wallets_t.c
+    seqs = dict(session.execute(select(e.event_key, e.id).where(
+        e.event_key.in_([key for _, _, key in written]), e.type == entry_type)).all())
+    now = utcnow()
+    balances = dict(session.execute(
+        select(w.account_id, func.sum(w.balance))
+        .where(w.account_id.in_({account_id for _, account_id, _ in written}), w.is_active,
+               or_(w.expires_at.is_(None), w.expires_at > now))
+        .group_by(w.account_id)).all())
+    latest: dict[int, BalanceChange] = {}
+    for user_id, account_id, key in written:
+        seq = seqs[key]
+        if account_id not in latest or seq > latest[account_id].ledger_seq:
+            latest[account_id] = BalanceChange(user_id, int(balances.get(account_id) or 0), seq)
+    return list(latest.values())
+
+
 # -- the PostgreSQL chunk: server-side and set-based -----------------------------------------
 #
 # A chunk is two statements whatever its size: one locks its due accounts in id order,
@@ -449,17 +471,25 @@ def _pg_sql(kind: str, dry_run: bool, on_conflict: bool = False) -> tuple[str, s
         f"  SELECT g.account_id, g.wallet_id, g.after - g.before, g.before, g.after, :type,"
         f"   {key}, g.meta, :now FROM g WHERE g.after <> g.before ORDER BY g.account_id"
         + (" ON CONFLICT (event_key, wallet_id, type) DO NOTHING" if on_conflict else "")
-        + " RETURNING wallet_id, balance_after, amount),"
+        + " RETURNING id, account_id, wallet_id, balance_after, amount),"
         " w AS (UPDATE wallets SET balance = ins.balance_after FROM ins"
         "  WHERE wallets.id = ins.wallet_id RETURNING 1),"
         f" m AS (UPDATE accounts SET {_MARK_COLUMN[kind]} = g.mark FROM g"
-        "  WHERE accounts.id = g.account_id RETURNING 1)"
+        "  WHERE accounts.id = g.account_id RETURNING 1),"
+        # Each granted account's balance_changed: its live wallets as this statement's
+        # snapshot sees them (it cannot see its own wallet update) plus the grant.
+        " n AS (SELECT g.user_id, ins.id AS seq, ins.amount + CAST((SELECT"
+        "  coalesce(sum(x.balance), 0) FROM wallets AS x WHERE x.account_id = ins.account_id"
+        "  AND x.is_active AND (x.expires_at IS NULL OR x.expires_at > now())) AS bigint)"
+        "  AS balance"
+        "  FROM ins JOIN g ON g.account_id = ins.account_id)"
         " SELECT (SELECT count(*) FROM g) AS grants,"
         " (SELECT count(*) FROM g WHERE after <> before) - (SELECT count(*) FROM ins)"
         "  AS already, (SELECT coalesce(sum(amount), 0) FROM ins) AS tokens,"
         " (SELECT count(*) FROM ins) AS inserted, (SELECT count(*) FROM w) AS wallets,"
-        " (SELECT count(*) FROM m) AS marked,"
-        f" {errors}")
+        " (SELECT count(*) FROM m) AS marked, nn.users, nn.balances, nn.seqs,"
+        f" {errors} FROM (SELECT array_agg(user_id) AS users, array_agg(balance) AS balances,"
+        "  array_agg(seq) AS seqs FROM n) AS nn")
 
 
 def _pg_params(kind: str, run: Row[Any], after: int, upto: int, catalog: Catalog,
@@ -508,6 +538,9 @@ def _process_pg(session: Session, run: Row[Any], after: int, upto: int, catalog:
         raise RuntimeError(f"renewal of accounts {after + 1}..{upto}: {row.inserted} entries but "
                            f"{row.wallets} wallets, {row.grants} grants but {row.marked} marks")
     result.errors = list(row.errors)
+    if not run.dry_run and row.users:
+        result.balance_changes = [BalanceChange(*c) for c in
+                                  zip(row.users, row.balances, row.seqs, strict=True)]
     result.successful = row.grants - row.already
     result.skipped += row.already
     result.failed = len(result.errors)
@@ -653,9 +686,12 @@ def _process_portable(session: Session, run: Row[Any], after: int, upto: int,
         if g.key in granted:  # granted by an earlier run; only its mark was lost
             result.skipped += 1
             g.after = g.before
+    applied = [g for g in grants if g.key not in granted]
     if not run.dry_run:
         _write_portable(session, run.kind, run.id, grants, as_of)
-    applied = [g for g in grants if g.key not in granted]
+        result.balance_changes = _balance_changes(
+            session, ENTRY_TYPE[run.kind],
+            [(g.user_id, g.account_id, g.key) for g in applied if g.amount != 0])
     result.successful = len(applied)
     result.failed = len(errors)
     result.processed = result.successful + result.failed
@@ -908,6 +944,8 @@ class ExpiryResult:
     tokens: int
     accounts: int
     more: bool
+    # One per account whose wallets expired, for notify.stage.
+    balance_changes: tuple[BalanceChange, ...] = ()
 
 
 def expire_wallets(session: Session, now: datetime, limit: int = 1000) -> ExpiryResult:
@@ -952,5 +990,7 @@ def expire_wallets(session: Session, now: datetime, limit: int = 1000) -> Expiry
             "reason": None, "result": {"expired": wl.balance, "wallet_id": wl.id,
                                        "wallet_type": wl.wallet_type},
             "created_at": now_utc} for wl in wallets])
+    changes = _balance_changes(session, "EXPIRY", [
+        (locked[wl.account_id], wl.account_id, keys[wl.id]) for wl in wallets])
     return ExpiryResult(len(wallets), sum(wl.balance for wl in wallets), len(locked),
-                        len(account_ids) == limit)
+                        len(account_ids) == limit, tuple(changes))
