@@ -16,9 +16,9 @@ over the accounts. Bounded in time (``--seconds`` after ``--warmup``) and in cou
     uv run python bench/http_start.py --roundtrips 200
 
 counts instead, load-independently, what one start costs the database: libpq round trips
-(client-to-server turns in a PQtrace of every pooled connection, with the API server's
-pool settings) and SQLAlchemy-level statements, over that many sequential in-process
-starts of the path the route takes (``run_start``).
+(client-to-server turns in a PQtrace of the connection) over that many sequential
+in-process starts on the API server's start pool (``api.pgpipe.StartPool``), the path
+the route and its fast path take.
 """
 
 from __future__ import annotations
@@ -282,13 +282,11 @@ def run(*, admin_url: str = PG_ADMIN, broker_url: str = REDIS, accounts: int = 5
 
 def count_roundtrips(*, admin_url: str = PG_ADMIN, starts: int = 200,
                      accounts: int = 50) -> dict[str, Any]:
-    """Sequential in-process starts with every pooled connection traced by libpq."""
-    from sqlalchemy import event
+    """Sequential starts on the API server's start pool, its connection traced by libpq."""
+    import asyncio
 
-    from tokenledger.api.app import configure_server_pool
+    from tokenledger.api.pgpipe import StartPool
     from tokenledger.config import Settings
-    from tokenledger.db import dispose_engines, get_engine
-    from tokenledger.tokenprocess.service import run_start
 
     name = f"tokenledger_bench_rt_{os.getpid()}_{uuid.uuid4().hex[:4]}"
     admin = psycopg.connect(admin_url, autocommit=True, connect_timeout=5)
@@ -296,35 +294,27 @@ def count_roundtrips(*, admin_url: str = PG_ADMIN, starts: int = 200,
     url = admin_url.rsplit("/", 1)[0].replace("postgresql://", "postgresql+psycopg://") + \
         f"/{name}"
     trace = tempfile.TemporaryFile()  # noqa: SIM115 - closed in the finally below
+
+    async def measure() -> float:
+        settings = Settings(database_url=url, broker_url=REDIS, notify_enabled=False)
+        pool = StartPool(settings, 1)  # one connection: every start is on the trace
+        try:
+            for i in range(20):  # warm the connection, the catalog and the statements
+                await pool.start(f"bench-{i % accounts}", FEATURE)
+            for conn in pool._idle:  # noqa: SLF001 - the bench traces the pool's wire
+                conn.pgconn.trace(trace.fileno())
+                conn.pgconn.set_trace_flags(psycopg.pq.Trace.SUPPRESS_TIMESTAMPS)
+            t0 = time.perf_counter()
+            for i in range(starts):
+                result = await pool.start(f"bench-{i % accounts}", FEATURE)
+                assert result.status == "accessible", result
+            return time.perf_counter() - t0
+        finally:
+            await pool.close()
+
     try:
         prepare(url, accounts)
-        dispose_engines(close=True)
-        configure_server_pool()  # the pool the API server runs with
-        settings = Settings(database_url=url, broker_url=REDIS, notify_enabled=False)
-        engine = get_engine(url)
-        statements = 0
-
-        @event.listens_for(engine, "connect")
-        def _trace(dbapi_conn: Any, _record: Any) -> None:
-            dbapi_conn.pgconn.trace(trace.fileno())
-            dbapi_conn.pgconn.set_trace_flags(psycopg.pq.Trace.SUPPRESS_TIMESTAMPS)
-
-        @event.listens_for(engine, "before_cursor_execute")
-        def _count(*_: Any) -> None:
-            nonlocal statements
-            statements += 1
-
-        for i in range(20):  # warm the pool, the catalog cache and prepared statements
-            run_start(settings, f"bench-{i % accounts}", FEATURE)
-        trace.seek(0)
-        trace.truncate()
-        statements = 0
-        t0 = time.perf_counter()
-        for i in range(starts):
-            result = run_start(settings, f"bench-{i % accounts}", FEATURE)
-            assert result.status == "accessible", result
-        elapsed = time.perf_counter() - t0
-        dispose_engines(close=True)
+        elapsed = asyncio.run(measure())
         trace.seek(0)
         turns, previous = 0, ""
         for line in trace.read().decode(errors="replace").splitlines():
@@ -334,7 +324,6 @@ def count_roundtrips(*, admin_url: str = PG_ADMIN, starts: int = 200,
             if side in ("F", "B"):
                 previous = side
         return {"starts": starts, "roundtrips_per_start": round(turns / starts, 2),
-                "sqlalchemy_statements_per_start": round(statements / starts, 2),
                 "sequential_ms_per_start": round(1000 * elapsed / starts, 3)}
     finally:
         trace.close()

@@ -9,6 +9,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
 
+import psycopg
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
@@ -17,6 +18,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from tokenledger.api.auth import AuthError
+from tokenledger.api.fastpath import StartFastPath
+from tokenledger.api.pgpipe import StartPool
 from tokenledger.api.schemas import ErrorBody
 from tokenledger.apikeys import KeyCache
 from tokenledger.client import LedgerClient
@@ -36,10 +39,14 @@ log = logging.getLogger("tokenledger.api")
 
 # A batch of 1,000 events, each with 16 KiB of metadata, fits with room to spare.
 MAX_BODY_BYTES = 24 * 1024 * 1024
-# Concurrent token-process starts per process. Commits are what a start waits for, and
-# PostgreSQL flushes the WAL of all concurrent commits at once, so more starts in flight
-# means more commits per flush; the pool keeps a connection for each of them.
-START_THREADS = 16
+# Concurrent token-process starts per process on PostgreSQL (connections of the start
+# pool). Commits are what a start waits for, and PostgreSQL flushes the WAL of all
+# concurrent commits at once, so more starts in flight means more commits per flush.
+START_CONNECTIONS = 16
+# Threads for starts on other databases (SQLite: one writer at a time anyway).
+START_THREADS = 4
+# Pooled SQLAlchemy connections of the sync routes.
+SYNC_CONNECTIONS = 32
 
 
 @dataclass
@@ -50,8 +57,10 @@ class ApiState:
     client: LedgerClient
     keys: KeyCache
     end_wait: float
-    # Token-process starts run here, not in the shared threadpool: a fixed set of threads
-    # each holding at most one pooled connection, so starts never wait behind slow reads.
+    # Token-process starts on PostgreSQL: pipelined from the event loop (pgpipe).
+    start_pool: StartPool | None
+    # Elsewhere they run here, not in the shared threadpool, so they never wait behind
+    # slow reads.
     starts: ThreadPoolExecutor
 
 
@@ -139,6 +148,16 @@ async def _on_database(_: Request, exc: DBAPIError) -> JSONResponse:
     return error(500, "Internal server error")
 
 
+async def _on_driver(_: Request, exc: psycopg.Error) -> JSONResponse:
+    # psycopg's own errors come from the start pool (the rest goes through SQLAlchemy).
+    if isinstance(exc, psycopg.OperationalError):
+        log.error("database unavailable: %s", type(exc).__name__)
+        return error(503, "The database is unavailable; retry shortly",
+                     headers={"Retry-After": "1"})
+    log.error("database error", exc_info=exc)
+    return error(500, "Internal server error")
+
+
 async def _on_broker(_: Request, exc: Exception) -> JSONResponse:
     log.error("broker unavailable: %s", type(exc).__name__)
     return error(503, "The broker is unavailable; retry shortly", headers={"Retry-After": "1"})
@@ -209,11 +228,15 @@ def create_app(settings: Settings | None = None, *, key_cache_seconds: float = 2
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         client = LedgerClient(settings)
         starts = ThreadPoolExecutor(START_THREADS, thread_name_prefix="tokenledger-start")
+        pool = StartPool(settings, START_CONNECTIONS) \
+            if settings.database_url.startswith("postgresql") else None
         app.state.api = ApiState(settings, client, KeyCache(key_cache_seconds),
-                                 end_wait_seconds, starts)
+                                 end_wait_seconds, pool, starts)
         try:
             yield
         finally:
+            if pool is not None:
+                await pool.close()
             starts.shutdown(wait=True)
             client.close()
 
@@ -241,6 +264,9 @@ def create_app(settings: Settings | None = None, *, key_cache_seconds: float = 2
                          redis.exceptions.TimeoutError):
         app.add_exception_handler(broker_error, _on_broker)
     app.add_exception_handler(Exception, _on_unexpected)
+    app.add_exception_handler(psycopg.Error, _on_driver)  # type: ignore[arg-type]
+    # The start's fast path sits inside the body limit, like the routes.
+    app.add_middleware(StartFastPath)
     app.add_middleware(BodyLimit)
 
     from tokenledger.api import accounts, admin, billing, events, tokenprocess
@@ -274,12 +300,14 @@ def app_from_env() -> FastAPI:
 
 
 def configure_server_pool() -> None:
-    """The connection pool of an API server process (call before its first request)."""
-    # A connection for every start thread and for as many requests in the shared threadpool
-    # again, kept open between bursts. No ping before each checkout (a round trip per
-    # request): a connection found dead invalidates the pool, a start retries it (nothing
-    # was committed), and other requests answer 503 with Retry-After once.
-    configure_pool(pool_size=2 * START_THREADS, max_overflow=START_THREADS, pre_ping=False)
+    """The SQLAlchemy pool of an API server process (call before its first request)."""
+    # A connection for each thread of the shared threadpool that runs the sync routes
+    # (and the start threads off PostgreSQL), kept open between bursts. No ping before
+    # each checkout (a round trip per request): a connection found dead invalidates the
+    # pool, a start retries it (nothing was committed), and other requests answer 503
+    # with Retry-After once. Starts on PostgreSQL use their own pool (pgpipe).
+    configure_pool(pool_size=SYNC_CONNECTIONS, max_overflow=SYNC_CONNECTIONS // 2,
+                   pre_ping=False)
 
 
 def _add_operational_routes(app: FastAPI) -> None:

@@ -1,4 +1,4 @@
-"""The token-process start on PostgreSQL in four short statements (plus the commit).
+"""The token-process start on PostgreSQL: three reads, a decision, one write, the commit.
 
 The start is the one synchronous write of the ledger, so its latency is the caller's.
 The general batch path (``ledger.service._Batch``) spends a round trip per statement and
@@ -6,17 +6,21 @@ uses COPY and sequence prefetches that pay off for 1,000 events, not for one. He
 
 1. lock the account ``FOR UPDATE``, drawing the hold's id from its sequence in the same
    statement;
-2. then lock and read its wallets (and, with a key, the stored outcome) in statements of
-   their own: their snapshots are taken *after* the account lock was granted, so a start
-   that waited for another writer sees that writer's committed wallets, including one it
-   created, exactly as the batch path does;
-3. decide in memory (plan, estimate, draw order);
+2. lock and read its wallets, and with a key the stored outcome, in statements of their
+   own, found by ``user_id`` (not by the id statement 1 answers), so all three can be
+   sent at once: the server still runs them one after the other, and each later one
+   takes its snapshot *after* the account lock was granted, so a start that waited for
+   another writer sees that writer's committed wallets, including one it created,
+   exactly as the batch path does;
+3. :func:`decide` in memory (``service.plan_hold``: plan, estimate; then the draw order);
 4. write the hold, its ``HOLD`` entries, the wallets' balances, the outcome row and the
-   low-balance state in one prepared statement of data-modifying CTEs.
+   low-balance state in one statement of data-modifying CTEs (:func:`finish` reads its
+   answer), followed by the commit.
 
-Plain statements, not psycopg's pipeline mode: a pipeline saves round trips but its
-client spins on the socket while the server works, which on a busy machine cost more
-CPU than the round trips it saved.
+The statements are plain text with ``%(name)s`` parameters, so two executors share them:
+:func:`start` runs them one by one on a Session's psycopg connection (the SDK's
+``run_start``), and the API server sends the reads with ``BEGIN`` and the write with
+``COMMIT`` in one round trip each (``tokenledger.api.pgpipe``).
 
 Same rows, same arithmetic, same answers as the portable path in ``service.py`` (which
 SQLite uses).
@@ -24,6 +28,7 @@ SQLite uses).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
@@ -37,13 +42,14 @@ from tokenledger.ledger.service import BalanceChange
 from tokenledger.ledger.wallets import AccountState, WalletState, draw_order
 from tokenledger.timeutil import as_utc
 
-_LOCK_ACCOUNT = (
+LOCK_ACCOUNT = (
     "SELECT id, plan_code, timezone, last_renewal_at, nextval('holds_id_seq')"
-    " FROM accounts WHERE user_id = %s FOR UPDATE")
-_LOCK_WALLETS = (
+    " FROM accounts WHERE user_id = %(user_id)s FOR UPDATE")
+LOCK_WALLETS = (
     "SELECT id, wallet_type, balance, expires_at, is_active, created_at FROM wallets"
-    " WHERE account_id = %s ORDER BY id FOR UPDATE")
-_STORED = "SELECT payload_hash, result FROM event_outcomes WHERE key = %s"
+    " WHERE account_id = (SELECT id FROM accounts WHERE user_id = %(user_id)s)"
+    " ORDER BY id FOR UPDATE")
+STORED = "SELECT payload_hash, result FROM event_outcomes WHERE key = %(key)s"
 # The whole write in one statement: the hold, one HOLD entry per wallet drawn (with the
 # balances before and after), the wallets' new balances, the outcome row, and optionally
 # the low-balance state (``low``, from notify). Answers the newest entry id (the change's
@@ -69,44 +75,69 @@ _WRITE = (
 _WRITE_PLAIN = _WRITE.format(low="", crossed="false")
 _WRITE_LOW = _WRITE.format(low=", {cte}", crossed="EXISTS (SELECT FROM low)")
 
+Statement = tuple[str, dict[str, Any]]
 Started = tuple[Any, list[BalanceChange], list[notify.BalanceNotice]]
 
 
-def start(session: Session, user_id: str, feature_endpoint_id: str, *, now: datetime,
-          hold_ttl_seconds: int, max_output_tokens: int | None, hold: int | None,
-          model: str | None, key: str | None, catalog: Catalog, digest: str,
-          with_notices: bool = False) -> Started:
-    """``service.start`` on PostgreSQL: (result, balance changes, notices).
+def reads(user_id: str, key: str | None) -> list[Statement]:
+    """The statements whose rows :func:`decide` takes, in this order, in one transaction."""
+    out = [(LOCK_ACCOUNT, {"user_id": user_id}), (LOCK_WALLETS, {"user_id": user_id})]
+    if key is not None:
+        out.append((STORED, {"key": key}))
+    return out
 
-    With ``with_notices`` the low-balance state is kept in the write statement and the
-    notices to publish once committed are returned (with no changes left to stage);
-    without, the changes are returned for ``notify.stage`` and no notices.
+
+@dataclass(slots=True)
+class Decision:
+    """What a start does once its reads are in: answer now, or write and then answer.
+
+    With ``write`` set, run it and pass its row to :func:`finish`; otherwise ``result``
+    is the answer and nothing needs to be written (the transaction may end either way).
+    """
+
+    result: Any
+    write: Statement | None = None
+    user_id: str = ""
+    balance: int = 0
+    with_notices: bool = True
+    threshold: int | None = None
+    marks: bool = False
+
+
+def decide(rows: list[list[tuple[Any, ...]]], user_id: str, feature_endpoint_id: str, *,
+           now: datetime, hold_ttl_seconds: int, max_output_tokens: int | None,
+           hold: int | None, model: str | None, key: str | None, catalog: Catalog,
+           digest: str, with_notices: bool = True) -> Decision:
+    """The start's decision from the rows of :func:`reads` (run under the account lock).
+
+    With ``with_notices`` the write keeps the low-balance state too and :func:`finish`
+    answers the notices to publish once committed; without, it answers the balance
+    change for ``notify.stage``. Raises AccountNotFound for an unknown user and
+    IdempotencyConflict for a key stored with other arguments; a key stored with the same
+    ones answers its first result.
     """
     from tokenledger.tokenprocess import service as sv
 
-    raw = session.connection().connection.driver_connection
-    row = raw.execute(_LOCK_ACCOUNT, (user_id,)).fetchone()
-    if row is None:
+    if not rows[0]:
         raise AccountNotFound(user_id)
-    account_id, plan_code, timezone, last_renewal_at, hold_id = row
+    account_id, plan_code, timezone, last_renewal_at, hold_id = rows[0][0]
     account = AccountState(account_id, user_id, plan_code, timezone, as_utc(last_renewal_at))
     account.wallets = [WalletState(w[0], account_id, w[1], w[2], as_utc(w[3]), w[4],
                                    as_utc(w[5]), w[2])
-                       for w in raw.execute(_LOCK_WALLETS, (account_id,))]
+                       for w in rows[1]]
     available = account.available(now)
-    if key is not None:
-        stored = raw.execute(_STORED, (key,)).fetchone()
-        if stored is not None:
-            if stored[0] != digest or not stored[1]:
-                raise IdempotencyConflict(key)
-            return sv._stored_start(stored[1], available), [], []
+    if key is not None and rows[2]:
+        stored_hash, stored_result = rows[2][0]
+        if stored_hash != digest or not stored_result:
+            raise IdempotencyConflict(key)
+        return Decision(sv._stored_start(stored_result, available))
 
     decided = sv.plan_hold(catalog, plan_code, available, now=now, user_id=user_id,
                            feature_endpoint_id=feature_endpoint_id,
                            max_output_tokens=max_output_tokens, hold=hold, model=model,
                            key=key, hold_ttl_seconds=hold_ttl_seconds)
     if isinstance(decided, sv.StartResult):
-        return decided, [], []
+        return Decision(decided)
     amount, hold_key, expires_at = decided.amount, decided.key, decided.expires_at
     chosen, meta = decided.model, decided.metadata
     meta["hold_id"] = hold_id
@@ -131,7 +162,6 @@ def start(session: Session, user_id: str, feature_endpoint_id: str, *, now: date
     assert remaining == 0, (amount, available)
     result = sv.StartResult(sv.ACCESSIBLE, account.available(now), None, hold_id, user_id,
                             feature_endpoint_id, amount, None, expires_at)
-    balance = account.balance(now)
     # The outcome row makes the hold key a first-class event key: verify sees its entries
     # as applied, and a retried start with the same key finds its answer there.
     params = {
@@ -140,22 +170,46 @@ def start(session: Session, user_id: str, feature_endpoint_id: str, *, now: date
         "allocations": Jsonb(allocations), "expires_at": expires_at, "now": now,
         "meta": Jsonb(meta), "wallet_ids": wallet_ids, "taken": taken, "before": before,
         "digest": digest, "event": sv.START_EVENT, "result": Jsonb(result.as_dict())}
-    sql = _WRITE_PLAIN
-    marks = False
-    threshold = None
+    decision = Decision(result, (_WRITE_PLAIN, params), user_id, account.balance(now),
+                        with_notices)
     if with_notices and wallet_ids:
         plan = catalog.plans.get(plan_code)
-        threshold = plan.low_balance_threshold if plan else None
-        cte, low_params, marks = notify.low_balance_cte(user_id, balance, threshold, now)
-        sql = _WRITE_LOW.format(cte=cte)
-        params.update(low_params)
-    seq, crossed = raw.execute(sql, params).fetchone()
+        decision.threshold = plan.low_balance_threshold if plan else None
+        cte, low_params, decision.marks = notify.low_balance_cte(
+            user_id, decision.balance, decision.threshold, now)
+        decision.write = (_WRITE_LOW.format(cte=cte), {**params, **low_params})
+    return decision
+
+
+def finish(decision: Decision, row: tuple[Any, ...]) -> Started:
+    """(result, balance changes, notices) from the write's row: the notices to publish
+    once committed, or (without ``with_notices``) the change to stage."""
+    seq, crossed = row
     if seq is None:  # nothing drawn (a free feature): no balance change
-        return result, [], []
-    if not with_notices:
-        return result, [BalanceChange(user_id, balance, seq)], []
-    notices = [notify.BalanceNotice(notify.BALANCE_CHANGED, user_id, balance, seq)]
-    if marks and crossed:
-        notices.append(notify.BalanceNotice(notify.BALANCE_LOW, user_id, balance, seq,
-                                            threshold))
-    return result, [], notices
+        return decision.result, [], []
+    if not decision.with_notices:
+        return decision.result, [BalanceChange(decision.user_id, decision.balance, seq)], []
+    notices = [notify.BalanceNotice(notify.BALANCE_CHANGED, decision.user_id,
+                                    decision.balance, seq)]
+    if decision.marks and crossed:
+        notices.append(notify.BalanceNotice(notify.BALANCE_LOW, decision.user_id,
+                                            decision.balance, seq, decision.threshold))
+    return decision.result, [], notices
+
+
+def start(session: Session, user_id: str, feature_endpoint_id: str, *, now: datetime,
+          hold_ttl_seconds: int, max_output_tokens: int | None, hold: int | None,
+          model: str | None, key: str | None, catalog: Catalog, digest: str,
+          with_notices: bool = False) -> Started:
+    """``service.start`` on PostgreSQL in the Session's transaction, one statement at a
+    time: (result, balance changes, notices), as :func:`finish` answers them."""
+    raw = session.connection().connection.driver_connection
+    rows = [raw.execute(sql, params).fetchall() for sql, params in reads(user_id, key)]
+    decision = decide(rows, user_id, feature_endpoint_id, now=now,
+                      hold_ttl_seconds=hold_ttl_seconds, max_output_tokens=max_output_tokens,
+                      hold=hold, model=model, key=key, catalog=catalog, digest=digest,
+                      with_notices=with_notices)
+    if decision.write is None:
+        return decision.result, [], []
+    sql, params = decision.write
+    return finish(decision, raw.execute(sql, params).fetchone())

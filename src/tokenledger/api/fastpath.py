@@ -1,0 +1,166 @@
+"""``POST /api/token-process/start`` without FastAPI's per-request machinery.
+
+The start is the API's hot path: a few hundred microseconds of database work, which
+FastAPI's routing, dependency resolution and response validation used to double. This
+ASGI middleware answers the ordinary start itself, with the same pieces the route uses
+(the ``StartIn`` model, the key cache, the start pool, the route's answer), and hands
+everything else to FastAPI untouched, so every unusual request (a body or header that
+does not validate, a key not in the cache, a key of another scope, another content
+type, a body without a length or a large one) gets exactly the route's answer, error
+bodies included:
+
+- the body is parsed with ``json.loads`` and validated by ``StartIn.model_validate`` as
+  FastAPI does; any failure falls through (with the body replayed), and FastAPI then
+  produces its 422;
+- the key must be a cached, active ``producer`` or ``admin`` key (``KeyCache``: a revoked
+  key stops working within its TTL, as on every other route); a miss falls through, and
+  the route's dependency looks the key up and fills the cache;
+- errors of the start itself go to the app's exception handlers, like the route's.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from pydantic import TypeAdapter, ValidationError
+from starlette.requests import Request
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from tokenledger.api.auth import HEADER, PRODUCE
+from tokenledger.api.schemas import Key, StartIn
+
+PATH = "/api/token-process/start"
+# A start's body is a few hundred bytes at most; a larger one is not ordinary.
+MAX_FAST_BODY = 16 * 1024
+ALLOWED_SCOPES = frozenset(PRODUCE) | {"admin"}
+_KEY = TypeAdapter(Key)
+_API_KEY = HEADER.encode()
+
+
+class StartFastPath:
+    """Answers ordinary token-process starts; passes every other request to ``app``."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] != PATH or scope["method"] != "POST":
+            await self.app(scope, receive, send)
+            return
+        api = scope["app"].state.api
+        prepared = self._prepare(scope, api)
+        if prepared is None:
+            await self.app(scope, receive, send)
+            return
+        length, api_key, idempotency_key = prepared
+        body, receive = await _read_body(receive, length)
+        started = self._validate(body, api_key, idempotency_key, api)
+        if started is None:
+            await self.app(scope, receive, send)
+            return
+        from tokenledger.api.tokenprocess import start_response
+
+        request, key = started
+        try:
+            result = await api.start_pool.start(
+                request.user_id, request.feature_endpoint_id,
+                max_output_tokens=request.max_output_tokens, hold=request.hold,
+                model=request.model, key=key)
+        except Exception as exc:  # noqa: BLE001 - answered by the app's handlers
+            response = await _handle(scope, receive, exc)
+        else:
+            response = start_response(request.user_id, result)
+        await response(scope, receive, send)
+
+    @staticmethod
+    def _prepare(scope: Scope, api: Any) -> tuple[int, str, bytes | None] | None:
+        """(body length, API key, idempotency key) of a request this path may answer."""
+        if api.start_pool is None:
+            return None
+        length = api_key = idempotency_key = content_type = None
+        for name, value in scope["headers"]:
+            if name == b"content-length":
+                if length is not None or not value.isdigit():
+                    return None
+                length = int(value)
+            elif name == _API_KEY:
+                if api_key is not None:
+                    return None
+                api_key = value
+            elif name == b"idempotency-key":
+                if idempotency_key is not None:
+                    return None
+                idempotency_key = value
+            elif name == b"content-type":
+                if content_type is not None:
+                    return None
+                content_type = value
+            elif name == b"transfer-encoding":
+                return None
+        if length is None or length > MAX_FAST_BODY or api_key is None \
+                or content_type is None or content_type.lower() != b"application/json":
+            return None
+        return length, api_key.decode("latin-1"), idempotency_key
+
+    @staticmethod
+    def _validate(body: bytes | None, api_key: str, idempotency_key: bytes | None,
+                  api: Any) -> tuple[StartIn, str | None] | None:
+        """The validated request and idempotency key, if the key is a known producer."""
+        if body is None:
+            return None
+        hit, info = api.keys.get(api_key)
+        if not hit or info is None or info.scope not in ALLOWED_SCOPES:
+            return None
+        try:
+            data = json.loads(body)
+            if type(data) is not dict:
+                return None
+            request = StartIn.model_validate(data)
+            key = None if idempotency_key is None else \
+                _KEY.validate_python(idempotency_key.decode("latin-1"))
+        except (ValueError, ValidationError):  # JSON errors are ValueErrors
+            return None
+        return request, key
+
+
+async def _read_body(receive: Receive, length: int) -> tuple[bytes | None, Receive]:
+    """The whole body (None if it did not match its length) and a ``receive`` that hands
+    it to the next app as if unread."""
+    chunks: list[bytes] = []
+    size = 0
+    more = True
+    while more:
+        message = await receive()
+        if message["type"] != "http.request":
+            chunks = []
+            replay_messages: list[Message] = [message]
+            break
+        chunk = message.get("body", b"")
+        chunks.append(chunk)
+        size += len(chunk)
+        more = message.get("more_body", False)
+        if size > length:
+            break
+    else:
+        replay_messages = []
+    body = b"".join(chunks)
+    replay_messages = replay_messages or [{"type": "http.request", "body": body,
+                                           "more_body": more}]
+
+    async def replay() -> Message:
+        if replay_messages:
+            return replay_messages.pop(0)
+        return await receive()
+
+    return (body if size == length and not more and chunks else None), replay
+
+
+async def _handle(scope: Scope, receive: Receive, exc: Exception) -> Any:
+    """The response the app's exception handlers give ``exc`` (as for the route)."""
+    handlers = scope["app"].exception_handlers
+    for cls in type(exc).__mro__:
+        handler = handlers.get(cls)
+        if handler is not None:
+            return await handler(Request(scope, receive), exc)
+    raise exc

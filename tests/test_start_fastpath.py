@@ -1,0 +1,280 @@
+"""The token-process start's fast path (``api.fastpath``) and its start pool (``api.pgpipe``).
+
+The fast path answers ordinary starts itself and hands every other request to FastAPI
+with the body intact, so unusual requests get the route's own answers. Starts through it
+are the same transaction as the route's: concurrent starts on one account never
+overspend, a revoked key stops working within the key cache's time, and a start
+connection the server dropped is replaced without the caller noticing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import httpx
+import pytest
+from sqlalchemy import select, text
+
+from tests.api_support import KEY_CACHE_SECONDS, ServerThread, api_server, auth, http, keys
+from tests.conftest import apply, assert_verified
+from tokenledger import Settings
+from tokenledger.api import create_app
+from tokenledger.api.fastpath import PATH, StartFastPath
+from tokenledger.api.pgpipe import APPLICATION_NAME
+from tokenledger.apikeys import create_key, revoke_key
+from tokenledger.db import unit_of_work
+from tokenledger.tokenprocess.models import Hold
+
+pytestmark = pytest.mark.services
+__all__ = ["api_server", "http", "keys"]  # fixtures used by name
+
+
+def uid(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:10]}"
+
+
+# -- the middleware on its own, in front of a recorder ----------------------------------------
+
+
+class Recorder:
+    """The app behind the fast path: records what reached it and answers 299."""
+
+    def __init__(self) -> None:
+        self.bodies: list[bytes] = []
+
+    async def __call__(self, scope: dict, receive: Callable[[], Awaitable[dict]],
+                       send: Callable[[dict], Awaitable[None]]) -> None:
+        body, more = b"", True
+        while more:
+            message = await receive()
+            body += message.get("body", b"")
+            more = message.get("more_body", False)
+        self.bodies.append(body)
+        await send({"type": "http.response.start", "status": 299, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+
+async def call(app: Any, asgi: Any, body: bytes, headers: list[tuple[bytes, bytes]],
+               method: str = "POST", path: str = PATH, chunks: int = 1) -> tuple[int, bytes]:
+    """One request through ``asgi`` (whose state is ``app``'s); (status, body)."""
+    size = max(1, -(-len(body) // chunks))
+    parts = [body[i:i + size] for i in range(0, len(body), size)] or [b""]
+    messages = [{"type": "http.request", "body": part, "more_body": i < len(parts) - 1}
+                for i, part in enumerate(parts)]
+    sent: list[dict] = []
+
+    async def receive() -> dict:
+        return messages.pop(0) if messages else {"type": "http.disconnect"}
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1",
+             "method": method, "path": path, "raw_path": path.encode(), "root_path": "",
+             "scheme": "http", "query_string": b"", "headers": headers,
+             "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 80), "app": app}
+    await asgi(scope, receive, send)
+    return sent[0]["status"], b"".join(m.get("body", b"") for m in sent[1:])
+
+
+def start_headers(key: str, body: bytes, **extra: str) -> list[tuple[bytes, bytes]]:
+    headers = [(b"content-type", b"application/json"),
+               (b"content-length", str(len(body)).encode()),
+               (b"x-server-api-key", key.encode())]
+    return headers + [(k.encode(), v.encode()) for k, v in extra.items()]
+
+
+def test_the_fast_path_answers_ordinary_starts_and_passes_everything_else_on_intact(
+        settings: Settings, db: str) -> None:
+    user = uid("fast")
+    apply(db, {"type": "open_account", "key": f"open:{user}", "user_id": user})
+    with unit_of_work(db) as session:
+        producer = create_key(session, "producer", "fast").key
+        reader = create_key(session, "reader", "fast").key
+        unknown = create_key(session, "producer", "never used").key
+    ordinary = json.dumps({"user_id": user, "feature_endpoint_id": "text_generation"}).encode()
+    unusual: list[tuple[str, bytes, list[tuple[bytes, bytes]]]] = [
+        ("a key never looked up", ordinary, start_headers(unknown, ordinary)),
+        ("a reader's key", ordinary, start_headers(reader, ordinary)),
+        ("no key", ordinary, start_headers(producer, ordinary)[:2]),
+        ("two keys", ordinary,
+         start_headers(producer, ordinary) + [(b"x-server-api-key", producer.encode())]),
+        ("another content type", ordinary,
+         [(b"content-type", b"text/plain")] + start_headers(producer, ordinary)[1:]),
+        ("no length", ordinary,
+         start_headers(producer, ordinary)[:1] + start_headers(producer, ordinary)[2:]),
+        ("broken JSON", b'{"user_id": ', start_headers(producer, b'{"user_id": ')),
+        ("not an object", b"[]", start_headers(producer, b"[]")),
+    ]
+    for body in (b'{"user_id": "", "feature_endpoint_id": "text_generation"}',
+                 b'{"user_id": "u", "feature_endpoint_id": "x", "surprise": 1}',
+                 b'{"user_id": "u", "feature_endpoint_id": "x", "hold": -1}',
+                 b'{"user_id": "u\\u0000", "feature_endpoint_id": "x"}',
+                 b'{"user_id": "u", "feature_endpoint_id": "x", "hold": 1.0}'):
+        unusual.append((f"invalid {body!r}", body, start_headers(producer, body)))
+    unusual.append(("an invalid idempotency key", ordinary,
+                    start_headers(producer, ordinary, **{"idempotency-key": "k" * 256})))
+
+    async def scenario(app: Any) -> None:
+        # The route's dependency looks the key up once and caches it.
+        status, body = await call(app, app, ordinary, start_headers(producer, ordinary))
+        assert status == 200 and json.loads(body)["data"]["status"] == "accessible"
+        recorder = Recorder()
+        fast = StartFastPath(recorder)
+        status, body = await call(app, fast, ordinary, start_headers(producer, ordinary),
+                                  chunks=3)
+        assert status == 200 and recorder.bodies == [], body
+        data = json.loads(body)["data"]
+        assert (data["status"], data["token"], data["cost"]) == ("accessible", 3, 1)
+        for what, raw, headers in unusual:
+            recorder.bodies.clear()
+            status, _ = await call(app, fast, raw, headers)
+            assert (status, recorder.bodies) == (299, [raw]), what
+        # Other routes and methods are not its business.
+        recorder.bodies.clear()
+        assert (await call(app, fast, b"", [], method="GET"))[0] == 299
+        assert (await call(app, fast, ordinary, start_headers(producer, ordinary),
+                           path="/api/token-process/end"))[0] == 299
+        assert recorder.bodies == [b"", ordinary]
+
+    run_app(settings, scenario)
+    with unit_of_work(db) as session:
+        assert len(session.scalars(select(Hold.id).where(Hold.user_id == user)).all()) == 2
+    assert_verified(db)
+
+
+def test_errors_on_the_fast_path_are_the_routes_envelopes(settings: Settings, db: str) -> None:
+    user = uid("errors")
+    apply(db, {"type": "open_account", "key": f"open:{user}", "user_id": user})
+    with unit_of_work(db) as session:
+        producer = create_key(session, "producer", "errors").key
+    first = json.dumps({"user_id": user, "feature_endpoint_id": "project_creation"}).encode()
+    other = json.dumps({"user_id": user, "feature_endpoint_id": "chatgpt_message"}).encode()
+    ghost = json.dumps({"user_id": "ghost", "feature_endpoint_id": "chat"}).encode()
+
+    async def scenario(app: Any) -> None:
+        await call(app, app, first, start_headers(producer, first))  # caches the key
+        fast = StartFastPath(Recorder())
+        status, body = await call(app, fast, ghost, start_headers(producer, ghost))
+        assert (status, json.loads(body)) == (404, {
+            "success": False, "status": 404, "message": "Account not found: ghost"})
+        headers = start_headers(producer, first, **{"idempotency-key": f"idem-{user}"})
+        status, body = await call(app, fast, first, headers)
+        assert status == 200
+        again = await call(app, fast, first, headers)
+        assert again == (200, body)
+        headers = start_headers(producer, other, **{"idempotency-key": f"idem-{user}"})
+        status, body = await call(app, fast, other, headers)
+        assert status == 409 and json.loads(body)["status"] == 409
+
+    run_app(settings, scenario)
+
+
+def run_app(settings: Settings, scenario: Callable[[Any], Awaitable[None]]) -> None:
+    """``scenario(app)`` with the app's lifespan (its state and start pool) running."""
+    app = create_app(settings, key_cache_seconds=60)
+
+    async def main() -> None:
+        async with app.router.lifespan_context(app):
+            await scenario(app)
+
+    asyncio.run(main())
+
+
+# -- over HTTP ------------------------------------------------------------------------------
+
+
+def test_concurrent_starts_over_http_never_overspend(http: httpx.Client, keys: dict,
+                                                     api_server: ServerThread, db: str) -> None:
+    """Given 5 credits, when 40 starts of 1 arrive at once over 8 connections, then
+    exactly 5 hold a credit and 35 are refused for tokens."""
+    user = uid("race")
+    apply(db, {"type": "open_account", "key": f"open:{user}", "user_id": user})
+    producer = auth(keys["producer"])
+    body = {"user_id": user, "feature_endpoint_id": "project_creation"}
+    # The first request (for nobody) caches the key; the starts then take the fast path.
+    assert http.post(PATH, headers=producer, json={**body, "user_id": "nobody"}
+                     ).status_code == 404
+
+    def starts(_: int) -> list[dict]:
+        with httpx.Client(base_url=api_server.url, timeout=60) as c:
+            out = []
+            for _ in range(5):
+                r = c.post(PATH, headers=producer, json=body)
+                assert r.status_code == 200, r.text
+                out.append(r.json()["data"])
+            return out
+
+    with ThreadPoolExecutor(8) as pool:
+        answers = [a for batch in pool.map(starts, range(8)) for a in batch]
+    accessible = [a for a in answers if a["status"] == "accessible"]
+    refused = [a for a in answers if a["status"] == "not-accessible"]
+    assert len(accessible) == 5 and len(refused) == 35
+    assert all(a["message"] == "Insufficient tokens" for a in refused)
+    assert len({a["hold_id"] for a in accessible}) == 5
+    assert sorted(a["token"] for a in accessible) == [0, 1, 2, 3, 4]
+    with unit_of_work(db) as session:
+        held = session.scalar(text("SELECT sum(amount) FROM holds WHERE user_id = :u"),
+                              {"u": user})
+    assert held == 5
+    assert_verified(db)
+
+
+def test_a_revoked_key_stops_starting_within_the_cache_time(http: httpx.Client,
+                                                           db: str) -> None:
+    user = uid("revoked")
+    apply(db, {"type": "open_account", "key": f"open:{user}", "user_id": user})
+    with unit_of_work(db) as session:
+        created = create_key(session, "producer", "to revoke")
+    body = {"user_id": user, "feature_endpoint_id": "project_creation"}
+    for _ in range(2):  # looked up, then from the cache
+        assert http.post(PATH, headers=auth(created.key), json=body).status_code == 200
+    with unit_of_work(db) as session:
+        revoke_key(session, created.info.prefix)
+    time.sleep(KEY_CACHE_SECONDS + 0.2)
+    r = http.post(PATH, headers=auth(created.key), json=body)
+    assert r.status_code == 401 and r.json() == {
+        "success": False, "status": 401, "message": "Invalid server API key"}
+
+
+def test_invalid_starts_get_the_same_422_with_a_cached_key_as_without(
+        http: httpx.Client, keys: dict, db: str) -> None:
+    apply(db, {"type": "open_account", "key": "open:v", "user_id": "v"})
+    cached = auth(keys["producer"])
+    assert http.post(PATH, headers=cached, json={
+        "user_id": "v", "feature_endpoint_id": "project_creation"}).status_code == 200
+    for body in ({"user_id": "", "feature_endpoint_id": "chat"},
+                 {"user_id": "v", "feature_endpoint_id": "chat", "max_output_tokens": -1},
+                 {"user_id": "v", "feature_endpoint_id": "chat", "surprise": 1}):
+        with unit_of_work(db) as session:
+            fresh = auth(create_key(session, "producer", "fresh").key)
+        warm = http.post(PATH, headers=cached, json=body)
+        cold = http.post(PATH, headers=fresh, json=body)
+        assert warm.status_code == cold.status_code == 422
+        assert warm.content == cold.content
+
+
+def test_a_start_connection_the_server_dropped_is_replaced(http: httpx.Client, keys: dict,
+                                                          db: str) -> None:
+    user = uid("dropped")
+    apply(db, {"type": "open_account", "key": f"open:{user}", "user_id": user})
+    producer = auth(keys["producer"])
+    body = {"user_id": user, "feature_endpoint_id": "project_creation"}
+    assert http.post(PATH, headers=producer, json=body).status_code == 200
+    with unit_of_work(db) as session:
+        killed = session.scalar(text(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
+            " WHERE application_name = :name AND datname = current_database()"),
+            {"name": APPLICATION_NAME})
+    assert killed >= 1
+    for expected in (3, 2, 1):
+        r = http.post(PATH, headers=producer, json=body)
+        assert r.status_code == 200, r.text
+        assert r.json()["data"]["token"] == expected
+    assert_verified(db)
