@@ -91,6 +91,30 @@ class BalanceNotice:
                    None if data.get("threshold") is None else int(data["threshold"]))
 
 
+@dataclass(frozen=True, slots=True)
+class BulkChanges:
+    """Many accounts' balance changes from one set-based writer, one per user, with each
+    ``balance_changed`` message already encoded by the database (see
+    :func:`message_sql`): a million-account renewal sends a million notices, and building
+    them one Python object at a time cost more than the renewal's own SQL."""
+
+    user_ids: list[str]
+    balances: list[int]
+    seqs: list[int]
+    messages: list[str]
+
+    def notices(self) -> list[BalanceNotice]:
+        return [BalanceNotice(BALANCE_CHANGED, u, b, s)
+                for u, b, s in zip(self.user_ids, self.balances, self.seqs, strict=True)]
+
+
+def message_sql(user_id: str, balance: str, seq: str) -> str:
+    """A PostgreSQL expression encoding ``balance_changed`` exactly as
+    :meth:`BalanceNotice.to_json` does, from three SQL expressions."""
+    return (f"'{{\"event\":\"{BALANCE_CHANGED}\",\"user_id\":' || to_json({user_id})::text"
+            f" || ',\"balance\":' || ({balance}) || ',\"ledger_seq\":' || ({seq}) || '}}'")
+
+
 Callback = Callable[[BalanceNotice], Any]
 
 # -- in-process subscribers --------------------------------------------------------------
@@ -185,6 +209,37 @@ def publish(settings: Settings, notices: list[BalanceNotice]) -> None:
         metrics.NOTIFICATIONS.labels(event=name).inc(count)
 
 
+# PUBLISH each argument to the channel KEYS[1]: one command for thousands of notices.
+_PUBLISH_ALL = "for _, m in ipairs(ARGV) do redis.call('PUBLISH', KEYS[1], m) end return #ARGV"
+_PUBLISH_ALL_BATCH = 5000
+
+
+def publish_bulk(settings: Settings, bulk: BulkChanges) -> None:
+    """:func:`publish` for a :class:`BulkChanges`: in-process subscribers (if any) get
+    notices; Redis gets the encoded messages in a few scripted PUBLISH loops. Never
+    raises."""
+    from tokenledger import metrics
+
+    if not bulk.messages:
+        return
+    if _subscribers:
+        _dispatch_local(bulk.notices())
+    url = redis_url(settings)
+    if url is not None:
+        try:
+            script = _redis(url).register_script(_PUBLISH_ALL)
+            target = channel(settings, BALANCE_CHANGED)
+            for start in range(0, len(bulk.messages), _PUBLISH_ALL_BATCH):
+                script(keys=[target],
+                       args=bulk.messages[start:start + _PUBLISH_ALL_BATCH])
+        except redis.RedisError as exc:
+            metrics.NOTIFY_ERRORS.inc()
+            log.warning("could not publish %d balance notice(s) to %s: %s",
+                        len(bulk.messages), mask_url(url), exc)
+            return
+    metrics.NOTIFICATIONS.labels(event=BALANCE_CHANGED).inc(len(bulk.messages))
+
+
 class _Publisher:
     """One daemon thread per process that publishes committed notices off the caller's
     path, sending everything queued meanwhile in one Redis pipeline."""
@@ -197,7 +252,7 @@ class _Publisher:
         self._done = threading.Condition()
         self._pending = 0
 
-    def put(self, settings: Settings, notices: list[BalanceNotice]) -> None:
+    def put(self, settings: Settings, notices: list[BalanceNotice] | BulkChanges) -> None:
         if self._pid != os.getpid():  # first use, or a forked child without the thread
             with self._lock:
                 if self._pid != os.getpid():
@@ -221,15 +276,25 @@ class _Publisher:
         while True:
             item = q.get()
             batches: dict[int, tuple[Settings, list[BalanceNotice]]] = {}
+            bulks: list[tuple[Settings, BulkChanges]] = []
             taken = 0
             while item is not None:
                 taken += 1
                 settings, notices = item
-                batches.setdefault(id(settings), (settings, []))[1].extend(notices)
+                if isinstance(notices, BulkChanges):
+                    bulks.append((settings, notices))
+                else:
+                    batches.setdefault(id(settings), (settings, []))[1].extend(notices)
                 try:
                     item = q.get_nowait()
                 except queue.Empty:
                     item = None
+            for settings, bulk in bulks:
+                try:
+                    publish_bulk(settings, bulk)
+                except Exception:  # noqa: BLE001 - the thread must outlive any bug
+                    log.exception("publishing %d balance notice(s) failed",
+                                  len(bulk.messages))
             for settings, notices in batches.values():
                 try:
                     publish(settings, notices)
@@ -264,15 +329,14 @@ atexit.register(flush_published, 2.0)
 _PENDING = "tokenledger.balance_notices"
 _SETTINGS = "tokenledger.balance_notices_settings"
 _SOON = "tokenledger.balance_notices_soon"
+_PENDING_BULK = "tokenledger.balance_notices_bulk"
 
 
 def stage(session: Session, settings: Settings, changes: Iterable[Any],
-          catalog: Catalog, now: datetime, *, soon: bool = False) -> list[BalanceNotice]:
+          catalog: Catalog, now: datetime) -> list[BalanceNotice]:
     """Record low-balance crossings in this transaction and publish every notice after
     it commits (never if it rolls back). ``changes`` are BalanceChange-like objects
-    (user_id, balance, ledger_seq) for accounts this transaction has locked. With
-    ``soon`` the commit hands them to the background publisher (:func:`publish_soon`)
-    instead of waiting for Redis: for bulk writers whose next transaction should not."""
+    (user_id, balance, ledger_seq) for accounts this transaction has locked."""
     latest: dict[str, Any] = {}
     for change in changes:
         prior = latest.get(change.user_id)
@@ -283,8 +347,37 @@ def stage(session: Session, settings: Settings, changes: Iterable[Any],
     notices = [BalanceNotice(BALANCE_CHANGED, c.user_id, c.balance, c.ledger_seq)
                for c in latest.values()]
     notices += _low_balance_crossings(session, latest, catalog, now)
-    _queue(session, settings, notices, soon)
+    _queue(session, settings, notices)
     return notices
+
+
+def stage_bulk(session: Session, settings: Settings, bulk: BulkChanges, catalog: Catalog,
+               now: datetime) -> None:
+    """:func:`stage` for a set-based writer's :class:`BulkChanges` (accounts it has
+    locked, one change each): low-balance state is kept for the few accounts it concerns
+    (marked low, or at or below a threshold), and every notice is handed to the
+    background publisher once the transaction commits."""
+    if not bulk.user_ids:
+        return
+    ceiling = max((p.low_balance_threshold for p in catalog.plans.values()
+                   if p.low_balance_threshold is not None), default=None)
+    marked = set(session.scalars(select(LowBalanceState.user_id).where(
+        _user_in(session, LowBalanceState.user_id, bulk.user_ids))))
+    concerned = {u: _Change(u, b, s) for u, b, s in
+                 zip(bulk.user_ids, bulk.balances, bulk.seqs, strict=True)
+                 if u in marked or (ceiling is not None and b <= ceiling)}
+    lows = _low_balance_crossings(session, concerned, catalog, now) if concerned else []
+    session.info.setdefault(_PENDING_BULK, []).append(bulk)
+    _queue(session, settings, lows, soon=True)
+    session.info[_SETTINGS] = settings
+    session.info[_SOON] = True
+
+
+@dataclass(frozen=True, slots=True)
+class _Change:
+    user_id: str
+    balance: int
+    ledger_seq: int
 
 
 def _queue(session: Session, settings: Settings, notices: list[BalanceNotice],
@@ -329,22 +422,26 @@ def low_balance_cte(user_id: str, balance: int, threshold: int | None, now: date
 @event.listens_for(Session, "after_commit")
 def _after_commit(committed: Session) -> None:
     info = committed.info
-    if _PENDING not in info:
+    if _PENDING not in info and _PENDING_BULK not in info:
         return
     if committed.get_nested_transaction() is not None:
         return  # a savepoint was released; the outer transaction has not committed
-    notices = info.pop(_PENDING)
+    notices = info.pop(_PENDING, [])
+    settings = info.pop(_SETTINGS)
+    for bulk in info.pop(_PENDING_BULK, []):
+        _publisher.put(settings, bulk)
     send = publish_soon if info.pop(_SOON, False) else publish
-    send(info.pop(_SETTINGS), notices)
+    send(settings, notices)
 
 
 @event.listens_for(Session, "after_soft_rollback")
 def _after_rollback(rolled_back: Session, transaction: Any) -> None:
-    if _PENDING not in rolled_back.info:
+    if _PENDING not in rolled_back.info and _PENDING_BULK not in rolled_back.info:
         return
     if transaction.nested or transaction.parent is not None:
         return  # a savepoint: the outer transaction may still commit
     dropped = rolled_back.info.pop(_PENDING, [])
+    dropped += [n for b in rolled_back.info.pop(_PENDING_BULK, []) for n in b.user_ids]
     rolled_back.info.pop(_SETTINGS, None)
     rolled_back.info.pop(_SOON, None)
     if dropped:

@@ -65,8 +65,9 @@ def run_chunk(settings: Settings, chunk_id: int, slice_size: int | None = None
             result = process_chunk(session, chunk_id, catalog, slice_size)
             # balance_changed for every granted account, once this slice commits; sent
             # from a background thread while the next slice runs.
-            notify.stage(session, settings, result.balance_changes, catalog, utcnow(),
-                         soon=True)
+            if result.balance_changes is not None:
+                notify.stage_bulk(session, settings, result.balance_changes, catalog,
+                                  utcnow())
         if not result.more:
             break
     if result.finished:

@@ -50,6 +50,7 @@ from sqlalchemy import (
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from tokenledger import notify
 from tokenledger.catalog import Catalog, PlanSpec
 from tokenledger.errors import AccountNotFound, TokenLedgerError, ValidationFailed
 from tokenledger.ledger.service import BalanceChange
@@ -142,8 +143,8 @@ class ChunkResult:
     already_done: bool = False
     more: bool = False  # a slice committed; the chunk's next slice is still to do
     errors: list[dict[str, Any]] = field(default_factory=list)
-    # This slice's balance changes (one per granted account), for notify.stage.
-    balance_changes: list[BalanceChange] = field(default_factory=list)
+    # This slice's balance changes (one per granted account), for notify.stage_bulk.
+    balance_changes: notify.BulkChanges | None = None
 
 
 # -- what is due ---------------------------------------------------------------------------
@@ -409,6 +410,7 @@ _MARK = {
 }
 _PERIOD = {"monthly": "to_char(c.mark AT TIME ZONE 'UTC', 'YYYY-MM-DD')", "daily": "c.mark"}
 _MARK_COLUMN = {"monthly": "last_renewal_at", "daily": "last_reset_on"}
+_MESSAGE = notify.message_sql("user_id", "balance", "seq")
 
 
 def _pg_sql(kind: str, dry_run: bool, on_conflict: bool = False) -> tuple[str, str]:
@@ -487,9 +489,9 @@ def _pg_sql(kind: str, dry_run: bool, on_conflict: bool = False) -> tuple[str, s
         " (SELECT count(*) FROM g WHERE after <> before) - (SELECT count(*) FROM ins)"
         "  AS already, (SELECT coalesce(sum(amount), 0) FROM ins) AS tokens,"
         " (SELECT count(*) FROM ins) AS inserted, (SELECT count(*) FROM w) AS wallets,"
-        " (SELECT count(*) FROM m) AS marked, nn.users, nn.balances, nn.seqs,"
+        " (SELECT count(*) FROM m) AS marked, nn.users, nn.balances, nn.seqs, nn.messages,"
         f" {errors} FROM (SELECT array_agg(user_id) AS users, array_agg(balance) AS balances,"
-        "  array_agg(seq) AS seqs FROM n) AS nn")
+        f"  array_agg(seq) AS seqs, array_agg({_MESSAGE}) AS messages FROM n) AS nn")
 
 
 def _pg_params(kind: str, run: Row[Any], after: int, upto: int, catalog: Catalog,
@@ -539,8 +541,8 @@ def _process_pg(session: Session, run: Row[Any], after: int, upto: int, catalog:
                            f"{row.wallets} wallets, {row.grants} grants but {row.marked} marks")
     result.errors = list(row.errors)
     if not run.dry_run and row.users:
-        result.balance_changes = [BalanceChange(*c) for c in
-                                  zip(row.users, row.balances, row.seqs, strict=True)]
+        result.balance_changes = notify.BulkChanges(row.users, row.balances, row.seqs,
+                                                    row.messages)
     result.successful = row.grants - row.already
     result.skipped += row.already
     result.failed = len(result.errors)
@@ -689,9 +691,14 @@ def _process_portable(session: Session, run: Row[Any], after: int, upto: int,
     applied = [g for g in grants if g.key not in granted]
     if not run.dry_run:
         _write_portable(session, run.kind, run.id, grants, as_of)
-        result.balance_changes = _balance_changes(
+        changes = _balance_changes(
             session, ENTRY_TYPE[run.kind],
             [(g.user_id, g.account_id, g.key) for g in applied if g.amount != 0])
+        result.balance_changes = notify.BulkChanges(
+            [c.user_id for c in changes], [c.balance for c in changes],
+            [c.ledger_seq for c in changes],
+            [notify.BalanceNotice(notify.BALANCE_CHANGED, c.user_id, c.balance,
+                                  c.ledger_seq).to_json() for c in changes])
     result.successful = len(applied)
     result.failed = len(errors)
     result.processed = result.successful + result.failed
