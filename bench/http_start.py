@@ -3,8 +3,9 @@
     uv run python bench/http_start.py [--seconds 10] [--connections 16] [--accounts 5000]
 
 Creates a dedicated PostgreSQL database (dropped afterwards unless --keep), opens the
-accounts, creates a producer key, starts the API with uvicorn (2 worker processes,
-uvloop/httptools when installed) on loopback, and drives ``POST /api/token-process/start``
+accounts, creates a producer key, starts the API with uvicorn (one process by default,
+as ``tokenledger api`` runs it; uvloop/httptools when installed) on loopback, and drives
+``POST /api/token-process/start``
 from a separate load-generator process: keep-alive HTTP/1.1 connections on asyncio, each
 sending the next request as soon as the previous answer arrived (closed loop), spread
 over the accounts. Bounded in time (``--seconds`` after ``--warmup``) and in count
@@ -46,6 +47,13 @@ PG_ADMIN = os.environ.get("TOKENLEDGER_BENCH_PG", "postgresql://postgres@127.0.0
 REDIS = os.environ.get("TOKENLEDGER_BENCH_REDIS", "redis://127.0.0.1:6379/0")
 FEATURE = "project_creation"  # fixed cost 1: every start places a hold of 1 credit
 TARGET_RPS = 2000
+# One API process: a start costs it ~0.3 ms of CPU and PostgreSQL ~0.35 ms, so on two
+# cores one event loop keeps up with the database. A second worker did not help here:
+# uvicorn's workers share one listening socket, and the one that wakes first accepts a
+# whole burst of keep-alive connections (16 of 16, or 15 of 16, in most runs), so the
+# other idles or only competes with it for the CPU (measured: 1,970-2,130 req/s with
+# two, 2,160-2,250 with one, in alternating runs).
+WORKERS = 1
 TARGET_P99_MS = 20.0
 
 
@@ -220,7 +228,7 @@ def loadgen_main(argv: list[str]) -> None:
 
 def run(*, admin_url: str = PG_ADMIN, broker_url: str = REDIS, accounts: int = 5000,
         seconds: float = 10.0, warmup: float = 2.0, connections: int = 16,
-        max_requests: int = 200_000, workers: int = 2, keep: bool = False,
+        max_requests: int = 200_000, workers: int = WORKERS, keep: bool = False,
         log_dir: Path | None = None, probe_seconds: float = 3.0) -> dict[str, Any]:
     """Measure token-process start over HTTP; returns req/s, percentiles and errors.
 
@@ -341,7 +349,7 @@ def main() -> None:
     p.add_argument("--connections", type=int, default=16)
     p.add_argument("--accounts", type=int, default=5000)
     p.add_argument("--max-requests", type=int, default=200_000)
-    p.add_argument("--workers", type=int, default=2, help="uvicorn worker processes")
+    p.add_argument("--workers", type=int, default=WORKERS, help="uvicorn worker processes")
     p.add_argument("--pg", default=PG_ADMIN, help="PostgreSQL admin URL")
     p.add_argument("--redis", default=REDIS)
     p.add_argument("--keep", action="store_true", help="keep the bench database")

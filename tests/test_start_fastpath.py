@@ -23,7 +23,7 @@ from sqlalchemy import select, text
 
 from tests.api_support import KEY_CACHE_SECONDS, ServerThread, api_server, auth, http, keys
 from tests.conftest import apply, assert_verified
-from tokenledger import Settings
+from tokenledger import Settings, notify
 from tokenledger.api import create_app
 from tokenledger.api.fastpath import PATH, StartFastPath
 from tokenledger.api.pgpipe import APPLICATION_NAME
@@ -126,7 +126,7 @@ def test_the_fast_path_answers_ordinary_starts_and_passes_everything_else_on_int
         status, body = await call(app, app, ordinary, start_headers(producer, ordinary))
         assert status == 200 and json.loads(body)["data"]["status"] == "accessible"
         recorder = Recorder()
-        fast = StartFastPath(recorder)
+        fast = StartFastPath(app, recorder)
         status, body = await call(app, fast, ordinary, start_headers(producer, ordinary),
                                   chunks=3)
         assert status == 200 and recorder.bodies == [], body
@@ -136,12 +136,15 @@ def test_the_fast_path_answers_ordinary_starts_and_passes_everything_else_on_int
             recorder.bodies.clear()
             status, _ = await call(app, fast, raw, headers)
             assert (status, recorder.bodies) == (299, [raw]), what
-        # Other routes and methods are not its business.
+        # The app hands it the start's route only.
         recorder.bodies.clear()
-        assert (await call(app, fast, b"", [], method="GET"))[0] == 299
-        assert (await call(app, fast, ordinary, start_headers(producer, ordinary),
-                           path="/api/token-process/end"))[0] == 299
-        assert recorder.bodies == [b"", ordinary]
+        app.fast_start = fast
+        assert (await call(app, app, b"", [], method="GET", path="/healthz"))[0] == 200
+        assert (await call(app, app, ordinary, start_headers(producer, ordinary),
+                           method="PUT"))[0] == 405
+        assert recorder.bodies == []
+        assert (await call(app, app, ordinary, start_headers(unknown, ordinary)))[0] == 299
+        assert recorder.bodies == [ordinary]
 
     run_app(settings, scenario)
     with unit_of_work(db) as session:
@@ -160,7 +163,7 @@ def test_errors_on_the_fast_path_are_the_routes_envelopes(settings: Settings, db
 
     async def scenario(app: Any) -> None:
         await call(app, app, first, start_headers(producer, first))  # caches the key
-        fast = StartFastPath(Recorder())
+        fast = StartFastPath(app, Recorder())
         status, body = await call(app, fast, ghost, start_headers(producer, ghost))
         assert (status, json.loads(body)) == (404, {
             "success": False, "status": 404, "message": "Account not found: ghost"})
@@ -172,6 +175,29 @@ def test_errors_on_the_fast_path_are_the_routes_envelopes(settings: Settings, db
         headers = start_headers(producer, other, **{"idempotency-key": f"idem-{user}"})
         status, body = await call(app, fast, other, headers)
         assert status == 409 and json.loads(body)["status"] == 409
+
+    run_app(settings, scenario)
+
+
+def test_the_fast_path_answers_byte_for_byte_as_the_route(settings: Settings,
+                                                          db: str) -> None:
+    user = uid("bytes")
+    apply(db, {"type": "open_account", "key": f"open:{user}", "user_id": user})
+    with unit_of_work(db) as session:
+        producer = create_key(session, "producer", "bytes").key
+    body = json.dumps({"user_id": user, "feature_endpoint_id": "project_creation"}).encode()
+    headers = start_headers(producer, body, **{"idempotency-key": f"bytes-{user}"})
+
+    async def scenario(app: Any) -> None:
+        recorder = Recorder()
+        fast = StartFastPath(app, recorder)
+        # A key the cache does not know: the route answers (and caches the key) ...
+        route = await call(app, app, body, headers)
+        assert recorder.bodies == []
+        # ... then the fast path answers the retry, from the stored outcome.
+        assert await call(app, fast, body, headers) == route
+        assert recorder.bodies == []
+        assert json.loads(route[1])["data"]["status"] == "accessible"
 
     run_app(settings, scenario)
 
@@ -278,3 +304,28 @@ def test_a_start_connection_the_server_dropped_is_replaced(http: httpx.Client, k
         assert r.status_code == 200, r.text
         assert r.json()["data"]["token"] == expected
     assert_verified(db)
+
+
+def test_starts_over_http_publish_their_notices_after_the_commit(http: httpx.Client,
+                                                                 keys: dict, db: str) -> None:
+    """Given a Free account (5 credits, low at 1), when two starts hold 2 each over HTTP,
+    then balance_changed 3 and 1 are published in order, and balance_low once at 1."""
+    user = uid("notices")
+    apply(db, {"type": "open_account", "key": f"open:{user}", "user_id": user})
+    seen: list[notify.BalanceNotice] = []
+    unsubscribe = notify.subscribe(lambda n: seen.append(n) if n.user_id == user else None)
+    try:
+        producer = auth(keys["producer"])
+        for expected in (3, 1):
+            r = http.post(PATH, headers=producer, json={
+                "user_id": user, "feature_endpoint_id": "text_generation", "hold": 2})
+            assert r.json()["data"]["token"] == expected, r.text
+        deadline = time.monotonic() + 10
+        while len(seen) < 3 and time.monotonic() < deadline:
+            notify.flush_published(1)
+            time.sleep(0.01)
+    finally:
+        unsubscribe()
+    assert [(n.event, n.balance) for n in seen] == [
+        ("balance_changed", 3), ("balance_changed", 1), ("balance_low", 1)]
+    assert seen[0].ledger_seq < seen[1].ledger_seq == seen[2].ledger_seq

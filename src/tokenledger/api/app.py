@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
@@ -18,6 +19,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from tokenledger.api.auth import AuthError
+from tokenledger.api.fastpath import PATH as START_PATH
 from tokenledger.api.fastpath import StartFastPath
 from tokenledger.api.pgpipe import StartPool
 from tokenledger.api.schemas import ErrorBody
@@ -219,6 +221,27 @@ class _TooLarge(StarletteHTTPException):
 # -- the factory --------------------------------------------------------------------------
 
 
+class TokenLedgerAPI(FastAPI):
+    """FastAPI with the token-process start's fast path in front of its whole stack.
+
+    Ordinary starts skip FastAPI's per-request layers (telemetry check, error and body
+    limit middlewares, routing, dependencies); everything else, including any start the
+    fast path does not take, goes through them as before (see ``api.fastpath``).
+    """
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.fast_start = StartFastPath(self, super().__call__)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"] == START_PATH \
+                and scope["method"] == "POST":
+            await self.fast_start(scope, receive, send)
+        else:
+            await super().__call__(scope, receive, send)
+
+
+
 def create_app(settings: Settings | None = None, *, key_cache_seconds: float = 2.0,
                end_wait_seconds: float = 10.0) -> FastAPI:
     """The tokenledger HTTP API over ``settings``' database and broker."""
@@ -240,7 +263,7 @@ def create_app(settings: Settings | None = None, *, key_cache_seconds: float = 2
             starts.shutdown(wait=True)
             client.close()
 
-    app = FastAPI(
+    app = TokenLedgerAPI(
         title="tokenledger",
         version="1",
         summary="Token (credit) accounting for AI-powered applications.",
@@ -265,8 +288,6 @@ def create_app(settings: Settings | None = None, *, key_cache_seconds: float = 2
         app.add_exception_handler(broker_error, _on_broker)
     app.add_exception_handler(Exception, _on_unexpected)
     app.add_exception_handler(psycopg.Error, _on_driver)  # type: ignore[arg-type]
-    # The start's fast path sits inside the body limit, like the routes.
-    app.add_middleware(StartFastPath)
     app.add_middleware(BodyLimit)
 
     from tokenledger.api import accounts, admin, billing, events, tokenprocess
@@ -296,7 +317,12 @@ def app_from_env() -> FastAPI:
     settings = get_settings()
     configure_logging(settings.log_level, settings.log_json)  # JSON lines, keys scrubbed
     configure_server_pool()
-    return create_app(settings)
+    app = create_app(settings)
+    # What is alive now (modules, the app, its routes and schemas) lives as long as the
+    # process: keep it out of the collector's full passes, which otherwise walk all of
+    # it every so often and stall every request in flight meanwhile.
+    gc.freeze()
+    return app
 
 
 def configure_server_pool() -> None:

@@ -1,8 +1,9 @@
 """``POST /api/token-process/start`` without FastAPI's per-request machinery.
 
 The start is the API's hot path: a few hundred microseconds of database work, which
-FastAPI's routing, dependency resolution and response validation used to double. This
-ASGI middleware answers the ordinary start itself, with the same pieces the route uses
+FastAPI's middlewares, routing, dependency resolution and validation used to double.
+The app (``app.TokenLedgerAPI``) hands the start's requests to this fast path before its
+own stack; it answers the ordinary start itself, with the same pieces the route uses
 (the ``StartIn`` model, the key cache, the start pool, the route's answer), and hands
 everything else to FastAPI untouched, so every unusual request (a body or header that
 does not validate, a key not in the cache, a key of another scope, another content
@@ -16,6 +17,9 @@ bodies included:
   key stops working within its TTL, as on every other route); a miss falls through, and
   the route's dependency looks the key up and fills the cache;
 - errors of the start itself go to the app's exception handlers, like the route's.
+
+FastAPI's native OpenTelemetry instrumentation, when configured, sees only the starts
+that fall through.
 """
 
 from __future__ import annotations
@@ -39,27 +43,27 @@ _API_KEY = HEADER.encode()
 
 
 class StartFastPath:
-    """Answers ordinary token-process starts; passes every other request to ``app``."""
+    """Answers ordinary token-process starts for ``app``; passes every other request to
+    ``fallback`` (the app's own stack)."""
 
-    def __init__(self, app: ASGIApp) -> None:
+    def __init__(self, app: Any, fallback: ASGIApp) -> None:
         self.app = app
+        self.fallback = fallback
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] != PATH or scope["method"] != "POST":
-            await self.app(scope, receive, send)
-            return
-        api = scope["app"].state.api
+        """Answer ``POST /api/token-process/start`` (the caller checked the route)."""
+        api = getattr(self.app.state, "api", None)  # None before the lifespan ran
         prepared = self._prepare(scope, api)
         if prepared is None:
-            await self.app(scope, receive, send)
+            await self.fallback(scope, receive, send)
             return
         length, api_key, idempotency_key = prepared
         body, receive = await _read_body(receive, length)
         started = self._validate(body, api_key, idempotency_key, api)
         if started is None:
-            await self.app(scope, receive, send)
+            await self.fallback(scope, receive, send)
             return
-        from tokenledger.api.tokenprocess import start_response
+        from tokenledger.api.tokenprocess import start_body
 
         request, key = started
         try:
@@ -68,15 +72,22 @@ class StartFastPath:
                 max_output_tokens=request.max_output_tokens, hold=request.hold,
                 model=request.model, key=key)
         except Exception as exc:  # noqa: BLE001 - answered by the app's handlers
-            response = await _handle(scope, receive, exc)
-        else:
-            response = start_response(request.user_id, result)
-        await response(scope, receive, send)
+            scope["app"] = self.app
+            response = await _handle(self.app, scope, receive, exc)
+            await response(scope, receive, send)
+            return
+        # JSONResponse's bytes and headers, without building one.
+        content = json.dumps(start_body(request.user_id, result), ensure_ascii=False,
+                             allow_nan=False, separators=(",", ":")).encode()
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-length", str(len(content)).encode()),
+                                (b"content-type", b"application/json")]})
+        await send({"type": "http.response.body", "body": content})
 
     @staticmethod
     def _prepare(scope: Scope, api: Any) -> tuple[int, str, bytes | None] | None:
         """(body length, API key, idempotency key) of a request this path may answer."""
-        if api.start_pool is None:
+        if api is None or api.start_pool is None:
             return None
         length = api_key = idempotency_key = content_type = None
         for name, value in scope["headers"]:
@@ -156,9 +167,9 @@ async def _read_body(receive: Receive, length: int) -> tuple[bytes | None, Recei
     return (body if size == length and not more and chunks else None), replay
 
 
-async def _handle(scope: Scope, receive: Receive, exc: Exception) -> Any:
+async def _handle(app: Any, scope: Scope, receive: Receive, exc: Exception) -> Any:
     """The response the app's exception handlers give ``exc`` (as for the route)."""
-    handlers = scope["app"].exception_handlers
+    handlers = app.exception_handlers
     for cls in type(exc).__mro__:
         handler = handlers.get(cls)
         if handler is not None:

@@ -52,6 +52,11 @@ ROLLBACK = ("ROLLBACK", {})
 # Tries of one start, as ``service.run_start``: a deadlock, a serialization failure, a
 # unique key raced by another start, or a connection lost before the commit was sent.
 ATTEMPTS = 3
+# Committed starts' notices are handed to the publisher thread together, at most this
+# long after the first of them committed: one wake-up of that thread and one Redis
+# pipeline for all of them, instead of one each (which cost the API process about a
+# tenth of its CPU and made the event loop wait for the GIL).
+NOTIFY_BATCH_SECONDS = 0.002
 APPLICATION_NAME = "tokenledger-start"
 
 _PARAM = re.compile(r"%\((\w+)\)s")
@@ -244,6 +249,7 @@ class StartPool:
         self._waiting: deque[asyncio.Future[None]] = deque()
         self._catalog: tuple[Catalog, float] | None = None
         self._refresh: asyncio.Future[Catalog] | None = None
+        self._outbox: list[notify.BalanceNotice] = []
 
     # -- connections ------------------------------------------------------------------
 
@@ -296,9 +302,24 @@ class StartPool:
         self._release(conn)
 
     async def close(self) -> None:
+        self._send_outbox()
         idle, self._idle = self._idle, []
         for conn in idle:
             await conn.close()
+
+    # -- notices ----------------------------------------------------------------------
+
+    def _announce(self, notices: list[notify.BalanceNotice]) -> None:
+        """Publish committed notices soon (``NOTIFY_BATCH_SECONDS``), in commit order."""
+        if not notices:
+            return
+        if not self._outbox:
+            asyncio.get_running_loop().call_later(NOTIFY_BATCH_SECONDS, self._send_outbox)
+        self._outbox.extend(notices)
+
+    def _send_outbox(self) -> None:
+        notices, self._outbox = self._outbox, []
+        notify.publish_soon(self.settings, notices)
 
     # -- the catalog ------------------------------------------------------------------
 
@@ -362,7 +383,7 @@ class StartPool:
                 await asyncio.sleep(0.01 * attempt)
                 continue
             self._release(conn)
-            notify.publish_soon(self.settings, notices)
+            self._announce(notices)
             return result
 
 

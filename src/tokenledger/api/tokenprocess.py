@@ -43,10 +43,10 @@ async def start(body: StartIn, api: Api,
             run_start, api.settings, body.user_id, body.feature_endpoint_id,
             max_output_tokens=body.max_output_tokens, hold=body.hold, model=body.model,
             key=idempotency_key))
-    return start_response(body.user_id, r)
+    return JSONResponse(start_body(body.user_id, r))
 
 
-def start_response(user_id: str, r: StartResult) -> JSONResponse:
+def start_body(user_id: str, r: StartResult) -> dict[str, Any]:
     """A start's 200 answer in the seed's shape (the route's and the fast path's)."""
     accessible = r.status == "accessible"
     data: dict[str, Any] = {"user_id": user_id, "token": r.token, "status": r.status,
@@ -56,10 +56,10 @@ def start_response(user_id: str, r: StartResult) -> JSONResponse:
     if r.expires_at is not None:
         data["expires_at"] = r.expires_at.isoformat()
     # Built by hand: this is the hot path, and the shape is fixed.
-    return JSONResponse({"success": True,
-                         "message": "Token process started" if accessible
-                         else (r.message or "Not accessible"),
-                         "data": data})
+    return {"success": True,
+            "message": "Token process started" if accessible
+            else (r.message or "Not accessible"),
+            "data": data}
 
 
 @router.post("/end", response_model=Envelope[EndOut], dependencies=[Depends(require(*PRODUCE))],
