@@ -18,6 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import httpx
+import psycopg
 import pytest
 from sqlalchemy import select, text
 
@@ -26,7 +27,14 @@ from tests.conftest import apply, assert_verified
 from tokenledger import Settings, notify
 from tokenledger.api import create_app
 from tokenledger.api.fastpath import PATH, StartFastPath
-from tokenledger.api.pgpipe import APPLICATION_NAME
+from tokenledger.api.pgpipe import (
+    APPLICATION_NAME,
+    BEGIN,
+    COMMIT,
+    ROLLBACK,
+    PipeConnection,
+    StartPool,
+)
 from tokenledger.apikeys import create_key, revoke_key
 from tokenledger.db import unit_of_work
 from tokenledger.tokenprocess.models import Hold
@@ -329,3 +337,54 @@ def test_starts_over_http_publish_their_notices_after_the_commit(http: httpx.Cli
     assert [(n.event, n.balance) for n in seen] == [
         ("balance_changed", 3), ("balance_changed", 1), ("balance_low", 1)]
     assert seen[0].ledger_seq < seen[1].ledger_seq == seen[2].ledger_seq
+
+
+# -- the start pool's connections ----------------------------------------------------------
+
+
+def test_a_pipeline_connection_survives_a_failed_round_trip(settings: Settings) -> None:
+    """Statements prepared in a round trip that then failed stay known (never prepared
+    twice), and the failed transaction rolls back cleanly."""
+    conninfo = StartPool(settings, 1).conninfo
+
+    async def scenario() -> None:
+        conn = await PipeConnection.connect(conninfo)
+        try:
+            with pytest.raises(psycopg.errors.DivisionByZero):
+                await conn.roundtrip([BEGIN, ("SELECT 1 / %(n)s", {"n": 0})])
+            assert not conn.idle
+            assert await conn.roundtrip([ROLLBACK]) == [[]] and conn.idle
+            rows = await conn.roundtrip([BEGIN, ("SELECT 1 / %(n)s", {"n": 1}), COMMIT])
+            assert rows == [[], [(1,)], []] and conn.idle
+        finally:
+            await conn.close()
+
+    asyncio.run(scenario())
+
+
+def test_one_idempotency_key_raced_by_two_accounts_applies_once(settings: Settings,
+                                                                db: str) -> None:
+    """Two starts with one key for two accounts at once: one holds, the other collides
+    on the key, is retried, finds the first one's outcome and is a conflict."""
+    users = [uid("raced"), uid("raced")]
+    for user in users:
+        apply(db, {"type": "open_account", "key": f"open:{user}", "user_id": user})
+    key = f"raced-{uuid.uuid4().hex}"
+
+    outcomes: list[Any] = []
+
+    async def scenario(app: Any) -> None:
+        pool = app.state.api.start_pool
+        outcomes.extend(await asyncio.gather(
+            *(pool.start(user, "project_creation", key=key) for user in users),
+            return_exceptions=True))
+
+    run_app(settings, scenario)
+    started = [o for o in outcomes if not isinstance(o, BaseException)]
+    assert len(started) == 1 and started[0].status == "accessible", outcomes
+    assert [type(o).__name__ for o in outcomes if isinstance(o, BaseException)] == [
+        "IdempotencyConflict"]
+    with unit_of_work(db) as session:
+        assert session.scalar(text("SELECT count(*) FROM holds WHERE key = :k"),
+                              {"k": key}) == 1
+    assert_verified(db)

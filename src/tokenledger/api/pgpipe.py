@@ -62,6 +62,7 @@ APPLICATION_NAME = "tokenledger-start"
 _PARAM = re.compile(r"%\((\w+)\)s")
 _converted: dict[str, tuple[bytes, tuple[str, ...]]] = {}
 _TUPLES_OK = pq.ExecStatus.TUPLES_OK
+_COMMAND_OK = pq.ExecStatus.COMMAND_OK
 _FATAL_ERROR = pq.ExecStatus.FATAL_ERROR
 _PIPELINE_SYNC = pq.ExecStatus.PIPELINE_SYNC
 _IDLE = pq.TransactionStatus.IDLE
@@ -97,6 +98,7 @@ class PipeConnection:
         self.fd = self.pgconn.socket
         self.tx = Transformer(conn)
         self.prepared: dict[tuple[str, tuple[int, ...]], bytes] = {}
+        self._names = 0  # statements named so far (a name is never reused)
         self.broken = False
         self._waiter: asyncio.Future[None] | None = None
         self._loop = asyncio.get_running_loop()
@@ -157,26 +159,28 @@ class PipeConnection:
             raise ConnectionLost("connection lost")
         pgconn = self.pgconn
         tx = self.tx
-        answers: list[bool] = []  # per command sent: whether its rows are answered
-        new: list[tuple[tuple[str, tuple[int, ...]], bytes]] = []
+        # Per command sent: None for a statement (its rows are answered), or the cache key
+        # and name of a prepare (cached once the server confirmed it, whatever follows).
+        sent: list[tuple[tuple[str, tuple[int, ...]], bytes] | None] = []
+        preparing: dict[tuple[str, tuple[int, ...]], bytes] = {}
         try:
             for sql, params in statements:
                 query, names = _convert(sql)
-                if not names:
-                    pgconn.send_query_params(query, None)
-                    answers.append(True)
-                    continue
-                values = tx.dump_sequence([params[n] for n in names],
-                                          [PyFormat.AUTO] * len(names))
-                key = (sql, tuple(tx.types))
-                name = self.prepared.get(key)
+                if names:
+                    values = tx.dump_sequence([params[n] for n in names],
+                                              [PyFormat.AUTO] * len(names))
+                    types, formats = tuple(tx.types), tx.formats
+                else:  # BEGIN, COMMIT: prepared too, so never parsed again
+                    values, types, formats = (), (), None
+                key = (sql, types)
+                name = self.prepared.get(key) or preparing.get(key)
                 if name is None:
-                    name = f"tl_start_{len(self.prepared) + len(new)}".encode()
-                    pgconn.send_prepare(name, query, param_types=tx.types)
-                    new.append((key, name))
-                    answers.append(False)
-                pgconn.send_query_prepared(name, values, param_formats=tx.formats)
-                answers.append(True)
+                    self._names += 1
+                    name = preparing[key] = f"tl_start_{self._names}".encode()
+                    pgconn.send_prepare(name, query, param_types=types)
+                    sent.append((key, name))
+                pgconn.send_query_prepared(name, values, param_formats=formats)
+                sent.append(None)
             pgconn.pipeline_sync()
             while pgconn.flush():  # only when the socket buffer is full: rare
                 await asyncio.sleep(0)
@@ -185,21 +189,22 @@ class PipeConnection:
             raise ConnectionLost(str(exc)) from exc
         out: list[list[tuple[Any, ...]]] = []
         error: BaseException | None = None
-        for answered in answers:
+        for prepared in sent:
             result = await self._result()
             while await self._result() is not None:  # each command ends with no result
                 pass
             if result is None:
                 raise ConnectionLost("pipeline out of step")
             status = result.status
+            rows: list[tuple[Any, ...]] = []
             if status == _TUPLES_OK:
                 tx.set_pgresult(result)
                 rows = tx.load_rows(0, result.ntuples, tuple)
-            else:
-                rows = []
-                if error is None and status == _FATAL_ERROR:
-                    error = pg_errors.error_from_result(result, encoding=self.encoding)
-            if answered:
+            elif status == _COMMAND_OK and prepared is not None:
+                self.prepared[prepared[0]] = prepared[1]
+            elif error is None and status == _FATAL_ERROR:
+                error = pg_errors.error_from_result(result, encoding=self.encoding)
+            if prepared is None:
                 out.append(rows)
         sync = await self._result()
         if sync is None or sync.status != _PIPELINE_SYNC:
@@ -207,8 +212,6 @@ class PipeConnection:
             raise ConnectionLost("pipeline out of step")
         if error is not None:
             raise error
-        for key, name in new:
-            self.prepared[key] = name
         return out
 
     @property
