@@ -103,6 +103,14 @@ class BulkChanges:
     seqs: list[int]
     messages: list[str]
 
+    @classmethod
+    def of(cls, changes: Iterable[Any]) -> BulkChanges:
+        """From BalanceChange-like objects, encoded in Python (the portable path)."""
+        notices = [BalanceNotice(BALANCE_CHANGED, c.user_id, c.balance, c.ledger_seq)
+                   for c in changes]
+        return cls([n.user_id for n in notices], [n.balance for n in notices],
+                   [n.ledger_seq for n in notices], [n.to_json() for n in notices])
+
     def notices(self) -> list[BalanceNotice]:
         return [BalanceNotice(BALANCE_CHANGED, u, b, s)
                 for u, b, s in zip(self.user_ids, self.balances, self.seqs, strict=True)]
@@ -363,21 +371,13 @@ def stage_bulk(session: Session, settings: Settings, bulk: BulkChanges, catalog:
                    if p.low_balance_threshold is not None), default=None)
     marked = set(session.scalars(select(LowBalanceState.user_id).where(
         _user_in(session, LowBalanceState.user_id, bulk.user_ids))))
-    concerned = {u: _Change(u, b, s) for u, b, s in
-                 zip(bulk.user_ids, bulk.balances, bulk.seqs, strict=True)
-                 if u in marked or (ceiling is not None and b <= ceiling)}
+    concerned = {n.user_id: n for n in bulk.notices()
+                 if n.user_id in marked or (ceiling is not None and n.balance <= ceiling)}
     lows = _low_balance_crossings(session, concerned, catalog, now) if concerned else []
     session.info.setdefault(_PENDING_BULK, []).append(bulk)
     _queue(session, settings, lows, soon=True)
     session.info[_SETTINGS] = settings
     session.info[_SOON] = True
-
-
-@dataclass(frozen=True, slots=True)
-class _Change:
-    user_id: str
-    balance: int
-    ledger_seq: int
 
 
 def _queue(session: Session, settings: Settings, notices: list[BalanceNotice],

@@ -11,10 +11,9 @@ from tokenledger.api.auth import PRODUCE, READ, require
 from tokenledger.api.common import (
     Api,
     invalid,
+    publish_and_wait,
     respond,
-    wait_outcome,
     wallet_out,
-    wants_async,
 )
 from tokenledger.api.schemas import (
     BalanceOut,
@@ -91,14 +90,10 @@ def create_wallet(body: CreateWalletIn, api: Api,
         "amount": body.initialTokens, "wallet_type": body.walletType,
         **({"expires_at": body.expiresAt} if body.expiresAt else {}),
         **({"reason": body.reason} if body.reason else {})})
-    api.client.publish(event)
     pending = {"key": event.key, "status": "pending", "wallet": None, "totalBalance": None}
-    if wants_async(prefer):
-        return respond(202, pending, "Accepted; GET /api/events/{key} for the outcome")
-    outcome = wait_outcome(api.settings.database_url, event.key, event.payload_hash(),
-                           api.end_wait)
-    if outcome.status == "pending":
-        return respond(202, pending, "Accepted; the outcome is not stored yet")
+    outcome = publish_and_wait(api, event, pending, prefer)
+    if isinstance(outcome, JSONResponse):
+        return outcome
     if outcome.status != "applied":
         return respond(409, {**pending, "status": outcome.status},
                        outcome.reason or outcome.status, success=False)

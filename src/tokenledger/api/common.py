@@ -93,3 +93,17 @@ def invalid(location: str, field: str, message: str) -> NoReturn:
     """Raise a 422 naming one field, like FastAPI's own validation errors."""
     raise RequestValidationError([{"loc": (location, field), "msg": message,
                                    "type": "value_error"}])
+
+
+def publish_and_wait(api: Any, event: Any, pending: dict[str, Any],
+                     prefer: str | None) -> Outcome | JSONResponse:
+    """Publish ``event``; answer 202 with ``pending`` when the caller prefers async or the
+    worker's outcome is not stored within the bounded wait, else return the outcome."""
+    api.client.publish(event)
+    if wants_async(prefer):
+        return respond(202, pending, "Accepted; GET /api/events/{key} for the outcome")
+    outcome = wait_outcome(api.settings.database_url, event.key, event.payload_hash(),
+                           api.end_wait)
+    if outcome.status == "pending":
+        return respond(202, pending, "Accepted; the outcome is not stored yet")
+    return outcome

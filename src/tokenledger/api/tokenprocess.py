@@ -11,7 +11,7 @@ from fastapi.responses import JSONResponse
 
 from tokenledger.api.auth import PRODUCE, require
 from tokenledger.api.billing import AUTH_ERRORS
-from tokenledger.api.common import Api, invalid, respond, wait_outcome, wants_async
+from tokenledger.api.common import Api, invalid, publish_and_wait, respond
 from tokenledger.api.schemas import EndIn, EndOut, Envelope, ErrorBody, Key, StartIn, StartOut
 from tokenledger.catalog import current_catalog
 from tokenledger.client import build_event, new_key
@@ -88,15 +88,11 @@ def end(body: EndIn, api: Api,
         **({"hold_id": body.hold_id} if body.hold_id else {}),
         **({"metadata": body.metadata} if body.metadata else {})})
     # The same event LedgerClient.token_process_end publishes; built here to know its hash.
-    api.client.publish(event)
     pending = {"user_id": body.user_id, "key": event.key, "status": "pending",
                "hold_id": body.hold_id}
-    if wants_async(prefer):
-        return respond(202, pending, "Accepted; GET /api/events/{key} for the outcome")
-    outcome = wait_outcome(api.settings.database_url, event.key, event.payload_hash(),
-                           api.end_wait)
-    if outcome.status == "pending":
-        return respond(202, pending, "Accepted; the outcome is not stored yet")
+    outcome = publish_and_wait(api, event, pending, prefer)
+    if isinstance(outcome, JSONResponse):
+        return outcome
     result = outcome.result
     if outcome.status == "applied":
         data = {"user_id": body.user_id, "key": event.key, "token": result.get("token"),

@@ -691,14 +691,9 @@ def _process_portable(session: Session, run: Row[Any], after: int, upto: int,
     applied = [g for g in grants if g.key not in granted]
     if not run.dry_run:
         _write_portable(session, run.kind, run.id, grants, as_of)
-        changes = _balance_changes(
+        result.balance_changes = notify.BulkChanges.of(_balance_changes(
             session, ENTRY_TYPE[run.kind],
-            [(g.user_id, g.account_id, g.key) for g in applied if g.amount != 0])
-        result.balance_changes = notify.BulkChanges(
-            [c.user_id for c in changes], [c.balance for c in changes],
-            [c.ledger_seq for c in changes],
-            [notify.BalanceNotice(notify.BALANCE_CHANGED, c.user_id, c.balance,
-                                  c.ledger_seq).to_json() for c in changes])
+            [(g.user_id, g.account_id, g.key) for g in applied if g.amount != 0]))
     result.successful = len(applied)
     result.failed = len(errors)
     result.processed = result.successful + result.failed
