@@ -615,3 +615,24 @@ def test_an_unknown_timezone_fails_loudly_in_the_daily_reset(settings: Settings,
     assert report["errors"] == [{"user_id": "bad", "account_id": report["errors"][0][
         "account_id"], "error": "unknown timezone 'Mars/Olympus_Mons'"}]
     assert standard(db, "ok") == 5
+
+
+def test_every_slice_is_planned_for_its_own_range(settings: Settings, db: str) -> None:
+    """psycopg prepares a statement on its fifth run; PostgreSQL's generic plan for the
+    slice statement guesses one row per CTE and joins them by nested loops, which is
+    quadratic in the slice (a 1M-account renewal took minutes). Every slice must get a
+    plan of its own, however many run on one connection."""
+    users = [f"p{i:02d}" for i in range(24)]
+    open_accounts(db, [(u, "Gift", "UTC") for u in users], T0)
+    run_id, (chunk_id,) = runner.start_run(settings, RunOptions("monthly", chunk_size=50),
+                                           now=T0 + timedelta(days=30))
+    result = runner.run_chunk(settings, chunk_id, slice_size=2)  # 12 slices, one connection
+    assert (result.finished, result.successful) == (True, 24)
+    with unit_of_work(db) as session:
+        plans = session.execute(text(
+            "SELECT generic_plans, custom_plans FROM pg_prepared_statements"
+            " WHERE statement LIKE '%ins AS (INSERT INTO ledger_entries%'")).all()
+    assert plans, "the slice statement was never prepared: the test did not test anything"
+    # Prepared on the fifth slice: the other (at least seven) each planned on their own.
+    assert [(generic, custom >= 7) for generic, custom in plans] == [(0, True)]
+    assert_verified(db)

@@ -520,6 +520,9 @@ def _process_pg(session: Session, run: Row[Any], after: int, upto: int, catalog:
         return [] if run.dry_run else None
     lock, decide = _pg_sql(run.kind, run.dry_run)
     params = _pg_params(run.kind, run, after, upto, catalog, codes, as_of)
+    # Plan each slice for its own range: once psycopg prepares the statement, a generic
+    # plan guesses one row per CTE and joins them by nested loops (quadratic in the slice).
+    session.execute(text("SET LOCAL plan_cache_mode = force_custom_plan"))
     if run.dry_run:
         row = session.execute(text(decide), params).one()
     else:
