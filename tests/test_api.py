@@ -89,6 +89,17 @@ def test_every_api_route_answers_the_seed_401_without_a_valid_key(
         assert r.json() == INVALID_KEY_BODY
 
 
+@pytest.mark.parametrize("path", ["/api/accounts/a%0Ab/statistics", "/api/accounts/a/b/statistics",
+                                  "/api/no-such-route", "/api/billing"])
+def test_paths_no_route_matches_still_need_a_key_first(http: httpx.Client, keys: dict,
+                                                       path: str) -> None:
+    """Without a key nothing under /api/ tells which routes exist; with one, a 404."""
+    r = http.get(path)
+    assert (r.status_code, r.json()) == (401, INVALID_KEY_BODY)
+    r = http.get(path, headers=auth(keys["reader"]))
+    assert r.status_code == 404 and r.json()["success"] is False, r.text
+
+
 SCOPE_MATRIX = {
     # route: scopes that may call it (admin may call everything)
     ("GET", "/api/billing/balance?user_id=u"): {"reader", "admin"},

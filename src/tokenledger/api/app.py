@@ -18,7 +18,7 @@ from sqlalchemy.exc import DBAPIError, OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from tokenledger.api.auth import AuthError
+from tokenledger.api.auth import HEADER, AuthError, current_key
 from tokenledger.api.fastpath import PATH as START_PATH
 from tokenledger.api.fastpath import StartFastPath
 from tokenledger.api.pgpipe import StartPool
@@ -111,7 +111,14 @@ async def _on_validation(_: Request, exc: RequestValidationError) -> JSONRespons
     return validation_response(field_errors(list(exc.errors())))
 
 
-async def _on_http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+async def _on_http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    # A path no route matches (a user id with a "/" or a newline, a typo) under /api/
+    # still needs a key first: callers without one learn nothing about the routes.
+    if exc.status_code in (404, 405) and request.url.path.startswith("/api/"):
+        try:
+            await current_key(request, request.headers.get(HEADER))
+        except AuthError as denied:
+            return error(denied.status, denied.message)
     message = exc.detail if isinstance(exc.detail, str) else "HTTP error"
     return error(exc.status_code, message, headers=getattr(exc, "headers", None))
 
