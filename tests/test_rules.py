@@ -257,3 +257,35 @@ def test_the_database_refuses_entries_that_break_the_arithmetic(db):
         s.add(LedgerEntry(account_id=1, wallet_id=1, amount=5, balance_before=0,
                           balance_after=4, type="CREDIT"))
         s.flush()
+
+
+def test_the_database_refuses_an_entry_on_a_wallet_of_another_account(db):
+    """Checked once per statement (migration 0007): one bad row fails the whole insert."""
+    from sqlalchemy import text
+    from sqlalchemy.exc import IntegrityError
+    open_(db, "a")
+    open_(db, "b")
+    with unit_of_work(db) as s:
+        (a, wa), (b, wb) = s.execute(text(
+            "SELECT a.id, w.id FROM accounts a JOIN wallets w ON w.account_id = a.id"
+            " ORDER BY a.id")).all()
+    rows = "(:acc, :good, 1, 0, 1, 'CREDIT', 'ok'), (:acc, :bad, 1, 0, 1, 'CREDIT', 'bad')"
+    insert = ("INSERT INTO ledger_entries (account_id, wallet_id, amount, balance_before,"
+              f" balance_after, type, event_key) VALUES {rows}")
+    with pytest.raises(IntegrityError, match=f"wallet {wb}, which is not a wallet of account"
+                       f" {a}") as caught, unit_of_work(db) as s:
+        s.execute(text(insert), {"acc": a, "good": wa, "bad": wb})
+    assert caught.value.orig.sqlstate == "23503"  # foreign_key_violation, as before
+    with pytest.raises(IntegrityError), unit_of_work(db) as s:
+        s.execute(text(insert.replace(f", {rows.split('), ')[1]}", "")),
+                  {"acc": a, "good": 999_999})  # a wallet that does not exist
+    with unit_of_work(db) as s:
+        assert s.query(LedgerEntry).filter(LedgerEntry.event_key.in_(["ok", "bad"])).count() == 0
+    # Without the foreign key's lock, the wallets must not move or vanish under an insert.
+    for statement in ("DELETE FROM wallets WHERE id = :w",
+                      "UPDATE wallets SET account_id = :other WHERE id = :w"):
+        with pytest.raises(IntegrityError, match="wallet"), unit_of_work(db) as s:
+            s.execute(text(statement), {"w": wa, "other": b})
+    with unit_of_work(db) as s:  # other updates go on as before
+        s.execute(text("UPDATE wallets SET is_active = is_active WHERE id = :w"), {"w": wa})
+    assert_verified(db)
