@@ -17,11 +17,12 @@ from typing import Any
 import pytest
 from prometheus_client import REGISTRY
 from sqlalchemy import func, select, text
+from sqlalchemy.orm import Session
 
 from tests.conftest import apply, assert_verified
 from tokenledger import Settings
 from tokenledger.catalog import current_catalog
-from tokenledger.db import unit_of_work
+from tokenledger.db import get_engine, unit_of_work
 from tokenledger.models import EventOutcome, LedgerEntry
 from tokenledger.renewals import runner
 from tokenledger.renewals.service import (
@@ -626,12 +627,23 @@ def test_every_slice_is_planned_for_its_own_range(settings: Settings, db: str) -
     open_accounts(db, [(u, "Gift", "UTC") for u in users], T0)
     run_id, (chunk_id,) = runner.start_run(settings, RunOptions("monthly", chunk_size=50),
                                            now=T0 + timedelta(days=30))
-    result = runner.run_chunk(settings, chunk_id, slice_size=2)  # 12 slices, one connection
-    assert (result.finished, result.successful) == (True, 24)
+    # 12 slices, each its own transaction, all on one connection (the pool would spread
+    # them over whichever connections earlier tests left in it).
     with unit_of_work(db) as session:
-        plans = session.execute(text(
+        catalog = current_catalog(session)
+    with get_engine(db).connect() as conn:
+        while True:
+            with Session(bind=conn) as session, session.begin():
+                result = process_chunk(session, chunk_id, catalog, slice_size=2)
+            if not result.more:
+                break
+        plans = conn.execute(text(
             "SELECT generic_plans, custom_plans FROM pg_prepared_statements"
             " WHERE statement LIKE '%ins AS (INSERT INTO ledger_entries%'")).all()
+        conn.rollback()
+    assert (result.finished, result.successful) == (True, 24)
+    with unit_of_work(db) as session:
+        assert run_report(session, run_id)["successful"] == 24
     assert plans, "the slice statement was never prepared: the test did not test anything"
     # Prepared on the fifth slice: the other (at least seven) each planned on their own.
     assert [(generic, custom >= 7) for generic, custom in plans] == [(0, True)]
