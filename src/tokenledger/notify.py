@@ -102,9 +102,6 @@ class BulkChanges:
     balances: list[int]
     seqs: list[int]
     messages: list[str]
-    # Whether each account is marked low (has a low_balance_state row), when the writer
-    # read it in its own statement; None: :func:`stage_bulk` looks it up.
-    marked: list[bool] | None = None
 
     @classmethod
     def of(cls, changes: Iterable[Any]) -> BulkChanges:
@@ -372,11 +369,8 @@ def stage_bulk(session: Session, settings: Settings, bulk: BulkChanges, catalog:
         return
     ceiling = max((p.low_balance_threshold for p in catalog.plans.values()
                    if p.low_balance_threshold is not None), default=None)
-    if bulk.marked is None:
-        marked = set(session.scalars(select(LowBalanceState.user_id).where(
-            _user_in(session, LowBalanceState.user_id, bulk.user_ids))))
-    else:
-        marked = {user for user, low in zip(bulk.user_ids, bulk.marked, strict=True) if low}
+    marked = set(session.scalars(select(LowBalanceState.user_id).where(
+        _user_in(session, LowBalanceState.user_id, bulk.user_ids))))
     # Objects only for the few accounts concerned, not one per account moved.
     concerned = {user: BalanceNotice(BALANCE_CHANGED, user, balance, seq)
                  for user, balance, seq in zip(bulk.user_ids, bulk.balances, bulk.seqs,

@@ -483,17 +483,15 @@ def _pg_sql(kind: str, dry_run: bool, on_conflict: bool = False) -> tuple[str, s
         " n AS (SELECT g.user_id, ins.id AS seq, ins.amount + CAST((SELECT"
         "  coalesce(sum(x.balance), 0) FROM wallets AS x WHERE x.account_id = ins.account_id"
         "  AND x.is_active AND (x.expires_at IS NULL OR x.expires_at > now())) AS bigint)"
-        "  AS balance, EXISTS (SELECT FROM low_balance_state AS l WHERE l.user_id = g.user_id)"
-        "  AS marked FROM ins JOIN g ON g.account_id = ins.account_id)"
+        "  AS balance"
+        "  FROM ins JOIN g ON g.account_id = ins.account_id)"
         " SELECT (SELECT count(*) FROM g) AS grants,"
         " (SELECT count(*) FROM g WHERE after <> before) - (SELECT count(*) FROM ins)"
         "  AS already, (SELECT coalesce(sum(amount), 0) FROM ins) AS tokens,"
         " (SELECT count(*) FROM ins) AS inserted, (SELECT count(*) FROM w) AS wallets,"
-        " (SELECT count(*) FROM m) AS marks, nn.users, nn.balances, nn.seqs, nn.messages,"
-        " nn.low,"
+        " (SELECT count(*) FROM m) AS marked, nn.users, nn.balances, nn.seqs, nn.messages,"
         f" {errors} FROM (SELECT array_agg(user_id) AS users, array_agg(balance) AS balances,"
-        f"  array_agg(seq) AS seqs, array_agg({_MESSAGE}) AS messages,"
-        "  array_agg(marked) AS low FROM n) AS nn")
+        f"  array_agg(seq) AS seqs, array_agg({_MESSAGE}) AS messages FROM n) AS nn")
 
 
 def _pg_params(kind: str, run: Row[Any], after: int, upto: int, catalog: Catalog,
@@ -540,14 +538,14 @@ def _process_pg(session: Session, run: Row[Any], after: int, upto: int, catalog:
             # (Tolerating conflicts on every row costs ~15% of the insert, so only here.)
             row = session.execute(text(_pg_sql(run.kind, False, on_conflict=True)[1]),
                                   params).one()
-    if not run.dry_run and (row.wallets != row.inserted or row.marks != row.grants):
+    if not run.dry_run and (row.wallets != row.inserted or row.marked != row.grants):
         # Cannot happen while every STANDARD wallet is unique per account; never commit it.
         raise RuntimeError(f"renewal of accounts {after + 1}..{upto}: {row.inserted} entries but "
-                           f"{row.wallets} wallets, {row.grants} grants but {row.marks} marks")
+                           f"{row.wallets} wallets, {row.grants} grants but {row.marked} marks")
     result.errors = list(row.errors)
     if not run.dry_run and row.users:
         result.balance_changes = notify.BulkChanges(row.users, row.balances, row.seqs,
-                                                    row.messages, row.low)
+                                                    row.messages)
     result.successful = row.grants - row.already
     result.skipped += row.already
     result.failed = len(result.errors)
