@@ -51,3 +51,38 @@ def test_the_pipeline_runs_on_sqlite_and_the_embedded_broker(embedded):
         assert client.balance("ann").balance == 3
         assert client.balance("bob").balance == 100
     assert_verified(embedded.database_url)
+
+
+def _declare(url: str, barrier, queue: str) -> None:
+    from kombu import Connection
+
+    import tokenledger.broker  # noqa: F401  (registers the embedded transport)
+
+    with Connection(url) as conn:
+        channel = conn.default_channel
+        barrier.wait()
+        channel._get_or_create(queue)
+
+
+def test_processes_declaring_one_queue_at_once_all_succeed(tmp_path):
+    """A worker and its embedded beat declare the demo's queue at the same instant; kombu
+    guards that only within a process, so one of them used to die on the UNIQUE name."""
+    import multiprocessing
+
+    from kombu import Connection
+
+    import tokenledger.broker  # noqa: F401
+
+    ctx = multiprocessing.get_context("fork")
+    for attempt in range(3):
+        url = f"sqla+sqlite:///{tmp_path}/broker-{attempt}.sqlite"
+        with Connection(url) as conn:
+            conn.default_channel._get_or_create("warmup")  # the tables exist, as in the demo
+        barrier = ctx.Barrier(4)
+        procs = [ctx.Process(target=_declare, args=(url, barrier, "tokenledger"))
+                 for _ in range(4)]
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join(60)
+        assert [p.exitcode for p in procs] == [0, 0, 0, 0]

@@ -14,6 +14,7 @@ from typing import Any
 from kombu.transport import TRANSPORT_ALIASES
 from kombu.transport import sqlalchemy as kombu_sqla
 from sqlalchemy import create_engine, event
+from sqlalchemy.exc import IntegrityError
 
 from tokenledger.config import Settings
 
@@ -34,6 +35,17 @@ class EmbeddedChannel(kombu_sqla.Channel):
             cursor.close()
 
         return engine
+
+    def _get_or_create(self, queue: str) -> Any:
+        # kombu's lock is per process: when the worker and its embedded beat declare the
+        # same queue at once, the second insert breaks the queue name's UNIQUE constraint
+        # (and kombu only expects OperationalError). The queue exists then: read it back.
+        try:
+            return super()._get_or_create(queue)
+        except IntegrityError:
+            self.session.rollback()
+            return (self.session.query(self.queue_cls)
+                    .filter(self.queue_cls.name == queue).one())
 
 
 class EmbeddedTransport(kombu_sqla.Transport):
