@@ -260,7 +260,8 @@ def run_inline(settings: Settings, kind: str, now, **options) -> None:
 def system_grants_notify(settings: Settings, url: str) -> None:
     """Monthly renewal, daily reset and wallet expiry each tell every account they moved,
     after commit, with its new balance and the grant's entry as ledger_seq; a dry run and
-    a repeated run tell nobody; a reset that lifts a low account re-arms its crossing."""
+    a repeated run tell nobody; a grant that lifts a low account re-arms its crossing, one
+    that leaves it low keeps it marked (and says nothing more)."""
     from datetime import timedelta
 
     from tokenledger.renewals import runner
@@ -271,13 +272,19 @@ def system_grants_notify(settings: Settings, url: str) -> None:
     try:
         stage_at(settings, t0, *[{"type": "open_account", "key": f"open:{u}", "user_id": u,
                                   "plan": plan} for u, plan in
-                                 (("gift", "Gift"), ("pro", "Professional"), ("free", "Free"))])
+                                 (("gift", "Gift"), ("pro", "Professional"), ("free", "Free"),
+                                  ("gift-low", "Gift"), ("pro-deep", "Professional"))])
         stage_at(settings, t0, {"type": "charge", "key": "spend", "user_id": "gift",
                                 "amount": 60},
                  {"type": "charge", "key": "drain", "user_id": "free", "amount": 5},
+                 {"type": "charge", "key": "low", "user_id": "gift-low", "amount": 95},
+                 {"type": "charge", "key": "deep", "user_id": "pro-deep", "amount": 3950,
+                  "allow_overdraft": True},
                  {"type": "credit", "key": "promo", "user_id": "pro", "amount": 30,
                   "wallet_type": "PROMO", "expires_at": (t0 + timedelta(days=45)).isoformat()})
         assert [n.balance for n in inbox.of("free")] == [5, 0, 0]  # opened, drained, low
+        assert [n.event for n in inbox.of("gift-low")][-1] == "balance_low"
+        assert [n.event for n in inbox.of("pro-deep")][-1] == "balance_low"
         inbox.items.clear()
 
         month = t0 + timedelta(days=31)
@@ -286,11 +293,19 @@ def system_grants_notify(settings: Settings, url: str) -> None:
         run_inline(settings, "monthly", month)
         seqs = entry_ids(url, "RENEWAL")
         got = {n.user_id: (n.event, n.balance, n.ledger_seq) for n in inbox.items}
-        # Gift resets 40 -> 100; Professional tops up 2000 + 2000, plus its live promo.
+        # Gift resets 40 -> 100; Professional tops up 2000 + 2000, plus its live promo;
+        # the low Gift account is lifted above 10, the overdrawn Professional one stays
+        # at or below 100 (-1950 + 2000): told its balance, no second balance_low.
         assert got == {"gift": ("balance_changed", 100, seqs["gift"]),
-                       "pro": ("balance_changed", 4030, seqs["pro"])}
+                       "pro": ("balance_changed", 4030, seqs["pro"]),
+                       "gift-low": ("balance_changed", 100, seqs["gift-low"]),
+                       "pro-deep": ("balance_changed", 50, seqs["pro-deep"])}
+        assert len(inbox.items) == 4
+        with unit_of_work(url) as session:
+            assert session.get(LowBalanceState, "gift-low") is None  # re-armed
+            assert session.get(LowBalanceState, "pro-deep") is not None  # still low
         run_inline(settings, "monthly", month)  # nothing granted twice, nobody told twice
-        assert len(inbox.items) == 2
+        assert len(inbox.items) == 4
 
         inbox.items.clear()
         run_inline(settings, "daily", t0 + timedelta(days=1, hours=1))

@@ -246,9 +246,14 @@ def test_grant_key_already_present_is_not_granted_again(settings: Settings, db: 
     with unit_of_work(db) as session:  # an operator "fixes" the mark by hand
         session.execute(text("UPDATE accounts SET last_renewal_at = :t"), {"t": T0})
     charge(db, "g", 40, now + timedelta(hours=1))
+    # In the same slice, an account never renewed: its grant still goes through.
+    open_accounts(db, [("h", "Gift", "UTC")], T0)
+    charge(db, "h", 30, T0)
     report = run(settings, "monthly", now + timedelta(hours=2))
-    assert (report["successful"], report["skipped"]) == (0, 1)
-    assert standard(db, "g") == 60 and len(entries(db, "RENEWAL")) == 1
+    assert (report["successful"], report["skipped"]) == (1, 1)
+    assert standard(db, "g") == 60 and standard(db, "h") == 100
+    assert [(r.amount, r.balance_before) for r in entries(db, "RENEWAL")] == [(40, 60),
+                                                                              (30, 70)]
     assert_verified(db)
 
 
@@ -647,4 +652,27 @@ def test_every_slice_is_planned_for_its_own_range(settings: Settings, db: str) -
     assert plans, "the slice statement was never prepared: the test did not test anything"
     # Prepared on the fifth slice: the other (at least seven) each planned on their own.
     assert [(generic, custom >= 7) for generic, custom in plans] == [(0, True)]
+    assert_verified(db)
+
+
+def test_a_slice_updates_its_accounts_and_wallets_in_place(settings: Settings, db: str) -> None:
+    """A slice updates every account and STANDARD wallet on a page in one transaction, so
+    each row needs room for a second version on its own page (migration 0008). A row
+    that found none moved to another page and rewrote every index entry of its table."""
+    open_accounts(db, [(f"h{i:03d}", "Gift", "UTC") for i in range(300)], T0)
+
+    def pages() -> dict[str, dict[int, int]]:
+        with unit_of_work(db) as session:
+            return {table: dict(session.execute(text(
+                f"SELECT id, (ctid::text::point)[0]::int FROM {table}")).all())
+                for table in ("accounts", "wallets")}
+
+    before = pages()
+    assert len(before["accounts"]) == 300 and len(set(before["accounts"].values())) > 3
+    report = run(settings, "monthly", T0 + timedelta(days=30), chunk_size=1000)
+    assert report["successful"] == 300
+    after = pages()
+    moved = {table: sum(after[table][i] != page for i, page in rows.items())
+             for table, rows in before.items()}
+    assert moved == {"accounts": 0, "wallets": 0}
     assert_verified(db)

@@ -102,6 +102,10 @@ class BulkChanges:
     balances: list[int]
     seqs: list[int]
     messages: list[str]
+    # The changes whose low-balance state may change (the account is marked low, or at or
+    # below its plan's threshold), when the writer worked them out in its own statement;
+    # None: :func:`stage_bulk` finds them.
+    concerned: list[BalanceNotice] | None = None
 
     @classmethod
     def of(cls, changes: Iterable[Any]) -> BulkChanges:
@@ -367,15 +371,18 @@ def stage_bulk(session: Session, settings: Settings, bulk: BulkChanges, catalog:
     background publisher once the transaction commits."""
     if not bulk.user_ids:
         return
-    ceiling = max((p.low_balance_threshold for p in catalog.plans.values()
-                   if p.low_balance_threshold is not None), default=None)
-    marked = set(session.scalars(select(LowBalanceState.user_id).where(
-        _user_in(session, LowBalanceState.user_id, bulk.user_ids))))
-    # Objects only for the few accounts concerned, not one per account moved.
-    concerned = {user: BalanceNotice(BALANCE_CHANGED, user, balance, seq)
-                 for user, balance, seq in zip(bulk.user_ids, bulk.balances, bulk.seqs,
-                                               strict=True)
-                 if user in marked or (ceiling is not None and balance <= ceiling)}
+    if bulk.concerned is not None:
+        concerned = {n.user_id: n for n in bulk.concerned}
+    else:
+        ceiling = max((p.low_balance_threshold for p in catalog.plans.values()
+                       if p.low_balance_threshold is not None), default=None)
+        marked = set(session.scalars(select(LowBalanceState.user_id).where(
+            _user_in(session, LowBalanceState.user_id, bulk.user_ids))))
+        # Objects only for the few accounts concerned, not one per account moved.
+        concerned = {user: BalanceNotice(BALANCE_CHANGED, user, balance, seq)
+                     for user, balance, seq in zip(bulk.user_ids, bulk.balances, bulk.seqs,
+                                                   strict=True)
+                     if user in marked or (ceiling is not None and balance <= ceiling)}
     lows = _low_balance_crossings(session, concerned, catalog, now) if concerned else []
     session.info.setdefault(_PENDING_BULK, []).append(bulk)
     _queue(session, settings, lows, soon=True)

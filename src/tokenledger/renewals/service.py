@@ -49,6 +49,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
+from sqlalchemy.sql.elements import TextClause
 
 from tokenledger import notify
 from tokenledger.catalog import Catalog, PlanSpec
@@ -385,10 +386,11 @@ def _balance_changes(session: Session, entry_type: str,
 # run both this path and the portable one.
 
 # Each plan's entry metadata is built once per statement, not once per row.
-_PLANS = ("p(code, allocation, mode, cap, meta) AS (SELECT v.*, jsonb_build_object("
+_PLANS = ("p(code, allocation, mode, cap, low, meta) AS (SELECT v.*, jsonb_build_object("
           "'run', CAST(:run AS bigint), 'plan', v.code) FROM unnest("
           "CAST(:codes AS text[]), CAST(:allocs AS bigint[]), CAST(:modes AS text[]),"
-          " CAST(:caps AS bigint[])) AS v(code, allocation, mode, cap))")
+          " CAST(:caps AS bigint[]), CAST(:lows AS bigint[])) AS v(code, allocation, mode, cap,"
+          " low))")
 _ZONES = ("LEFT JOIN unnest(CAST(:zones AS text[]), CAST(:days AS text[])) AS z(tz, day)"
           " ON z.tz = a.timezone")
 _DUE = {
@@ -396,6 +398,7 @@ _DUE = {
     # An unknown zone is selected too, so it fails loudly instead of never resetting.
     "daily": "(z.day IS NULL OR a.last_reset_on IS NULL OR a.last_reset_on < z.day)",
 }
+_STD = "x.wallet_type = 'STANDARD' AND x.expires_at IS NULL"
 _RANGE = "a.id > :after AND a.id <= :upto AND a.plan_code = ANY(CAST(:codes AS text[]))"
 # Monthly: keep the account's anchor. The new period starts a whole number of 30-day
 # periods after the old one (seconds, not calendar days: DST-proof), so renewals do not
@@ -413,9 +416,20 @@ _MARK_COLUMN = {"monthly": "last_renewal_at", "daily": "last_reset_on"}
 _MESSAGE = notify.message_sql("user_id", "balance", "seq")
 
 
-def _pg_sql(kind: str, dry_run: bool, on_conflict: bool = False) -> tuple[str, str]:
+@lru_cache(maxsize=8)
+def _pg_text(kind: str, dry_run: bool, skip_granted: bool = False) -> tuple[TextClause, TextClause]:
+    """:func:`_pg_sql` as statements, built once (a slice's text is ~5 kB to parse)."""
+    lock, decide = _pg_sql(kind, dry_run, skip_granted)
+    return text(lock), text(decide)
+
+
+_CUSTOM_PLANS = text("SET LOCAL plan_cache_mode = force_custom_plan")
+
+
+def _pg_sql(kind: str, dry_run: bool, skip_granted: bool = False) -> tuple[str, str]:
     """The lock statement and the decide-and-write statement for a chunk of ``kind``
-    (``on_conflict``: tolerate entries of periods granted before, at some cost per row)."""
+    (``skip_granted``: look for periods granted before and skip them, at some cost per
+    row)."""
     zones = _ZONES if kind == "daily" else ""
     where = f"WHERE {_RANGE} AND {_DUE[kind]}"
     lock = (f"SELECT count(*) FROM (SELECT a.id FROM accounts AS a {zones} {where}"
@@ -429,17 +443,25 @@ def _pg_sql(kind: str, dry_run: bool, on_conflict: bool = False) -> tuple[str, s
         # locks: under READ COMMITTED its snapshot has every charge that committed while
         # we waited. (Read in the locking statement they could be stale.)
         " c AS (SELECT a.id AS account_id, a.user_id, a.plan_code,"
-        f"  {_MARK[kind]} AS mark, w.id AS wallet_id, w.balance AS before, p.allocation,"
-        "  p.mode, p.cap, p.meta, CASE"
+        f"  {_MARK[kind]} AS mark, w.id AS wallet_id, w.balance AS before, w.live,"
+        "  p.allocation, p.mode, p.cap, p.low, p.meta, CASE"
         f"  {zone_error}"
         "   WHEN w.id IS NULL THEN 'account has no STANDARD wallet'"
         "   WHEN NOT w.is_active THEN 'STANDARD wallet is inactive' END AS error"
         f"  FROM accounts AS a {zones} JOIN p ON p.code = a.plan_code"
-        "  LEFT JOIN wallets AS w ON w.account_id = a.id AND w.wallet_type = 'STANDARD'"
-        "   AND w.expires_at IS NULL AND w.account_id > :after AND w.account_id <= :upto"
+        # One pass over the range's wallets: each account's STANDARD wallet, and the sum
+        # of its live wallets (for its balance_changed notice).
+        f"  LEFT JOIN (SELECT x.account_id, max(x.id) FILTER (WHERE {_STD}) AS id,"
+        f"   max(x.balance) FILTER (WHERE {_STD}) AS balance,"
+        f"   bool_or(x.is_active) FILTER (WHERE {_STD}) AS is_active,"
+        "   CAST(coalesce(sum(x.balance) FILTER (WHERE x.is_active"
+        "    AND (x.expires_at IS NULL OR x.expires_at > now())), 0) AS bigint) AS live"
+        "   FROM wallets AS x WHERE x.account_id > :after AND x.account_id <= :upto"
+        "   GROUP BY x.account_id) AS w ON w.account_id = a.id"
         f"  {where}),"
         " s AS (SELECT min(account_id) AS first FROM c WHERE error IS NOT NULL),"
-        f" g AS (SELECT c.account_id, c.user_id, c.plan_code, c.wallet_id, c.mark, c.meta,"
+        " g AS (SELECT c.account_id, c.user_id, c.plan_code, c.wallet_id, c.mark, c.meta,"
+        "  c.low, c.live,"
         f"  {_PERIOD[kind]} AS period, c.before, CASE WHEN c.mode = 'reset' THEN c.allocation"
         "   WHEN c.cap IS NULL THEN c.before + c.allocation"
         "   ELSE least(c.before + c.allocation, greatest(c.cap, c.before)) END AS after"
@@ -465,33 +487,48 @@ def _pg_sql(kind: str, dry_run: bool, on_conflict: bool = False) -> tuple[str, s
             "  'amount', after - before) ORDER BY account_id), '[]')"
             "  FROM d WHERE NOT granted AND after <> before) AS changes,"
             f" {errors}")
+    # A period granted before (its account's mark set back by hand) already has its entry:
+    # only the redo after a unique violation looks for those, one index probe per grant.
+    granted = (f"EXISTS (SELECT FROM ledger_entries AS e WHERE e.event_key = {key}"
+               " AND e.wallet_id = g.wallet_id AND e.type = :type)" if skip_granted else "false")
     return lock, decide + (
-        # The entry's unique (event_key, wallet_id, type) is the once-per-period record:
-        # a period granted before (its mark lost) inserts nothing, so moves no balance.
-        " ins AS (INSERT INTO ledger_entries (account_id, wallet_id, amount,"
+        # The entry's unique (event_key, wallet_id, type) is the once-per-period record.
+        # Each new entry's id is drawn here, so that the writes and the notices below all
+        # read this one CTE: a join of two CTEs (the insert's RETURNING with the grants) is
+        # planned on a guess of a few rows each, and was sometimes a nested loop over both
+        # (quadratic in the slice).
+        f" t AS (SELECT g.*, {key} AS key, {granted} AS granted, CASE WHEN g.after <> g.before"
+        f"  AND NOT {granted} THEN nextval('ledger_entries_id_seq') END AS entry_id"
+        "  FROM g ORDER BY g.account_id),"  # ids in account order (drawn after the sort)
+        " ins AS (INSERT INTO ledger_entries (id, account_id, wallet_id, amount,"
         "  balance_before, balance_after, type, event_key, metadata, created_at)"
-        f"  SELECT g.account_id, g.wallet_id, g.after - g.before, g.before, g.after, :type,"
-        f"   {key}, g.meta, :now FROM g WHERE g.after <> g.before ORDER BY g.account_id"
-        + (" ON CONFLICT (event_key, wallet_id, type) DO NOTHING" if on_conflict else "")
-        + " RETURNING id, account_id, wallet_id, balance_after, amount),"
-        " w AS (UPDATE wallets SET balance = ins.balance_after FROM ins"
-        "  WHERE wallets.id = ins.wallet_id RETURNING 1),"
-        f" m AS (UPDATE accounts SET {_MARK_COLUMN[kind]} = g.mark FROM g"
-        "  WHERE accounts.id = g.account_id RETURNING 1),"
+        "  SELECT t.entry_id, t.account_id, t.wallet_id, t.after - t.before, t.before, t.after,"
+        "   :type, t.key, t.meta, :now FROM t WHERE t.entry_id IS NOT NULL"
+        "  ORDER BY t.account_id RETURNING amount),"
+        " w AS (UPDATE wallets SET balance = t.after FROM t"
+        "  WHERE wallets.id = t.wallet_id AND t.entry_id IS NOT NULL RETURNING 1),"
+        f" m AS (UPDATE accounts SET {_MARK_COLUMN[kind]} = t.mark FROM t"
+        "  WHERE accounts.id = t.account_id RETURNING 1),"
         # Each granted account's balance_changed: its live wallets as this statement's
-        # snapshot sees them (it cannot see its own wallet update) plus the grant.
-        " n AS (SELECT g.user_id, ins.id AS seq, ins.amount + CAST((SELECT"
-        "  coalesce(sum(x.balance), 0) FROM wallets AS x WHERE x.account_id = ins.account_id"
-        "  AND x.is_active AND (x.expires_at IS NULL OR x.expires_at > now())) AS bigint)"
-        "  AS balance"
-        "  FROM ins JOIN g ON g.account_id = ins.account_id)"
-        " SELECT (SELECT count(*) FROM g) AS grants,"
-        " (SELECT count(*) FROM g WHERE after <> before) - (SELECT count(*) FROM ins)"
-        "  AS already, (SELECT coalesce(sum(amount), 0) FROM ins) AS tokens,"
+        # snapshot sees them (it cannot see its own wallet update) plus the grant. An
+        # account is "concerned" when its low-balance state may change (marked low, or at
+        # or below its plan's threshold): only those need notify.stage_bulk's attention.
+        # (MATERIALIZED: the EXISTS runs once per row, not once per use below.)
+        " n AS MATERIALIZED (SELECT t.user_id, t.entry_id AS seq,"
+        "  t.live + t.after - t.before AS balance, (t.live + t.after - t.before <= t.low"
+        "  OR EXISTS (SELECT FROM low_balance_state AS l WHERE l.user_id = t.user_id))"
+        "  AS concerned FROM t WHERE t.entry_id IS NOT NULL)"
+        " SELECT (SELECT count(*) FROM t) AS grants,"
+        " (SELECT count(*) FROM t WHERE granted AND after <> before) AS already,"
+        " (SELECT coalesce(sum(amount), 0) FROM ins) AS tokens,"
         " (SELECT count(*) FROM ins) AS inserted, (SELECT count(*) FROM w) AS wallets,"
         " (SELECT count(*) FROM m) AS marked, nn.users, nn.balances, nn.seqs, nn.messages,"
+        " nn.low_users, nn.low_balances, nn.low_seqs,"
         f" {errors} FROM (SELECT array_agg(user_id) AS users, array_agg(balance) AS balances,"
-        f"  array_agg(seq) AS seqs, array_agg({_MESSAGE}) AS messages FROM n) AS nn")
+        f"  array_agg(seq) AS seqs, array_agg({_MESSAGE}) AS messages,"
+        "  array_agg(user_id) FILTER (WHERE concerned) AS low_users,"
+        "  array_agg(balance) FILTER (WHERE concerned) AS low_balances,"
+        "  array_agg(seq) FILTER (WHERE concerned) AS low_seqs FROM n) AS nn")
 
 
 def _pg_params(kind: str, run: Row[Any], after: int, upto: int, catalog: Catalog,
@@ -500,7 +537,8 @@ def _pg_params(kind: str, run: Row[Any], after: int, upto: int, catalog: Catalog
     params: dict[str, Any] = {
         "after": after, "upto": upto, "codes": list(codes),
         "allocs": [p.allocation for p in plans], "modes": [p.renewal_mode for p in plans],
-        "caps": [p.rollover_cap for p in plans], "as_of": as_of,
+        "caps": [p.rollover_cap for p in plans],
+        "lows": [p.low_balance_threshold for p in plans], "as_of": as_of,
         "stop": not run.continue_on_error, "prefix": KEY_PREFIX[kind],
         "type": ENTRY_TYPE[kind], "run": run.id, "now": as_of}
     if kind == "monthly":
@@ -518,25 +556,25 @@ def _process_pg(session: Session, run: Row[Any], after: int, upto: int, catalog:
     returns the dry-run changes."""
     if not codes:
         return [] if run.dry_run else None
-    lock, decide = _pg_sql(run.kind, run.dry_run)
+    lock, decide = _pg_text(run.kind, run.dry_run)
     params = _pg_params(run.kind, run, after, upto, catalog, codes, as_of)
     # Plan each slice for its own range: once psycopg prepares the statement, a generic
     # plan guesses one row per CTE and joins them by nested loops (quadratic in the slice).
-    session.execute(text("SET LOCAL plan_cache_mode = force_custom_plan"))
+    session.execute(_CUSTOM_PLANS)
     if run.dry_run:
-        row = session.execute(text(decide), params).one()
+        row = session.execute(decide, params).one()
     else:
         # The account row is every writer's serialization point; id order rules out
         # deadlocks with live batches, which lock their accounts in the same order.
-        session.execute(text(lock), params)
+        session.execute(lock, params)
         try:
             with session.begin_nested():
-                row = session.execute(text(decide), params).one()
+                row = session.execute(decide, params).one()
         except IntegrityError:
             # Under the locks, a grant key can only exist already if an account's period
             # mark was set back by hand: redo the slice, skipping the granted periods.
-            # (Tolerating conflicts on every row costs ~15% of the insert, so only here.)
-            row = session.execute(text(_pg_sql(run.kind, False, on_conflict=True)[1]),
+            # (Looking for them costs an index probe per row, so only here.)
+            row = session.execute(_pg_text(run.kind, False, skip_granted=True)[1],
                                   params).one()
     if not run.dry_run and (row.wallets != row.inserted or row.marked != row.grants):
         # Cannot happen while every STANDARD wallet is unique per account; never commit it.
@@ -544,8 +582,11 @@ def _process_pg(session: Session, run: Row[Any], after: int, upto: int, catalog:
                            f"{row.wallets} wallets, {row.grants} grants but {row.marked} marks")
     result.errors = list(row.errors)
     if not run.dry_run and row.users:
+        concerned = [notify.BalanceNotice(notify.BALANCE_CHANGED, user, balance, seq)
+                     for user, balance, seq in zip(row.low_users or [], row.low_balances or [],
+                                                   row.low_seqs or [], strict=True)]
         result.balance_changes = notify.BulkChanges(row.users, row.balances, row.seqs,
-                                                    row.messages)
+                                                    row.messages, concerned)
     result.successful = row.grants - row.already
     result.skipped += row.already
     result.failed = len(result.errors)
