@@ -248,7 +248,6 @@ class TokenLedgerAPI(FastAPI):
             await super().__call__(scope, receive, send)
 
 
-
 def create_app(settings: Settings | None = None, *, key_cache_seconds: float = 2.0,
                end_wait_seconds: float = 10.0) -> FastAPI:
     """The tokenledger HTTP API over ``settings``' database and broker."""
