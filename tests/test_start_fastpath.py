@@ -32,6 +32,7 @@ from tokenledger.api.pgpipe import (
     BEGIN,
     COMMIT,
     ROLLBACK,
+    ConnectionLost,
     PipeConnection,
     StartPool,
 )
@@ -387,4 +388,38 @@ def test_one_idempotency_key_raced_by_two_accounts_applies_once(settings: Settin
     with unit_of_work(db) as session:
         assert session.scalar(text("SELECT count(*) FROM holds WHERE key = :k"),
                               {"k": key}) == 1
+    assert_verified(db)
+
+
+def test_a_start_whose_commit_answer_was_lost_is_retried_without_holding_twice(
+        settings: Settings, db: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The connection breaks after the write and its COMMIT were sent and done (the answer
+    never arrives): the start, keyless, is retried on another connection, finds its own
+    outcome under the hold key it made up, and answers it: one hold, one debit."""
+    user = uid("lost")
+    apply(db, {"type": "open_account", "key": f"open:{user}", "user_id": user})
+    real = PipeConnection.roundtrip
+    lost: list[int] = []
+
+    async def answer_lost_once(self: PipeConnection, statements: Any) -> Any:
+        rows = await real(self, statements)
+        if not lost and statements[-1] is COMMIT and len(statements) == 2:
+            lost.append(1)
+            self.abandon()
+            raise ConnectionLost("connection lost after the commit was sent")
+        return rows
+
+    monkeypatch.setattr(PipeConnection, "roundtrip", answer_lost_once)
+    results: list[Any] = []
+
+    async def scenario(app: Any) -> None:
+        results.append(await app.state.api.start_pool.start(user, "project_creation"))
+
+    run_app(settings, scenario)
+    assert lost, "the commit's answer was never lost"
+    (result,) = results
+    assert (result.status, result.token, result.held) == ("accessible", 4, 1)
+    with unit_of_work(db) as session:
+        holds = session.scalars(select(Hold).where(Hold.user_id == user)).all()
+    assert [h.id for h in holds] == [result.hold_id]
     assert_verified(db)

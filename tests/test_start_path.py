@@ -138,3 +138,38 @@ def test_a_connection_found_dead_before_the_commit_is_retried(settings: Settings
         assert s.scalar(select(Hold.id).where(Hold.user_id == user)
                         .order_by(Hold.id.desc()).limit(1)) == result.hold_id
     assert_verified(db)
+
+
+def test_a_start_whose_commit_answer_was_lost_is_retried_without_holding_twice(
+        settings: Settings, db: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The unit of work commits, then the connection is reported lost (the answer of the
+    commit never came): the keyless start is tried again, finds the outcome stored under
+    the hold key it made up, and answers it: one hold, one debit."""
+    from contextlib import contextmanager
+
+    import psycopg
+    from sqlalchemy.exc import OperationalError
+
+    from tokenledger.tokenprocess import service
+
+    user = uid("lost")
+    apply(db, {"type": "open_account", "key": f"open:{user}", "user_id": user})
+    real = service.unit_of_work
+    lost: list[int] = []
+
+    @contextmanager
+    def answer_lost_once(url: str):
+        with real(url) as session:
+            yield session
+        if not lost:
+            lost.append(1)
+            raise OperationalError("COMMIT", {}, psycopg.OperationalError(
+                "server closed the connection unexpectedly"), connection_invalidated=True)
+
+    monkeypatch.setattr(service, "unit_of_work", answer_lost_once)
+    result = run_start(settings, user, "project_creation", publish_in_background=False)
+    assert lost, "the commit's answer was never lost"
+    assert (result.status, result.token, result.held) == ("accessible", 4, 1)
+    with unit_of_work(db) as s:
+        assert s.scalars(select(Hold.id).where(Hold.user_id == user)).all() == [result.hold_id]
+    assert_verified(db)

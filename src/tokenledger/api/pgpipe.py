@@ -26,6 +26,7 @@ import asyncio
 import logging
 import re
 import time
+import uuid
 from collections import deque
 from collections.abc import Sequence
 from typing import Any
@@ -50,7 +51,7 @@ BEGIN = ("BEGIN", {})
 COMMIT = ("COMMIT", {})
 ROLLBACK = ("ROLLBACK", {})
 # Tries of one start, as ``service.run_start``: a deadlock, a serialization failure, a
-# unique key raced by another start, or a connection lost before the commit was sent.
+# unique key raced by another start, or a lost connection (even during the commit).
 ATTEMPTS = 3
 # Committed starts' notices are handed to the publisher thread together, at most this
 # long after the first of them committed: one wake-up of that thread and one Redis
@@ -228,13 +229,13 @@ class PipeConnection:
         await self.conn.close()
 
 
-def _retryable(exc: BaseException, committing: bool) -> bool:
-    if isinstance(exc, psycopg.OperationalError):
-        # Lost while the commit was on its way: it may have happened; only the caller
-        # can find out (with its idempotency key), so that one is not retried.
-        return not committing
-    return isinstance(exc, pg_errors.IntegrityError | pg_errors.SerializationFailure
-                      | pg_errors.DeadlockDetected | pg_errors.LockNotAvailable)
+def _retryable(exc: BaseException) -> bool:
+    # Every attempt of a start carries its hold key, so retrying one whose commit may
+    # have happened (a lost connection) answers the stored outcome instead of holding
+    # again.
+    return isinstance(exc, psycopg.OperationalError | pg_errors.IntegrityError
+                      | pg_errors.SerializationFailure | pg_errors.DeadlockDetected
+                      | pg_errors.LockNotAvailable)
 
 
 class StartPool:
@@ -355,10 +356,13 @@ class StartPool:
         _checked("hold", hold)
         digest = _start_digest(user_id, feature_endpoint_id, max_output_tokens, hold, model)
         catalog = await self.catalog()
+        # One hold key for every attempt: an attempt whose commit is in doubt (the
+        # connection broke after the commit was sent) is found by the next one, which
+        # answers its stored outcome instead of holding twice.
+        key = key or f"hold:{uuid.uuid4().hex}"
         attempt = 0
         while True:
             conn = await self._acquire()
-            committing = False
             try:
                 now = utcnow()
                 rows = await conn.roundtrip([BEGIN, *pgstart.reads(user_id, key)])
@@ -371,7 +375,6 @@ class StartPool:
                     await conn.roundtrip([COMMIT])
                     result, notices = decision.result, []
                 else:
-                    committing = True
                     written = await conn.roundtrip([decision.write, COMMIT])
                     result, _, notices = pgstart.finish(decision, written[0][0])
             except asyncio.CancelledError:
@@ -381,7 +384,7 @@ class StartPool:
             except Exception as exc:
                 await self._reset(conn)
                 attempt += 1
-                if attempt >= ATTEMPTS or not _retryable(exc, committing):
+                if attempt >= ATTEMPTS or not _retryable(exc):
                     raise
                 await asyncio.sleep(0.01 * attempt)
                 continue

@@ -26,7 +26,7 @@ from sqlalchemy.orm import Session
 from tokenledger import notify
 from tokenledger.catalog import Catalog, current_catalog
 from tokenledger.config import Settings
-from tokenledger.db import is_disconnect, is_transient, unit_of_work
+from tokenledger.db import is_transient, unit_of_work
 from tokenledger.errors import AccountNotFound, IdempotencyConflict
 from tokenledger.ledger.service import (
     ApplyContext,
@@ -216,13 +216,14 @@ def run_start(settings: Settings, user_id: str, feature_endpoint_id: str, *,
     """One start in its own unit of work; its notices are published once it committed
     (from a background thread, or before returning with ``publish_in_background=False``).
 
-    A deadlock, a serialization failure, or a connection found dead before the commit
-    was sent rolled everything back and is tried again (up to 3 attempts). A connection
-    lost during the commit might have lost only the answer, so that one is raised.
+    A deadlock, a serialization failure or a lost connection is tried again (up to 3
+    attempts). Every attempt carries the same hold key (the caller's, or one made up
+    here), so when a connection was lost during the commit and the commit had happened,
+    the next attempt finds that outcome and answers it instead of holding again.
     """
+    key = key or f"hold:{uuid.uuid4().hex}"
     attempt = 0
     while True:
-        committing = False
         try:
             now = utcnow()
             with unit_of_work(settings.database_url) as session:
@@ -245,7 +246,6 @@ def run_start(settings: Settings, user_id: str, feature_endpoint_id: str, *,
                     notices = []
                     if changes:
                         notify.stage(session, settings, changes, catalog, now)
-                committing = True
             if publish_in_background:
                 notify.publish_soon(settings, notices)
             else:
@@ -253,8 +253,7 @@ def run_start(settings: Settings, user_id: str, feature_endpoint_id: str, *,
             return result
         except Exception as exc:
             attempt += 1
-            retry = is_transient(exc) and not (committing and is_disconnect(exc))
-            if attempt >= 3 or not retry:
+            if attempt >= 3 or not is_transient(exc):
                 raise
             time.sleep(0.01 * attempt)
 
