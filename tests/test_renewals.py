@@ -676,3 +676,55 @@ def test_a_slice_updates_its_accounts_and_wallets_in_place(settings: Settings, d
              for table, rows in before.items()}
     assert moved == {"accounts": 0, "wallets": 0}
     assert_verified(db)
+
+
+@pytest.mark.slow
+def test_a_worker_killed_mid_run_leaves_a_run_that_completes_granting_each_account_once(
+        settings: Settings, db: str, tmp_path: Path) -> None:
+    """kill -9 of a worker (and its pool) while it renews: the chunks it had taken come
+    back from Redis after the visibility timeout, a restarted worker finishes the run,
+    and every account holds exactly one RENEWAL entry."""
+    from tests.conftest import Worker
+
+    crash = settings.model_copy(update={"queue": settings.queue + "-rkill",
+                                        "visibility_timeout": 5})
+    accounts = 60_000
+    with unit_of_work(db) as session:  # due since yesterday; empty wallets, no entries
+        session.execute(text(
+            "INSERT INTO accounts (user_id, plan_code, timezone, created_at, last_renewal_at)"
+            " SELECT 'k' || g, (ARRAY['Gift', 'Professional', 'Business'])[1 + g % 3], 'UTC',"
+            " now() - interval '31 days', now() - interval '31 days'"
+            " FROM generate_series(1, :n) AS g"), {"n": accounts})
+        session.execute(text(
+            "INSERT INTO wallets (account_id, wallet_type, balance, is_active, created_at)"
+            " SELECT id, 'STANDARD', 0, true, now() FROM accounts"))
+    run_id, chunk_ids = runner.start_run(crash, RunOptions("monthly", chunk_size=1000))
+    assert len(chunk_ids) == 60
+
+    def renewed() -> int:
+        with unit_of_work(db) as session:
+            return session.scalar(select(func.count()).select_from(LedgerEntry)
+                                  .where(LedgerEntry.type == "RENEWAL"))
+
+    worker = Worker(crash, tmp_path, concurrency=2).start()
+    runner.dispatch(crash, chunk_ids)
+    deadline = time.monotonic() + 60
+    while renewed() == 0 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    worker.kill(9)
+    at_kill = renewed()
+    assert 0 < at_kill < accounts, at_kill
+
+    restarted = Worker(crash, tmp_path, concurrency=2).start()
+    try:
+        report = runner.wait_for_run(crash, run_id, timeout=90)
+    finally:
+        restarted.stop()
+    assert (report["status"], report["successful"], report["failed"]) == (
+        "completed", accounts, 0), report
+    with unit_of_work(db) as session:
+        per_account = session.execute(text(
+            "SELECT count(*), count(DISTINCT account_id), coalesce(sum(amount), 0)"
+            " FROM ledger_entries WHERE type = 'RENEWAL'")).one()
+    assert tuple(per_account) == (accounts, accounts, report["tokens_granted"])
+    assert_verified(db)
