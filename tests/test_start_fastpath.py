@@ -423,3 +423,45 @@ def test_a_start_whose_commit_answer_was_lost_is_retried_without_holding_twice(
         holds = session.scalars(select(Hold).where(Hold.user_id == user)).all()
     assert [h.id for h in holds] == [result.hold_id]
     assert_verified(db)
+
+
+def test_a_key_in_steady_use_is_refreshed_before_it_expires_and_revoked_in_time(
+        http: httpx.Client, db: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Starts every few milliseconds for three cache lifetimes: the key is looked up again
+    in the background before its answer expires, so no start finds it missing (which sent
+    every request of that moment down the slow path to look it up); once revoked, starts
+    are refused within a cache lifetime, while they keep coming."""
+    from tokenledger.api import auth as auth_module
+
+    user = uid("steady")
+    apply(db, {"type": "open_account", "key": f"open:{user}", "user_id": user,
+               "plan": "Business"})
+    with unit_of_work(db) as session:
+        created = create_key(session, "producer", "steady")
+    headers, body = auth(created.key), {"user_id": user, "feature_endpoint_id": "project_creation"}
+    assert http.post(PATH, headers=headers, json=body).status_code == 200  # cached now
+    real_lookup, real_refresh = auth_module._lookup, auth_module._refresh
+    calls = {"lookup": 0, "refresh": 0}
+
+    def counted_lookup(url: str, key: str) -> Any:
+        calls["lookup"] += 1
+        return real_lookup(url, key)
+
+    def counted_refresh(state: Any, key: str) -> None:
+        calls["refresh"] += 1
+        real_refresh(state, key)
+
+    monkeypatch.setattr(auth_module, "_lookup", counted_lookup)
+    monkeypatch.setattr(auth_module, "_refresh", counted_refresh)
+    deadline = time.monotonic() + 3 * KEY_CACHE_SECONDS
+    while time.monotonic() < deadline:
+        assert http.post(PATH, headers=headers, json=body).status_code == 200
+    assert calls["refresh"] >= 2
+    assert calls["lookup"] == calls["refresh"], calls  # every lookup was a refresh
+
+    with unit_of_work(db) as session:
+        revoke_key(session, created.info.prefix)
+    revoked_at = time.monotonic()
+    while http.post(PATH, headers=headers, json=body).status_code == 200:
+        assert time.monotonic() - revoked_at < KEY_CACHE_SECONDS + 0.5
+    assert http.post(PATH, headers=headers, json=body).status_code == 401

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from collections.abc import Awaitable, Callable
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import Depends, Request
 from fastapi.security import APIKeyHeader
@@ -11,6 +13,8 @@ from starlette.concurrency import run_in_threadpool
 
 from tokenledger.apikeys import KeyInfo, authenticate
 from tokenledger.db import unit_of_work
+
+log = logging.getLogger("tokenledger.api.auth")
 
 HEADER = "x-server-api-key"
 _header = APIKeyHeader(name=HEADER, auto_error=False,
@@ -40,13 +44,31 @@ def _lookup(url: str, key: str) -> KeyInfo | None:
         return authenticate(session, key)
 
 
+def _refresh(state: Any, key: str) -> None:
+    """Look ``key`` up again and cache the answer (off the event loop)."""
+    try:
+        info = _lookup(state.settings.database_url, key)
+    except Exception as exc:  # noqa: BLE001 - the cached answer stays until it expires
+        state.keys.put_failed(key)
+        log.warning("could not refresh a cached API key: %s", type(exc).__name__)
+        return
+    state.keys.put(key, info)
+
+
+def refresh_soon(state: Any, key: str) -> None:
+    """:func:`_refresh` in the default executor, without waiting for it."""
+    asyncio.get_running_loop().run_in_executor(None, _refresh, state, key)
+
+
 async def current_key(request: Request,
                       key: Annotated[str | None, Depends(_header)]) -> KeyInfo:
     """The caller's active key (from the per-process cache when fresh), else 401."""
     if not key:
         raise AuthError(401, INVALID)
     state = request.app.state.api
-    hit, info = state.keys.get(key)
+    hit, info, refresh = state.keys.lookup(key)
+    if refresh:
+        refresh_soon(state, key)
     if not hit:
         info = await run_in_threadpool(_lookup, state.settings.database_url, key)
         state.keys.put(key, info)

@@ -31,7 +31,7 @@ from pydantic import TypeAdapter, ValidationError
 from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from tokenledger.api.auth import HEADER, PRODUCE
+from tokenledger.api.auth import HEADER, PRODUCE, refresh_soon
 from tokenledger.api.schemas import Key, StartIn
 
 PATH = "/api/token-process/start"
@@ -120,7 +120,9 @@ class StartFastPath:
         """The validated request and idempotency key, if the key is a known producer."""
         if body is None:
             return None
-        hit, info = api.keys.get(api_key)
+        hit, info, refresh = api.keys.lookup(api_key)
+        if refresh:
+            refresh_soon(api, api_key)
         if not hit or info is None or info.scope not in ALLOWED_SCOPES:
             return None
         try:

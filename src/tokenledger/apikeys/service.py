@@ -114,30 +114,58 @@ class KeyCache:
     """Recent authentication answers, per process, for ``ttl`` seconds.
 
     A revoked key stops working within ``ttl``; answers are keyed by the key's digest, so
-    the cache never holds a key itself.
+    the cache never holds a key itself. An answer in the last quarter of its life is
+    still served, and the first request to see it there is told to look the key up again
+    (:meth:`lookup`): a key in steady use is re-read before it expires instead of every
+    request of that moment missing at once and looking it up (measured at ~16 lookups
+    every 2 s under the HTTP start bench, each through the slow path).
     """
 
     def __init__(self, ttl: float = 2.0, max_entries: int = 10_000) -> None:
         self.ttl = ttl
         self.max_entries = max_entries
         self._entries: dict[str, tuple[float, KeyInfo | None]] = {}
+        self._refreshing: set[str] = set()
         self._lock = threading.Lock()
 
     def get(self, key: str) -> tuple[bool, KeyInfo | None]:
+        hit, info, _ = self.lookup(key)
+        return hit, info
+
+    def lookup(self, key: str) -> tuple[bool, KeyInfo | None, bool]:
+        """(hit, answer, refresh): with ``refresh`` the caller should look the key up
+        and :meth:`put` the answer (or :meth:`put_failed`); told once per answer."""
         digest = _digest(key)
         entry = self._entries.get(digest)
-        if entry is not None and entry[0] > time.monotonic():
-            return True, entry[1]
-        return False, None
+        if entry is None:
+            return False, None, False
+        left = entry[0] - time.monotonic()
+        if left <= 0:
+            return False, None, False
+        if left > self.ttl / 4 or digest in self._refreshing:
+            return True, entry[1], False
+        with self._lock:
+            if digest in self._refreshing:
+                return True, entry[1], False
+            self._refreshing.add(digest)
+        return True, entry[1], True
 
     def put(self, key: str, info: KeyInfo | None) -> None:
         if self.ttl <= 0:
             return
+        digest = _digest(key)
         with self._lock:
             if len(self._entries) >= self.max_entries:
                 self._entries.clear()
-            self._entries[_digest(key)] = (time.monotonic() + self.ttl, info)
+            self._entries[digest] = (time.monotonic() + self.ttl, info)
+            self._refreshing.discard(digest)
+
+    def put_failed(self, key: str) -> None:
+        """A refresh that could not look the key up: the next request may try again."""
+        with self._lock:
+            self._refreshing.discard(_digest(key))
 
     def clear(self) -> None:
         with self._lock:
             self._entries.clear()
+            self._refreshing.clear()
