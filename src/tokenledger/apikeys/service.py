@@ -128,10 +128,6 @@ class KeyCache:
         self._refreshing: set[str] = set()
         self._lock = threading.Lock()
 
-    def get(self, key: str) -> tuple[bool, KeyInfo | None]:
-        hit, info, _ = self.lookup(key)
-        return hit, info
-
     def lookup(self, key: str) -> tuple[bool, KeyInfo | None, bool]:
         """(hit, answer, refresh): with ``refresh`` the caller should look the key up
         and :meth:`put` the answer (or :meth:`put_failed`); told once per answer."""

@@ -522,10 +522,9 @@ def _pg_sql(kind: str, dry_run: bool, skip_granted: bool = False) -> tuple[str, 
         " (SELECT count(*) FROM t WHERE granted AND after <> before) AS already,"
         " (SELECT coalesce(sum(amount), 0) FROM ins) AS tokens,"
         " (SELECT count(*) FROM ins) AS inserted, (SELECT count(*) FROM w) AS wallets,"
-        " (SELECT count(*) FROM m) AS marked, nn.notified, nn.messages,"
+        " (SELECT count(*) FROM m) AS marked, nn.messages,"
         " nn.low_users, nn.low_balances, nn.low_seqs,"
-        f" {errors} FROM (SELECT count(*) AS notified,"
-        f"  string_agg({_MESSAGE}, E'\\n') AS messages,"
+        f" {errors} FROM (SELECT string_agg({_MESSAGE}, E'\\n') AS messages,"
         "  array_agg(user_id) FILTER (WHERE concerned) AS low_users,"
         "  array_agg(balance) FILTER (WHERE concerned) AS low_balances,"
         "  array_agg(seq) FILTER (WHERE concerned) AS low_seqs FROM n) AS nn")
@@ -581,11 +580,11 @@ def _process_pg(session: Session, run: Row[Any], after: int, upto: int, catalog:
         raise RuntimeError(f"renewal of accounts {after + 1}..{upto}: {row.inserted} entries but "
                            f"{row.wallets} wallets, {row.grants} grants but {row.marked} marks")
     result.errors = list(row.errors)
-    if not run.dry_run and row.notified:
+    if not run.dry_run and row.messages:
         concerned = [notify.BalanceNotice(notify.BALANCE_CHANGED, user, balance, seq)
                      for user, balance, seq in zip(row.low_users or [], row.low_balances or [],
                                                    row.low_seqs or [], strict=True)]
-        result.balance_changes = notify.BulkChanges(row.notified, row.messages, concerned)
+        result.balance_changes = notify.BulkChanges(row.messages, concerned)
     result.successful = row.grants - row.already
     result.skipped += row.already
     result.failed = len(result.errors)
