@@ -38,6 +38,8 @@ from tokenledger.api.pgpipe import (
 )
 from tokenledger.apikeys import create_key, revoke_key
 from tokenledger.db import unit_of_work
+from tokenledger.metrics import START_GROUP_SIZE
+from tokenledger.tokenprocess import pgstart
 from tokenledger.tokenprocess.models import Hold
 
 pytestmark = pytest.mark.services
@@ -338,6 +340,157 @@ def test_starts_over_http_publish_their_notices_after_the_commit(http: httpx.Cli
     assert [(n.event, n.balance) for n in seen] == [
         ("balance_changed", 3), ("balance_changed", 1), ("balance_low", 1)]
     assert seen[0].ledger_seq < seen[1].ledger_seq == seen[2].ledger_seq
+
+
+# -- the start pool's groups ----------------------------------------------------------------
+
+
+def group_sizes() -> tuple[float, float]:
+    """(groups run, starts in them) so far in this process."""
+    samples = {s.name: s.value for m in START_GROUP_SIZE.collect() for s in m.samples}
+    return samples["tokenledger_start_group_size_count"], \
+        samples["tokenledger_start_group_size_sum"]
+
+
+def test_starts_arriving_together_run_in_groups_each_answered_as_if_alone(
+        settings: Settings, db: str) -> None:
+    """Given 12 Free accounts (5 credits, low at 1), when 3 starts holding 2 arrive for
+    each at once, with a start for an unknown user, and one key used by two starts on
+    another account with the same arguments and by one on a third with others: they run
+    in groups (more starts than groups), and each account has exactly two holds (3 then
+    1 left) and one refusal, balance_changed 3 and 1 and balance_low once; the unknown
+    user's start fails alone; the key holds once, for whichever arguments came first,
+    answering the same to the same arguments and a conflict to the others; the ledger
+    verifies."""
+    users = [uid("group") for _ in range(12)]
+    same, other = uid("same"), uid("other")
+    for user in [*users, same, other]:
+        apply(db, {"type": "open_account", "key": f"open:{user}", "user_id": user})
+    key = f"twice-{uuid.uuid4().hex}"
+    seen: list[notify.BalanceNotice] = []
+    unsubscribe = notify.subscribe(lambda n: seen.append(n) if n.user_id in users else None)
+    answers: dict[str, list[Any]] = {}
+    before = group_sizes()
+
+    async def scenario(app: Any) -> None:
+        pool = app.state.api.start_pool
+        calls = [(u, {"hold": 2}) for _ in range(3) for u in users]
+        calls += [("nobody-" + uid("x"), {}), (same, {"key": key}), (same, {"key": key}),
+                  (other, {"key": key, "hold": 3})]
+        results = await asyncio.gather(
+            *(pool.start(u, "text_generation", **kw) for u, kw in calls),
+            return_exceptions=True)
+        for (u, kw), r in zip(calls, results, strict=True):
+            answers.setdefault(u, []).append(r)
+
+    try:
+        run_app(settings, scenario)
+        deadline = time.monotonic() + 10
+        while len(seen) < 36 and time.monotonic() < deadline:
+            notify.flush_published(1)
+            time.sleep(0.01)
+    finally:
+        unsubscribe()
+    groups, starts = (b - a for a, b in zip(before, group_sizes(), strict=True))
+    assert starts == 12 * 3 + 4 and groups < starts, (groups, starts)
+    same_answers, other_answers = answers.pop(same), answers.pop(other)
+    if isinstance(other_answers[0], BaseException):  # the same arguments came first
+        first, second = same_answers
+        assert first == second and (first.status, first.held) == ("accessible", 1)
+        assert type(other_answers[0]).__name__ == "IdempotencyConflict"
+    else:
+        assert (other_answers[0].status, other_answers[0].held) == ("accessible", 3)
+        assert [type(r).__name__ for r in same_answers] == ["IdempotencyConflict"] * 2
+    (unknown,) = [a for u, a in answers.items() if u.startswith("nobody-")]
+    assert [type(r).__name__ for r in unknown] == ["AccountNotFound"]
+    for user in users:
+        mine = answers[user]
+        assert sorted((r.status, r.token) for r in mine) == [
+            ("accessible", 1), ("accessible", 3), ("not-accessible", 1)], mine
+        events = [(n.event, n.balance) for n in seen if n.user_id == user]
+        assert events == [("balance_changed", 3), ("balance_changed", 1),
+                          ("balance_low", 1)], (user, events)
+    with unit_of_work(db) as session:
+        held = dict(session.execute(text(
+            "SELECT user_id, sum(amount) FROM holds WHERE user_id = ANY(:u) GROUP BY user_id"
+        ), {"u": users}).all())
+        assert session.scalar(text("SELECT count(*) FROM holds WHERE key = :k"),
+                              {"k": key}) == 1
+    assert held == {u: 4 for u in users}
+    assert_verified(db)
+
+
+def test_a_group_that_fails_as_a_whole_is_tried_again_one_start_at_a_time(
+        settings: Settings, db: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The first group's write fails (a deadlock, injected after its reads): every start
+    of it is run again on its own, and each holds exactly once."""
+    users = [uid("regroup") for _ in range(6)]
+    for user in users:
+        apply(db, {"type": "open_account", "key": f"open:{user}", "user_id": user})
+    real = PipeConnection.roundtrip
+    failed: list[int] = []
+
+    async def deadlock_once(self: PipeConnection, statements: Any) -> Any:
+        if not failed and statements[0][0] == pgstart.WRITE \
+                and len(statements[0][1]["hold_ids"]) > 1:
+            failed.append(len(statements[0][1]["hold_ids"]))
+            raise psycopg.errors.DeadlockDetected("deadlock detected (injected)")
+        return await real(self, statements)
+
+    monkeypatch.setattr(PipeConnection, "roundtrip", deadlock_once)
+    results: list[Any] = []
+
+    async def scenario(app: Any) -> None:
+        pool = app.state.api.start_pool
+        results.extend(await asyncio.gather(
+            *(pool.start(u, "project_creation") for u in users)))
+
+    run_app(settings, scenario)
+    assert failed and failed[0] > 1
+    assert [(r.status, r.token, r.held) for r in results] == [("accessible", 4, 1)] * 6
+    with unit_of_work(db) as session:
+        holds = session.scalars(select(Hold).where(Hold.user_id.in_(users))).all()
+    assert sorted(h.id for h in holds) == sorted(r.hold_id for r in results)
+    assert_verified(db)
+
+
+def test_a_start_cancelled_while_waiting_for_its_group_never_runs(settings: Settings,
+                                                                   db: str) -> None:
+    """With the pool's one connection waiting on a locked account, a start queued behind
+    it and cancelled never holds; the pool then goes on as usual."""
+    busy, waiting = uid("busy"), uid("cancelled")
+    for user in (busy, waiting):
+        apply(db, {"type": "open_account", "key": f"open:{user}", "user_id": user})
+    pool = StartPool(settings, 1)
+    conninfo = pool.conninfo
+
+    async def scenario() -> None:
+        locker = await psycopg.AsyncConnection.connect(conninfo)
+        try:
+            await locker.execute("SELECT 1 FROM accounts WHERE user_id = %s FOR UPDATE",
+                                 (busy,))
+            first = asyncio.ensure_future(pool.start(busy, "project_creation"))
+            await asyncio.sleep(0.3)  # its group holds the connection, waiting on the lock
+            second = asyncio.ensure_future(pool.start(waiting, "project_creation"))
+            await asyncio.sleep(0.1)
+            assert not first.done() and not second.done()
+            second.cancel()
+            await locker.commit()
+            assert (await first).status == "accessible"
+            with pytest.raises(asyncio.CancelledError):
+                await second
+            await asyncio.sleep(0.2)
+            assert (await pool.start(busy, "project_creation")).token == 3
+        finally:
+            await locker.close()
+            await pool.close()
+
+    asyncio.run(scenario())
+    with unit_of_work(db) as session:
+        held = session.scalars(select(Hold.user_id).where(Hold.user_id.in_([busy, waiting]))
+                               ).all()
+    assert sorted(held) == [busy, busy]
+    assert_verified(db)
 
 
 # -- the start pool's connections ----------------------------------------------------------

@@ -75,6 +75,10 @@ GRANTED = Counter(
 RETRIES = Counter(
     "tokenledger_task_retries", "Task attempts that failed transiently and were retried.",
     ["task"])
+START_GROUP_SIZE = Histogram(
+    "tokenledger_start_group_size",
+    "Token-process starts the API's start pool ran together in one transaction.",
+    buckets=(1, 2, 4, 8, 16, 32))
 NOTIFICATIONS = Counter(
     "tokenledger_notifications", "Balance notices published after commit.", ["event"])
 NOTIFY_ERRORS = Counter(

@@ -398,29 +398,39 @@ def _queue(session: Session, settings: Settings, notices: list[BalanceNotice],
         session.info[_SOON] = True
 
 
-# One account's balance change, as :func:`stage` sees it, as a data-modifying CTE for the
-# statement that writes the change's entries (a CTE named ``entries`` returning their ids):
-# at or below the threshold, mark the account unless it is marked already (a row in
-# ``low`` is the crossing); above it (or with no threshold), re-arm. Nothing happens when
-# no entry was written.
-_MARK_LOW = (
+# The balance changes of several locked accounts, as :func:`stage` sees them, as
+# data-modifying CTEs for the statement that writes their entries (a CTE named ``seq``
+# answering each written account's ``account_id`` and newest entry id ``seq``): at or
+# below the threshold, mark the account unless it is marked already (a row in ``low`` is
+# the crossing, its ``user_id`` returned); above it (or with no threshold), re-arm.
+# Nothing happens to an account without an entry (``low_balance_params`` is given only
+# accounts that have one, and marking joins ``seq``).
+LOW_BALANCE_CTES = (
     "low AS (INSERT INTO low_balance_state (user_id, threshold, balance, ledger_seq, since)"
-    " SELECT %(low_user)s, %(low_threshold)s, %(low_balance)s, max(id), %(low_now)s"
-    " FROM entries HAVING count(*) > 0 ON CONFLICT DO NOTHING RETURNING 1)")
-_REARM = (
-    "low AS (DELETE FROM low_balance_state WHERE user_id = %(low_user)s"
-    " AND EXISTS (SELECT FROM entries) RETURNING 0)")
+    " SELECT l.user_id, l.threshold, l.balance, seq.seq, %(low_now)s"
+    " FROM unnest(%(low_users)s::text[], %(low_accounts)s::bigint[],"
+    " %(low_thresholds)s::bigint[], %(low_balances)s::bigint[])"
+    " AS l(user_id, account_id, threshold, balance) JOIN seq USING (account_id)"
+    " ON CONFLICT DO NOTHING RETURNING user_id),"
+    " rearm AS (DELETE FROM low_balance_state WHERE user_id = ANY(%(rearm_users)s::text[]))")
 
 
-def low_balance_cte(user_id: str, balance: int, threshold: int | None, now: datetime
-                    ) -> tuple[str, dict[str, Any], bool]:
-    """PostgreSQL (``low AS (...)``, params, marks) keeping ``low_balance_state`` right
-    for one locked account whose entries the same statement writes, as :func:`stage`
-    would; when ``marks``, a row returned by ``low`` is the crossing (``balance_low``)."""
-    if _is_low(balance, threshold):
-        return _MARK_LOW, {"low_user": user_id, "low_threshold": threshold,
-                           "low_balance": balance, "low_now": now}, True
-    return _REARM, {"low_user": user_id}, False
+def low_balance_params(changes: list[tuple[str, int, int, int | None]], now: datetime
+                       ) -> tuple[dict[str, Any], set[str]]:
+    """The parameters of ``LOW_BALANCE_CTES`` for ``(user_id, account_id, balance,
+    threshold)`` of accounts whose entries the statement writes, and the users it may mark
+    (a crossing is a user both among them and returned by ``low``)."""
+    params: dict[str, Any] = {"low_now": now, "low_users": [], "low_accounts": [],
+                              "low_thresholds": [], "low_balances": [], "rearm_users": []}
+    for user_id, account_id, balance, threshold in changes:
+        if _is_low(balance, threshold):
+            params["low_users"].append(user_id)
+            params["low_accounts"].append(account_id)
+            params["low_thresholds"].append(threshold)
+            params["low_balances"].append(balance)
+        else:
+            params["rearm_users"].append(user_id)
+    return params, set(params["low_users"])
 
 
 # Listeners on the Session class, installed once: registering them per session made

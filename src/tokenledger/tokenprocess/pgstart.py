@@ -1,26 +1,31 @@
-"""The token-process start on PostgreSQL: three reads, a decision, one write, the commit.
+"""Token-process starts on PostgreSQL: three reads, the decisions, one write, the commit.
 
 The start is the one synchronous write of the ledger, so its latency is the caller's.
 The general batch path (``ledger.service._Batch``) spends a round trip per statement and
-uses COPY and sequence prefetches that pay off for 1,000 events, not for one. Here:
+uses COPY and sequence prefetches that pay off for 1,000 events, not for one. Here the
+statements take arrays, so one set of them serves one start (the SDK's ``run_start``) or
+a group of starts on distinct accounts (the API server's start pool, which groups the
+starts that arrive while its connections are busy: what a start costs PostgreSQL is
+mostly per statement, not per row):
 
-1. lock the account ``FOR UPDATE``, drawing the hold's id from its sequence in the same
-   statement;
-2. lock and read its wallets, and with a key the stored outcome, in statements of their
-   own, found by ``user_id`` (not by the id statement 1 answers), so all three can be
-   sent at once: the server still runs them one after the other, and each later one
-   takes its snapshot *after* the account lock was granted, so a start that waited for
-   another writer sees that writer's committed wallets, including one it created,
-   exactly as the batch path does;
-3. :func:`decide` in memory (``service.plan_hold``: plan, estimate; then the draw order);
-4. write the hold, its ``HOLD`` entries, the wallets' balances, the outcome row and the
-   low-balance state in one statement of data-modifying CTEs (:func:`finish` reads its
-   answer), followed by the commit.
+1. lock the accounts ``FOR UPDATE`` in id order (as every writer does), drawing each
+   hold's id from its sequence in the same statement;
+2. lock and read their wallets, and the stored outcomes of the starts' keys, in
+   statements of their own, found by ``user_id`` (not by the ids statement 1 answers),
+   so all three can be sent at once: the server still runs them one after the other,
+   and each later one takes its snapshot *after* the account locks were granted, so a
+   start that waited for another writer sees that writer's committed wallets, including
+   one it created, exactly as the batch path does;
+3. :func:`decide` each start in memory (``service.plan_hold``: plan, estimate; then the
+   draw order);
+4. :func:`write` the holds, their ``HOLD`` entries, the wallets' balances, the outcome
+   rows and the low-balance state in one statement of data-modifying CTEs (:func:`finish`
+   reads its answer), followed by the commit.
 
 The statements are plain text with ``%(name)s`` parameters, so two executors share them:
-:func:`start` runs them one by one on a Session's psycopg connection (the SDK's
-``run_start``), and the API server sends the reads with ``BEGIN`` and the write with
-``COMMIT`` in one round trip each (``tokenledger.api.pgpipe``).
+:func:`start` runs them one by one on a Session's psycopg connection, and the API server
+sends the reads with ``BEGIN`` and the write with ``COMMIT`` in one round trip each
+(``tokenledger.api.pgpipe``).
 
 Same rows, same arithmetic, same answers as the portable path in ``service.py`` (which
 SQLite uses).
@@ -28,7 +33,7 @@ SQLite uses).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
@@ -42,73 +47,102 @@ from tokenledger.ledger.service import BalanceChange
 from tokenledger.ledger.wallets import AccountState, WalletState, draw_order
 from tokenledger.timeutil import as_utc
 
-LOCK_ACCOUNT = (
-    "SELECT id, plan_code, timezone, last_renewal_at, nextval('holds_id_seq')"
-    " FROM accounts WHERE user_id = %(user_id)s FOR UPDATE")
+LOCK_ACCOUNTS = (
+    "SELECT user_id, id, plan_code, timezone, last_renewal_at, nextval('holds_id_seq')"
+    " FROM accounts WHERE user_id = ANY(%(user_ids)s::text[]) ORDER BY id FOR UPDATE")
 LOCK_WALLETS = (
-    "SELECT id, wallet_type, balance, expires_at, is_active, created_at FROM wallets"
-    " WHERE account_id = (SELECT id FROM accounts WHERE user_id = %(user_id)s)"
+    "SELECT account_id, id, wallet_type, balance, expires_at, is_active, created_at"
+    " FROM wallets WHERE account_id IN"
+    " (SELECT id FROM accounts WHERE user_id = ANY(%(user_ids)s::text[]))"
     " ORDER BY id FOR UPDATE")
-STORED = "SELECT payload_hash, result FROM event_outcomes WHERE key = %(key)s"
-# The whole write in one statement: the hold, one HOLD entry per wallet drawn (with the
-# balances before and after), the wallets' new balances, the outcome row, and optionally
-# the low-balance state (``low``, from notify). Answers the newest entry id (the change's
-# ledger_seq; NULL when nothing was drawn) and whether ``low`` returned a row.
-_WRITE = (
-    "WITH hold AS (INSERT INTO holds (id, key, account_id, user_id, feature, model, amount,"
-    " allocations, status, expires_at, created_at) VALUES (%(hold_id)s, %(key)s,"
-    " %(account_id)s, %(user_id)s, %(feature)s, %(model)s, %(amount)s, %(allocations)s,"
-    " 'open', %(expires_at)s, %(now)s)),"
+STORED = ("SELECT key, payload_hash, result FROM event_outcomes"
+          " WHERE key = ANY(%(keys)s::text[])")
+# The whole write in one statement, for any number of starts on distinct accounts: the
+# holds (``h``, one row per start), one HOLD entry per wallet drawn (``d``, with the
+# balances before and after, in the order drawn), the wallets' new balances, the outcome
+# rows, and the low-balance state (notify's CTEs). Answers one row per account with
+# entries (its id and newest entry id: the change's ledger_seq) and one per low-balance
+# crossing (its user_id).
+WRITE = (
+    "WITH h AS (SELECT * FROM unnest(%(hold_ids)s::bigint[], %(keys)s::text[],"
+    " %(account_ids)s::bigint[], %(user_ids)s::text[], %(features)s::text[],"
+    " %(models)s::text[], %(amounts)s::bigint[], %(allocations)s::jsonb[],"
+    " %(expires)s::timestamptz[], %(metas)s::jsonb[], %(digests)s::text[],"
+    " %(results)s::jsonb[]) AS h(id, key, account_id, user_id, feature, model, amount,"
+    " allocations, expires_at, meta, digest, result)),"
+    " d AS (SELECT * FROM unnest(%(draw_accounts)s::bigint[], %(draw_wallets)s::bigint[],"
+    " %(draw_taken)s::bigint[], %(draw_before)s::bigint[]) WITH ORDINALITY"
+    " AS d(account_id, wallet_id, taken, before, n)),"
+    " hold AS (INSERT INTO holds (id, key, account_id, user_id, feature, model, amount,"
+    " allocations, status, expires_at, created_at) SELECT id, key, account_id, user_id,"
+    " feature, model, amount, allocations, 'open', expires_at, %(now)s FROM h),"
     " entries AS (INSERT INTO ledger_entries (account_id, wallet_id, amount, balance_before,"
     " balance_after, type, feature, event_key, metadata, created_at)"
-    " SELECT %(account_id)s, t.wallet_id, -t.taken, t.before, t.before - t.taken, 'HOLD',"
-    " %(feature)s, %(key)s, %(meta)s, %(now)s"
-    " FROM unnest(%(wallet_ids)s::bigint[], %(taken)s::bigint[], %(before)s::bigint[])"
-    " WITH ORDINALITY AS t(wallet_id, taken, before, n) ORDER BY t.n RETURNING id),"
-    " balances AS (UPDATE wallets SET balance = v.before - v.taken"
-    " FROM unnest(%(wallet_ids)s::bigint[], %(taken)s::bigint[], %(before)s::bigint[])"
-    " AS v(id, taken, before) WHERE wallets.id = v.id),"
+    " SELECT d.account_id, d.wallet_id, -d.taken, d.before, d.before - d.taken, 'HOLD',"
+    " h.feature, h.key, h.meta, %(now)s FROM d JOIN h USING (account_id) ORDER BY d.n"
+    " RETURNING id, account_id),"
+    " balances AS (UPDATE wallets SET balance = d.before - d.taken FROM d"
+    " WHERE wallets.id = d.wallet_id),"
     " outcome AS (INSERT INTO event_outcomes (key, payload_hash, user_id, event_type,"
-    " outcome, result, created_at) VALUES (%(key)s, %(digest)s, %(user_id)s, %(event)s,"
-    " 'applied', %(result)s, %(now)s)){low}"
-    " SELECT (SELECT max(id) FROM entries), {crossed}")
-_WRITE_PLAIN = _WRITE.format(low="", crossed="false")
-_WRITE_LOW = _WRITE.format(low=", {cte}", crossed="EXISTS (SELECT FROM low)")
+    " outcome, result, created_at) SELECT key, digest, user_id, %(event)s, 'applied',"
+    " result, %(now)s FROM h),"
+    " seq AS (SELECT account_id, max(id) AS seq FROM entries GROUP BY account_id), "
+    + notify.LOW_BALANCE_CTES +
+    " SELECT account_id, seq, NULL::text FROM seq UNION ALL SELECT NULL, NULL, user_id FROM low")
 
 Statement = tuple[str, dict[str, Any]]
 Started = tuple[Any, list[BalanceChange], list[notify.BalanceNotice]]
 
 
-def reads(user_id: str, key: str | None) -> list[Statement]:
-    """The statements whose rows :func:`decide` takes, in this order, in one transaction."""
-    out = [(LOCK_ACCOUNT, {"user_id": user_id}), (LOCK_WALLETS, {"user_id": user_id})]
-    if key is not None:
-        out.append((STORED, {"key": key}))
+def reads(user_ids: list[str], keys: list[str]) -> list[Statement]:
+    """The statements whose rows :meth:`Locked.of` takes, in this order, in one
+    transaction (the stored outcomes only with ``keys``)."""
+    out = [(LOCK_ACCOUNTS, {"user_ids": user_ids}), (LOCK_WALLETS, {"user_ids": user_ids})]
+    if keys:
+        out.append((STORED, {"keys": keys}))
     return out
 
 
 @dataclass(slots=True)
-class Decision:
-    """What a start does once its reads are in: answer now, or write and then answer.
+class Locked:
+    """What the reads answered, by user, account and key."""
 
-    With ``write`` set, run it and pass its row to :func:`finish`; otherwise ``result``
-    is the answer and nothing needs to be written (the transaction may end either way).
+    accounts: dict[str, tuple[Any, ...]]
+    wallets: dict[int, list[tuple[Any, ...]]]
+    stored: dict[str, tuple[Any, ...]]
+
+    @classmethod
+    def of(cls, rows: list[list[tuple[Any, ...]]]) -> Locked:
+        wallets: dict[int, list[tuple[Any, ...]]] = {}
+        for w in rows[1]:
+            wallets.setdefault(w[0], []).append(w[1:])
+        return cls({a[0]: a[1:] for a in rows[0]}, wallets,
+                   {o[0]: o[1:] for o in rows[2]} if len(rows) > 2 else {})
+
+
+@dataclass(slots=True)
+class Decision:
+    """What a start does once its reads are in: answer now, or hold and then answer.
+
+    With ``hold`` set, it is one of the starts :func:`write` writes and :func:`finish`
+    answers; otherwise ``result`` is the answer and nothing needs to be written.
     """
 
     result: Any
-    write: Statement | None = None
+    hold: dict[str, Any] | None = None
     user_id: str = ""
+    account_id: int = 0
     balance: int = 0
     with_notices: bool = True
     threshold: int | None = None
-    marks: bool = False
+    draws: list[tuple[int, int, int]] = field(default_factory=list)
 
 
-def decide(rows: list[list[tuple[Any, ...]]], user_id: str, feature_endpoint_id: str, *,
-           now: datetime, hold_ttl_seconds: int, max_output_tokens: int | None,
-           hold: int | None, model: str | None, key: str | None, catalog: Catalog,
-           digest: str, with_notices: bool = True) -> Decision:
-    """The start's decision from the rows of :func:`reads` (run under the account lock).
+def decide(locked: Locked, user_id: str, feature_endpoint_id: str, *, now: datetime,
+           hold_ttl_seconds: int, max_output_tokens: int | None, hold: int | None,
+           model: str | None, key: str | None, catalog: Catalog, digest: str,
+           with_notices: bool = True) -> Decision:
+    """One start's decision from the reads (run under its account's lock).
 
     With ``with_notices`` the write keeps the low-balance state too and :func:`finish`
     answers the notices to publish once committed; without, it answers the balance
@@ -118,16 +152,18 @@ def decide(rows: list[list[tuple[Any, ...]]], user_id: str, feature_endpoint_id:
     """
     from tokenledger.tokenprocess import service as sv
 
-    if not rows[0]:
+    locked_account = locked.accounts.get(user_id)
+    if locked_account is None:
         raise AccountNotFound(user_id)
-    account_id, plan_code, timezone, last_renewal_at, hold_id = rows[0][0]
+    account_id, plan_code, timezone, last_renewal_at, hold_id = locked_account
     account = AccountState(account_id, user_id, plan_code, timezone, as_utc(last_renewal_at))
     account.wallets = [WalletState(w[0], account_id, w[1], w[2], as_utc(w[3]), w[4],
                                    as_utc(w[5]), w[2])
-                       for w in rows[1]]
+                       for w in locked.wallets.get(account_id, ())]
     available = account.available(now)
-    if key is not None and rows[2]:
-        stored_hash, stored_result = rows[2][0]
+    stored = locked.stored.get(key) if key is not None else None
+    if stored is not None:
+        stored_hash, stored_result = stored
         if stored_hash != digest or not stored_result:
             raise IdempotencyConflict(key)
         return Decision(sv._stored_start(stored_result, available))
@@ -138,13 +174,10 @@ def decide(rows: list[list[tuple[Any, ...]]], user_id: str, feature_endpoint_id:
                            key=key, hold_ttl_seconds=hold_ttl_seconds)
     if isinstance(decided, sv.StartResult):
         return Decision(decided)
-    amount, hold_key, expires_at = decided.amount, decided.key, decided.expires_at
-    chosen, meta = decided.model, decided.metadata
+    amount, meta = decided.amount, decided.metadata
     meta["hold_id"] = hold_id
     # Draw as ``ledger.service.draw`` does; amount <= available, so no overdraft.
-    wallet_ids: list[int] = []
-    taken: list[int] = []
-    before: list[int] = []
+    draws: list[tuple[int, int, int]] = []  # (wallet id, taken, balance before)
     allocations: list[dict[str, Any]] = []
     remaining = amount
     for wallet in draw_order(account, catalog, now, None) if amount else ():
@@ -152,49 +185,75 @@ def decide(rows: list[list[tuple[Any, ...]]], user_id: str, feature_endpoint_id:
             break
         take = min(remaining, max(wallet.balance, 0))
         if take:
-            wallet_ids.append(wallet.id)
-            taken.append(take)
-            before.append(wallet.balance)
+            draws.append((wallet.id, take, wallet.balance))
             wallet.balance -= take
             remaining -= take
             allocations.append({"wallet_id": wallet.id, "wallet_type": wallet.wallet_type,
                                 "amount": take})
     assert remaining == 0, (amount, available)
     result = sv.StartResult(sv.ACCESSIBLE, account.available(now), None, hold_id, user_id,
-                            feature_endpoint_id, amount, None, expires_at)
+                            feature_endpoint_id, amount, None, decided.expires_at)
     # The outcome row makes the hold key a first-class event key: verify sees its entries
     # as applied, and a retried start with the same key finds its answer there.
-    params = {
-        "hold_id": hold_id, "key": hold_key, "account_id": account_id, "user_id": user_id,
-        "feature": feature_endpoint_id, "model": chosen, "amount": amount,
-        "allocations": Jsonb(allocations), "expires_at": expires_at, "now": now,
-        "meta": Jsonb(meta), "wallet_ids": wallet_ids, "taken": taken, "before": before,
-        "digest": digest, "event": sv.START_EVENT, "result": Jsonb(result.as_dict())}
-    decision = Decision(result, (_WRITE_PLAIN, params), user_id, account.balance(now),
-                        with_notices)
-    if with_notices and wallet_ids:
-        plan = catalog.plans.get(plan_code)
-        decision.threshold = plan.low_balance_threshold if plan else None
-        cte, low_params, decision.marks = notify.low_balance_cte(
-            user_id, decision.balance, decision.threshold, now)
-        decision.write = (_WRITE_LOW.format(cte=cte), {**params, **low_params})
-    return decision
+    row = {"hold_ids": hold_id, "keys": decided.key, "account_ids": account_id,
+           "user_ids": user_id, "features": feature_endpoint_id, "models": decided.model,
+           "amounts": amount, "allocations": Jsonb(allocations),
+           "expires": decided.expires_at, "metas": Jsonb(meta), "digests": digest,
+           "results": Jsonb(result.as_dict())}
+    plan = catalog.plans.get(plan_code)
+    return Decision(result, row, user_id, account_id, account.balance(now), with_notices,
+                    plan.low_balance_threshold if plan else None, draws)
 
 
-def finish(decision: Decision, row: tuple[Any, ...]) -> Started:
-    """(result, balance changes, notices) from the write's row: the notices to publish
-    once committed, or (without ``with_notices``) the change to stage."""
-    seq, crossed = row
-    if seq is None:  # nothing drawn (a free feature): no balance change
-        return decision.result, [], []
-    if not decision.with_notices:
-        return decision.result, [BalanceChange(decision.user_id, decision.balance, seq)], []
-    notices = [notify.BalanceNotice(notify.BALANCE_CHANGED, decision.user_id,
-                                    decision.balance, seq)]
-    if decision.marks and crossed:
-        notices.append(notify.BalanceNotice(notify.BALANCE_LOW, decision.user_id,
-                                            decision.balance, seq, decision.threshold))
-    return decision.result, [], notices
+_HOLD_COLUMNS = ("hold_ids", "keys", "account_ids", "user_ids", "features", "models",
+                 "amounts", "allocations", "expires", "metas", "digests", "results")
+
+
+def write(decisions: list[Decision], now: datetime) -> Statement | None:
+    """The one statement writing the holds of ``decisions`` (on distinct accounts; those
+    without a hold are skipped), or None when none holds."""
+    from tokenledger.tokenprocess.service import START_EVENT
+
+    holding = [d for d in decisions if d.hold is not None]
+    if not holding:
+        return None
+    params: dict[str, Any] = {name: [d.hold[name] for d in holding]  # type: ignore[index]
+                              for name in _HOLD_COLUMNS}
+    params.update(now=now, event=START_EVENT, draw_accounts=[], draw_wallets=[],
+                  draw_taken=[], draw_before=[])
+    for d in holding:
+        for wallet_id, taken, before in d.draws:
+            params["draw_accounts"].append(d.account_id)
+            params["draw_wallets"].append(wallet_id)
+            params["draw_taken"].append(taken)
+            params["draw_before"].append(before)
+    low, _ = notify.low_balance_params(
+        [(d.user_id, d.account_id, d.balance, d.threshold)
+         for d in holding if d.with_notices and d.draws], now)
+    params.update(low)
+    return WRITE, params
+
+
+def finish(decisions: list[Decision], rows: list[tuple[Any, ...]]) -> list[Started]:
+    """(result, balance changes, notices) of each decision, given the rows :func:`write`'s
+    statement answered (none when it was not needed): the notices to publish once
+    committed, or (without ``with_notices``) the change to stage."""
+    seqs = {row[0]: row[1] for row in rows if row[0] is not None}
+    crossed = {row[2] for row in rows if row[2] is not None}
+    out: list[Started] = []
+    for d in decisions:
+        seq = seqs.get(d.account_id) if d.hold is not None else None
+        if seq is None:  # nothing written, or nothing drawn (a free feature)
+            out.append((d.result, [], []))
+        elif not d.with_notices:
+            out.append((d.result, [BalanceChange(d.user_id, d.balance, seq)], []))
+        else:
+            notices = [notify.BalanceNotice(notify.BALANCE_CHANGED, d.user_id, d.balance, seq)]
+            if d.user_id in crossed:
+                notices.append(notify.BalanceNotice(notify.BALANCE_LOW, d.user_id, d.balance,
+                                                    seq, d.threshold))
+            out.append((d.result, [], notices))
+    return out
 
 
 def start(session: Session, user_id: str, feature_endpoint_id: str, *, now: datetime,
@@ -204,12 +263,12 @@ def start(session: Session, user_id: str, feature_endpoint_id: str, *, now: date
     """``service.start`` on PostgreSQL in the Session's transaction, one statement at a
     time: (result, balance changes, notices), as :func:`finish` answers them."""
     raw = session.connection().connection.driver_connection
-    rows = [raw.execute(sql, params).fetchall() for sql, params in reads(user_id, key)]
-    decision = decide(rows, user_id, feature_endpoint_id, now=now,
+    rows = [raw.execute(sql, params).fetchall()
+            for sql, params in reads([user_id], [key] if key is not None else [])]
+    decision = decide(Locked.of(rows), user_id, feature_endpoint_id, now=now,
                       hold_ttl_seconds=hold_ttl_seconds, max_output_tokens=max_output_tokens,
                       hold=hold, model=model, key=key, catalog=catalog, digest=digest,
                       with_notices=with_notices)
-    if decision.write is None:
-        return decision.result, [], []
-    sql, params = decision.write
-    return finish(decision, raw.execute(sql, params).fetchone())
+    statement = write([decision], now)
+    written = raw.execute(*statement).fetchall() if statement is not None else []
+    return finish([decision], written)[0]
