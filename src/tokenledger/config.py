@@ -43,6 +43,9 @@ class Settings(BaseSettings):
     # Accounts per renewal transaction: a live charge on an account of a slice in flight
     # waits for the slice's commit, so this bounds that wait (~20 us of work per account).
     renewal_slice_size: int = Field(default=2000, ge=1, le=100_000)
+    # PostgreSQL connections of the API's token-process start pool, per API process.
+    # Starts that arrive while all are busy wait and then share one transaction.
+    start_connections: int = Field(default=16, ge=1, le=256)
     worker_concurrency: int | None = None
     flower_basic_auth: str | None = None
     metrics_port: int | None = None

@@ -41,10 +41,6 @@ log = logging.getLogger("tokenledger.api")
 
 # A batch of 1,000 events, each with 16 KiB of metadata, fits with room to spare.
 MAX_BODY_BYTES = 24 * 1024 * 1024
-# Concurrent token-process starts per process on PostgreSQL (connections of the start
-# pool). Commits are what a start waits for, and PostgreSQL flushes the WAL of all
-# concurrent commits at once, so more starts in flight means more commits per flush.
-START_CONNECTIONS = 16
 # Threads for starts on other databases (SQLite: one writer at a time anyway).
 START_THREADS = 4
 # Pooled SQLAlchemy connections of the sync routes.
@@ -257,7 +253,7 @@ def create_app(settings: Settings | None = None, *, key_cache_seconds: float = 2
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         client = LedgerClient(settings)
         starts = ThreadPoolExecutor(START_THREADS, thread_name_prefix="tokenledger-start")
-        pool = StartPool(settings, START_CONNECTIONS) \
+        pool = StartPool(settings, settings.start_connections) \
             if settings.database_url.startswith("postgresql") else None
         app.state.api = ApiState(settings, client, KeyCache(key_cache_seconds),
                                  end_wait_seconds, pool, starts)
