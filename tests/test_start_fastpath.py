@@ -15,6 +15,7 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime
 from typing import Any
 
 import httpx
@@ -380,7 +381,7 @@ def test_starts_arriving_together_run_in_groups_each_answered_as_if_alone(
         results = await asyncio.gather(
             *(pool.start(u, "text_generation", **kw) for u, kw in calls),
             return_exceptions=True)
-        for (u, kw), r in zip(calls, results, strict=True):
+        for (u, _), r in zip(calls, results, strict=True):
             answers.setdefault(u, []).append(r)
 
     try:
@@ -432,8 +433,8 @@ def test_a_group_that_fails_as_a_whole_is_tried_again_one_start_at_a_time(
 
     async def deadlock_once(self: PipeConnection, statements: Any) -> Any:
         if not failed and statements[0][0] == pgstart.WRITE \
-                and len(statements[0][1]["hold_ids"]) > 1:
-            failed.append(len(statements[0][1]["hold_ids"]))
+                and len(json.loads(statements[0][1]["holds"])) > 1:
+            failed.append(len(json.loads(statements[0][1]["holds"])))
             raise psycopg.errors.DeadlockDetected("deadlock detected (injected)")
         return await real(self, statements)
 
@@ -618,3 +619,89 @@ def test_a_key_in_steady_use_is_refreshed_before_it_expires_and_revoked_in_time(
     while http.post(PATH, headers=headers, json=body).status_code == 200:
         assert time.monotonic() - revoked_at < KEY_CACHE_SECONDS + 0.5
     assert http.post(PATH, headers=headers, json=body).status_code == 401
+
+
+# -- the start's statements at scale ----------------------------------------------------------
+
+START_TABLES = ("accounts", "wallets", "ledger_entries", "holds", "event_outcomes",
+                "low_balance_state")
+
+
+def scanned(plan: list[str]) -> list[str]:
+    """The start's tables a plan reads whole."""
+    return [line.strip() for line in plan
+            if "Seq Scan on" in line and line.split("Seq Scan on ")[1].split()[0]
+            in START_TABLES]
+
+
+def test_starts_read_a_large_ledger_by_index_only(settings: Settings, db: str) -> None:
+    """Given 20,000 accounts with a wallet, an entry, a hold and an outcome each (2,000 of
+    them marked low), analyzed: after groups of starts on the pool, the generic plan of
+    every statement the pool prepared (the plans its starts run) reads no table whole;
+    nor do the SDK's statements. (A group's draws given as a JSON recordset, which the
+    planner counts as a hundred rows, made each group scan every wallet.)"""
+    with psycopg.connect(db.replace("+psycopg", ""), autocommit=True) as conn:
+        conn.execute(
+            "INSERT INTO accounts (user_id, plan_code, timezone)"
+            " SELECT 'big-' || i, 'Free', 'UTC' FROM generate_series(1, 20000) AS i")
+        conn.execute(
+            "INSERT INTO wallets (account_id, wallet_type, balance, is_active)"
+            " SELECT id, 'STANDARD', 5, true FROM accounts")
+        conn.execute(
+            "INSERT INTO ledger_entries (account_id, wallet_id, amount, balance_before,"
+            " balance_after, type, event_key) SELECT account_id, id, 5, 0, 5, 'OPEN',"
+            " 'open:' || account_id FROM wallets")
+        conn.execute(
+            "INSERT INTO holds (key, account_id, user_id, feature, amount, allocations,"
+            " status, expires_at) SELECT 'old:' || id, id, user_id, 'project_creation', 0,"
+            " '[]', 'open', now() + interval '1 hour' FROM accounts")
+        conn.execute(
+            "INSERT INTO event_outcomes (key, payload_hash, user_id, event_type, outcome)"
+            " SELECT 'open:' || id, 'x', user_id, 'open_account', 'applied' FROM accounts")
+        conn.execute(
+            "INSERT INTO low_balance_state (user_id, threshold, balance, ledger_seq)"
+            " SELECT user_id, 1, 1, id FROM accounts WHERE id % 10 = 0")
+        conn.execute(f"ANALYZE {', '.join(START_TABLES)}")
+    users = [f"big-{i}" for i in range(1, 20001, 997)]  # some of them marked low
+    plans: dict[str, list[str]] = {}
+
+    async def scenario() -> None:
+        pool = StartPool(settings, 1)  # one connection: every statement prepared on it
+        try:
+            results = await asyncio.gather(
+                *(pool.start(u, "text_generation", hold=2) for u in users))
+            assert [r.status for r in results] == ["accessible"] * len(users)
+            (conn,) = pool._idle  # noqa: SLF001 - the plans of its prepared statements
+            for (sql, types), name in list(conn.prepared.items()):
+                if types:
+                    args = ", ".join(["NULL"] * len(types))
+                    (rows,) = await conn.roundtrip(
+                        [(f"EXPLAIN EXECUTE {name.decode()}({args})", {})])
+                    plans[sql] = [row[0] for row in rows]
+        finally:
+            await pool.close()
+
+    asyncio.run(scenario())
+    assert pgstart.WRITE in plans and pgstart.LOCK_WALLETS in plans, list(plans)
+    assert {sql[:60]: scanned(plan) for sql, plan in plans.items()} == \
+        {sql[:60]: [] for sql in plans}
+    # The SDK's statements (custom plans, with the values), for one start.
+    user = users[0]
+    with psycopg.connect(db.replace("+psycopg", "")) as conn:
+        from tokenledger.catalog import current_catalog
+
+        with unit_of_work(db) as session:
+            catalog = current_catalog(session)
+        rows = []
+        for sql, params in pgstart.reads([user], ["k"]):
+            explained = [r[0] for r in conn.execute("EXPLAIN " + sql, params)]
+            assert scanned(explained) == [], explained
+            rows.append(conn.execute(sql, params).fetchall())
+        now = datetime.now(UTC)
+        decision = pgstart.decide(pgstart.Locked.of(rows), user, "project_creation", now=now,
+                                  hold_ttl_seconds=60, max_output_tokens=None, hold=None,
+                                  model=None, key="k", catalog=catalog, digest="d")
+        sql, params = pgstart.write([decision], now)
+        explained = [r[0] for r in conn.execute("EXPLAIN " + sql, params)]
+        assert scanned(explained) == [], explained
+        conn.rollback()

@@ -207,11 +207,20 @@ def publish(settings: Settings, notices: list[BalanceNotice]) -> None:
     _dispatch_local(notices)
     url = redis_url(settings)
     if url is not None:
+        # One scripted command: each line is a channel's number and a message, so the
+        # notices keep their order across channels, and the client packs one argument
+        # and reads one reply instead of one per notice.
+        channels: dict[str, str] = {}
+        lines = []
+        for notice in notices:
+            tag = channels.get(notice.event)
+            if tag is None:
+                tag = channels[notice.event] = str(len(channels) + 1)
+            lines.append(tag + notice.to_json())
         try:
-            pipe = _redis(url).pipeline(transaction=False)
-            for notice in notices:
-                pipe.publish(channel(settings, notice.event), notice.to_json())
-            pipe.execute()
+            script = _redis(url).register_script(_PUBLISH_TAGGED)
+            script(keys=[channel(settings, event) for event in channels],
+                   args=["\n".join(lines)])
         except redis.RedisError as exc:
             metrics.NOTIFY_ERRORS.inc()
             log.warning("could not publish %d balance notice(s) to %s: %s", len(notices),
@@ -227,6 +236,12 @@ def publish(settings: Settings, notices: list[BalanceNotice]) -> None:
 # PUBLISH each line of ARGV[1] to the channel KEYS[1]: one command for thousands of notices.
 _PUBLISH_LINES = ("local n = 0 for m in string.gmatch(ARGV[1], '[^\\n]+') do"
                   " redis.call('PUBLISH', KEYS[1], m) n = n + 1 end return n")
+
+
+# PUBLISH each line of ARGV[1], but its first character, to KEYS[that character] (1-9).
+_PUBLISH_TAGGED = ("local n = 0 for m in string.gmatch(ARGV[1], '[^\\n]+') do"
+                   " redis.call('PUBLISH', KEYS[tonumber(string.sub(m, 1, 1))],"
+                   " string.sub(m, 2)) n = n + 1 end return n")
 
 
 def publish_bulk(settings: Settings, bulk: BulkChanges) -> None:
@@ -408,29 +423,24 @@ def _queue(session: Session, settings: Settings, notices: list[BalanceNotice],
 LOW_BALANCE_CTES = (
     "low AS (INSERT INTO low_balance_state (user_id, threshold, balance, ledger_seq, since)"
     " SELECT l.user_id, l.threshold, l.balance, seq.seq, %(low_now)s"
-    " FROM unnest(%(low_users)s::text[], %(low_accounts)s::bigint[],"
-    " %(low_thresholds)s::bigint[], %(low_balances)s::bigint[])"
-    " AS l(user_id, account_id, threshold, balance) JOIN seq USING (account_id)"
-    " ON CONFLICT DO NOTHING RETURNING user_id),"
-    " rearm AS (DELETE FROM low_balance_state WHERE user_id = ANY(%(rearm_users)s::text[]))")
+    " FROM json_to_recordset(%(low)s::json)"
+    " AS l(user_id text, account_id bigint, threshold bigint, balance bigint)"
+    " JOIN seq USING (account_id) ON CONFLICT DO NOTHING RETURNING user_id),"
+    " rearm AS (DELETE FROM low_balance_state WHERE user_id = ANY(%(rearm)s::text[]))")
 
 
 def low_balance_params(changes: list[tuple[str, int, int, int | None]], now: datetime
-                       ) -> tuple[dict[str, Any], set[str]]:
+                       ) -> dict[str, Any]:
     """The parameters of ``LOW_BALANCE_CTES`` for ``(user_id, account_id, balance,
-    threshold)`` of accounts whose entries the statement writes, and the users it may mark
-    (a crossing is a user both among them and returned by ``low``)."""
-    params: dict[str, Any] = {"low_now": now, "low_users": [], "low_accounts": [],
-                              "low_thresholds": [], "low_balances": [], "rearm_users": []}
+    threshold)`` of accounts whose entries the statement writes."""
+    low, rearm = [], []
     for user_id, account_id, balance, threshold in changes:
         if _is_low(balance, threshold):
-            params["low_users"].append(user_id)
-            params["low_accounts"].append(account_id)
-            params["low_thresholds"].append(threshold)
-            params["low_balances"].append(balance)
+            low.append({"user_id": user_id, "account_id": account_id,
+                        "threshold": threshold, "balance": balance})
         else:
-            params["rearm_users"].append(user_id)
-    return params, set(params["low_users"])
+            rearm.append(user_id)
+    return {"low_now": now, "low": _ENCODER.encode(low), "rearm": rearm}
 
 
 # Listeners on the Session class, installed once: registering them per session made
