@@ -47,12 +47,12 @@ PG_ADMIN = os.environ.get("TOKENLEDGER_BENCH_PG", "postgresql://postgres@127.0.0
 REDIS = os.environ.get("TOKENLEDGER_BENCH_REDIS", "redis://127.0.0.1:6379/0")
 FEATURE = "project_creation"  # fixed cost 1: every start places a hold of 1 credit
 TARGET_RPS = 2000
-# One API process: a start costs it ~0.3 ms of CPU and PostgreSQL ~0.35 ms, so on two
-# cores one event loop keeps up with the database. A second worker did not help here:
-# uvicorn's workers share one listening socket, and the one that wakes first accepts a
-# whole burst of keep-alive connections (16 of 16, or 15 of 16, in most runs), so the
-# other idles or only competes with it for the CPU (measured: 1,970-2,130 req/s with
-# two, 2,160-2,250 with one, in alternating runs).
+# One API process, as `tokenledger api` runs by default (docker-compose.yml runs two): a
+# start costs it ~0.25-0.35 ms of CPU and PostgreSQL ~0.2-0.3 ms (starts run in groups),
+# and its event loop is the bottleneck. uvicorn's workers share one listening socket, and
+# the one that wakes first accepts a whole burst of keep-alive connections (16 of 16, or
+# 15 of 16, in most runs), so a second one helps less than a core's worth: 2,571 / 2,248
+# req/s with two against 2,268 / 1,963 with one, alternating, on 11-22.
 WORKERS = 1
 TARGET_P99_MS = 20.0
 

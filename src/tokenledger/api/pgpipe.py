@@ -1,13 +1,16 @@
-"""Token-process starts on PostgreSQL from the API's event loop, in two round trips.
+"""Token-process starts on PostgreSQL from the API's event loop, in groups, in two round trips.
 
 The start's transaction is short and its statements are fixed (``tokenprocess.pgstart``),
-so what a start costs is mostly per round trip: a wake-up of the server and of the
-client, and in a thread pool a hop to a thread and back. Here each connection runs in
-libpq's pipeline mode, driven straight from the event loop (no thread), and a start is:
+so what a start costs is mostly per round trip and per statement: a wake-up of the server
+and of the client, the executor's start-up, a commit. Here each connection runs in
+libpq's pipeline mode, driven straight from the event loop (no thread), and the starts
+that arrive together go in one group (``StartPool``), which is:
 
-1. ``BEGIN`` + the reads (account lock, wallets, stored outcome), sent at once;
-2. the decision in Python (``pgstart.decide``), under the account lock;
-3. the write + ``COMMIT``, sent at once; the answer is sent once the commit is durable.
+1. ``BEGIN`` + the reads (the accounts' locks, their wallets, the stored outcomes of the
+   starts' keys), sent at once;
+2. each start's decision in Python (``pgstart.decide``), under its account's lock;
+3. one write for every start that holds, + ``COMMIT``, sent at once; the answers are
+   given once the commit is durable.
 
 The server runs pipelined statements one after another, each with its own snapshot, so
 the reads see what ``pgstart`` requires. psycopg's own pipeline waits for the socket to be
@@ -16,7 +19,7 @@ everything, flushes, and then only waits until the socket is readable.
 
 Statements are prepared on each connection on first use (with the parameter types
 psycopg chose for them) and run with generic plans: the write's plan is the same for
-every start, and letting PostgreSQL re-plan it per execution (its default for the first
+every group, and letting PostgreSQL re-plan it per execution (its default for the first
 uses and whenever a custom plan looks cheaper) cost more than executing it.
 """
 
