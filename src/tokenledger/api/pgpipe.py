@@ -240,13 +240,22 @@ class PipeConnection:
         await self.conn.close()
 
 
+def _stale_statements(exc: BaseException) -> bool:
+    """The connection's prepared statements no longer fit the schema: a migration changed
+    a column they answer (its type or collation: "cached plan must not change result
+    type"), or they are gone (a pooler discarded them). Only a new connection helps."""
+    return isinstance(exc, pg_errors.InvalidSqlStatementName) or (
+        isinstance(exc, pg_errors.FeatureNotSupported)
+        and "cached plan must not change result type" in str(exc))
+
+
 def _retryable(exc: BaseException) -> bool:
     # Every attempt of a start carries its hold key, so retrying one whose commit may
     # have happened (a lost connection) answers the stored outcome instead of holding
     # again.
     return isinstance(exc, psycopg.OperationalError | pg_errors.IntegrityError
                       | pg_errors.SerializationFailure | pg_errors.DeadlockDetected
-                      | pg_errors.LockNotAvailable)
+                      | pg_errors.LockNotAvailable) or _stale_statements(exc)
 
 
 @dataclass(slots=True, eq=False)
@@ -292,6 +301,7 @@ class StartPool:
         self._groups: set[asyncio.Task[None]] = set()
         self._busy_users: set[str] = set()  # of the running groups
         self._busy_keys: set[str] = set()
+        self._closed = False
         self._catalog: tuple[Catalog, float] | None = None
         self._refresh: asyncio.Future[Catalog] | None = None
         self._outbox: list[notify.BalanceNotice] = []
@@ -308,16 +318,24 @@ class StartPool:
 
     async def _reset(self, conn: PipeConnection) -> None:
         """Roll back whatever a failed group left open, or drop the connection."""
-        if not conn.broken and not conn.idle:
-            try:
+        try:
+            if not conn.broken and not conn.idle:
                 await conn.roundtrip([ROLLBACK])
-            except psycopg.Error:
-                log.warning("dropping a start connection that could not roll back")
-        self._release(conn)
+        except psycopg.Error:
+            log.warning("dropping a start connection that could not roll back")
+        except asyncio.CancelledError:
+            conn.abandon()
+            raise
+        finally:
+            self._release(conn)
 
     async def close(self) -> None:
+        """Finish the running groups, refuse the waiting starts, close the connections."""
+        self._closed = True
         if self._groups:
             await asyncio.gather(*self._groups, return_exceptions=True)
+        waiting, self._queue = list(self._queue), deque()
+        self._failed(waiting, ConnectionLost("the start pool was closed"))
         self._send_outbox()
         idle, self._idle = self._idle, []
         for conn in idle:
@@ -351,7 +369,7 @@ class StartPool:
         if cached is not None and not refresh.done():
             return cached[0]  # a newer one is on its way; this one is at most a tick old
         try:
-            catalog = await refresh
+            catalog = await asyncio.shield(refresh)  # other groups may await it too
         finally:
             if self._refresh is refresh:
                 self._refresh = None
@@ -368,6 +386,8 @@ class StartPool:
         Cancelled while still waiting for its group, the start never runs; once in a
         running group, it completes (or not) with the group, unanswered.
         """
+        if self._closed:
+            raise ConnectionLost("the start pool was closed")
         _checked("max_output_tokens", max_output_tokens)
         _checked("hold", hold)
         digest = _start_digest(user_id, feature_endpoint_id, max_output_tokens, hold, model)
@@ -391,6 +411,8 @@ class StartPool:
     def _dispatch(self) -> None:
         """Hand waiting starts to free connections, a group per connection."""
         self._dispatching = False
+        if self._closed:
+            return
         loop = asyncio.get_running_loop()
         while self._queue:
             conn = None
@@ -418,8 +440,8 @@ class StartPool:
         """The next group: the first waiting start whose account and key no running
         group has, and after it (unless it must go alone) more such starts, each on
         another account with another key, up to ``MAX_GROUP``. So one account's starts
-        run one after the other, in the order they came, never waiting on each other's
-        locks."""
+        run one after the other, in the order they came (a start waiting to be retried
+        after a failure may be overtaken), never waiting on each other's locks."""
         queue, users, keys, group = self._queue, self._busy_users, self._busy_keys, []
         passed: list[_Pending] = []
         while queue and len(group) < MAX_GROUP:
@@ -466,6 +488,10 @@ class StartPool:
                 self._release(conn)
                 raise
             except Exception as exc:
+                if _stale_statements(exc):
+                    log.warning("dropping a start connection whose prepared statements no "
+                                "longer fit the schema (%s)", exc)
+                    conn.abandon()
                 await self._reset(conn)
                 self._retry(group, exc)
                 return
@@ -482,7 +508,8 @@ class StartPool:
                     pending.future.set_result(result)
             self._announce(notices)
         except asyncio.CancelledError:
-            self._failed(group, None)
+            self._failed(group, ConnectionLost(
+                "the start was interrupted; whether it committed is unknown"))
             raise
         except Exception as exc:  # a bug here: answer it rather than leave starts waiting
             log.exception("a group of starts failed")
@@ -536,18 +563,17 @@ class StartPool:
         asyncio.get_running_loop().call_later(0.01 * pending.attempts, self._again, pending)
 
     def _again(self, pending: _Pending) -> None:
-        if not pending.future.done():
+        if self._closed:
+            self._failed([pending], ConnectionLost("the start pool was closed"))
+        elif not pending.future.done():
             self._queue.appendleft(pending)
             self._dispatch_soon()
 
     @staticmethod
-    def _failed(group: list[_Pending], exc: BaseException | None) -> None:
+    def _failed(group: list[_Pending], exc: BaseException) -> None:
         for pending in group:
             if not pending.future.done():
-                if exc is None:
-                    pending.future.cancel()
-                else:
-                    pending.future.set_exception(exc)
+                pending.future.set_exception(exc)
 
 
 def _load_catalog(url: str) -> Catalog:

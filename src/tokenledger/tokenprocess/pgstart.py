@@ -215,6 +215,11 @@ def write(decisions: list[Decision], now: datetime) -> Statement | None:
     holding = [d for d in decisions if d.hold is not None]
     if not holding:
         return None
+    if len({d.account_id for d in holding}) < len(holding):
+        # Each decision drew from its account's balance as read: two on one account would
+        # both have drawn from the same balance (the statement also pairs entries with
+        # holds by account).
+        raise ValueError("one write holds at most once per account")
     drawn = [(d.account_id, *draw) for d in holding for draw in d.draws]
     accounts, wallets, taken, before = zip(*drawn, strict=True) if drawn else ((),) * 4
     params: dict[str, Any] = {
