@@ -444,7 +444,7 @@ def _pg_sql(kind: str, dry_run: bool, skip_granted: bool = False) -> tuple[str, 
         # we waited. (Read in the locking statement they could be stale.)
         " c AS (SELECT a.id AS account_id, a.user_id, a.plan_code,"
         f"  {_MARK[kind]} AS mark, w.id AS wallet_id, w.balance AS before, w.live,"
-        "  p.allocation, p.mode, p.cap, p.low, p.meta, CASE"
+        "  p.allocation, p.mode, p.cap, p.low, CASE"
         f"  {zone_error}"
         "   WHEN w.id IS NULL THEN 'account has no STANDARD wallet'"
         "   WHEN NOT w.is_active THEN 'STANDARD wallet is inactive' END AS error"
@@ -460,7 +460,7 @@ def _pg_sql(kind: str, dry_run: bool, skip_granted: bool = False) -> tuple[str, 
         "   GROUP BY x.account_id) AS w ON w.account_id = a.id"
         f"  {where}),"
         " s AS (SELECT min(account_id) AS first FROM c WHERE error IS NOT NULL),"
-        " g AS (SELECT c.account_id, c.user_id, c.plan_code, c.wallet_id, c.mark, c.meta,"
+        " g AS (SELECT c.account_id, c.user_id, c.plan_code, c.wallet_id, c.mark,"
         "  c.low, c.live,"
         f"  {_PERIOD[kind]} AS period, c.before, CASE WHEN c.mode = 'reset' THEN c.allocation"
         "   WHEN c.cap IS NULL THEN c.before + c.allocation"
@@ -503,7 +503,10 @@ def _pg_sql(kind: str, dry_run: bool, skip_granted: bool = False) -> tuple[str, 
         " ins AS (INSERT INTO ledger_entries (id, account_id, wallet_id, amount,"
         "  balance_before, balance_after, type, event_key, metadata, created_at)"
         "  SELECT t.entry_id, t.account_id, t.wallet_id, t.after - t.before, t.before, t.after,"
-        "   :type, t.key, t.meta, :now FROM t WHERE t.entry_id IS NOT NULL"
+        # The plan's metadata joins here, not in c: carried through c, g and t (three
+        # materialized CTEs) it cost ~2 us of the database's CPU per account.
+        "   :type, t.key, p.meta, :now FROM t JOIN p ON p.code = t.plan_code"
+        "  WHERE t.entry_id IS NOT NULL"
         "  ORDER BY t.account_id RETURNING amount),"
         " w AS (UPDATE wallets SET balance = t.after FROM t"
         "  WHERE wallets.id = t.wallet_id AND t.entry_id IS NOT NULL RETURNING 1),"
