@@ -421,6 +421,33 @@ def test_starts_arriving_together_run_in_groups_each_answered_as_if_alone(
     assert_verified(db)
 
 
+def group_write_size(statements: Any) -> int:
+    """Starts written by the group write that begins ``statements`` (0: not one)."""
+    if statements[0][0] != pgstart.WRITE:
+        return 0
+    return len(json.loads(statements[0][1]["holds"]))
+
+
+def start_each_once(settings: Settings, db: str, users: list[str]) -> list[Any]:
+    """One start of 1 credit per user, all at once on the app's pool; then each answered
+    ``accessible`` with 4 left and held exactly once, and the ledger verifies."""
+    results: list[Any] = []
+
+    async def scenario(app: Any) -> None:
+        pool = app.state.api.start_pool
+        results.extend(await asyncio.gather(*(pool.start(u, "project_creation")
+                                              for u in users)))
+
+    run_app(settings, scenario)
+    assert [(r.status, r.token, r.held) for r in results] == \
+        [("accessible", 4, 1)] * len(users)
+    with unit_of_work(db) as session:
+        holds = session.scalars(select(Hold).where(Hold.user_id.in_(users))).all()
+    assert sorted(h.id for h in holds) == sorted(r.hold_id for r in results)
+    assert_verified(db)
+    return results
+
+
 def test_a_group_that_fails_as_a_whole_is_tried_again_one_start_at_a_time(
         settings: Settings, db: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """The first group's write fails (a deadlock, injected after its reads): every start
@@ -432,27 +459,14 @@ def test_a_group_that_fails_as_a_whole_is_tried_again_one_start_at_a_time(
     failed: list[int] = []
 
     async def deadlock_once(self: PipeConnection, statements: Any) -> Any:
-        if not failed and statements[0][0] == pgstart.WRITE \
-                and len(json.loads(statements[0][1]["holds"])) > 1:
-            failed.append(len(json.loads(statements[0][1]["holds"])))
+        if not failed and group_write_size(statements) > 1:
+            failed.append(group_write_size(statements))
             raise psycopg.errors.DeadlockDetected("deadlock detected (injected)")
         return await real(self, statements)
 
     monkeypatch.setattr(PipeConnection, "roundtrip", deadlock_once)
-    results: list[Any] = []
-
-    async def scenario(app: Any) -> None:
-        pool = app.state.api.start_pool
-        results.extend(await asyncio.gather(
-            *(pool.start(u, "project_creation") for u in users)))
-
-    run_app(settings, scenario)
+    start_each_once(settings, db, users)
     assert failed and failed[0] > 1
-    assert [(r.status, r.token, r.held) for r in results] == [("accessible", 4, 1)] * 6
-    with unit_of_work(db) as session:
-        holds = session.scalars(select(Hold).where(Hold.user_id.in_(users))).all()
-    assert sorted(h.id for h in holds) == sorted(r.hold_id for r in results)
-    assert_verified(db)
 
 
 def test_a_start_cancelled_while_waiting_for_its_group_never_runs(settings: Settings,
@@ -507,28 +521,15 @@ def test_a_group_whose_commit_answer_was_lost_is_retried_without_holding_twice(
 
     async def answer_lost_once(self: PipeConnection, statements: Any) -> Any:
         rows = await real(self, statements)
-        if not lost and statements[-1] is COMMIT and statements[0][0] == pgstart.WRITE \
-                and len(json.loads(statements[0][1]["holds"])) > 1:
-            lost.append(len(json.loads(statements[0][1]["holds"])))
+        if not lost and statements[-1] is COMMIT and group_write_size(statements) > 1:
+            lost.append(group_write_size(statements))
             self.abandon()
             raise ConnectionLost("connection lost after the commit was sent")
         return rows
 
     monkeypatch.setattr(PipeConnection, "roundtrip", answer_lost_once)
-    results: list[Any] = []
-
-    async def scenario(app: Any) -> None:
-        pool = app.state.api.start_pool
-        results.extend(await asyncio.gather(*(pool.start(u, "project_creation")
-                                              for u in users)))
-
-    run_app(settings, scenario)
+    start_each_once(settings, db, users)
     assert lost and lost[0] > 1, "no group's answer was lost"
-    assert [(r.status, r.token, r.held) for r in results] == [("accessible", 4, 1)] * 5
-    with unit_of_work(db) as session:
-        holds = session.scalars(select(Hold).where(Hold.user_id.in_(users))).all()
-    assert sorted(h.id for h in holds) == sorted(r.hold_id for r in results)
-    assert_verified(db)
 
 
 def test_two_api_processes_racing_on_one_account_never_overspend(settings: Settings,

@@ -472,15 +472,10 @@ class StartPool:
         try:
             if conn is None:
                 try:
-                    conn = await PipeConnection.connect(self.conninfo)
+                    conn = await self._connect()
                 except Exception as exc:
-                    self._opened -= 1
-                    self._dispatch_soon()
                     self._failed(group, exc)
                     return
-                except BaseException:
-                    self._opened -= 1
-                    raise
             try:
                 answers = await self._attempt(conn, group)
             except asyncio.CancelledError:
@@ -514,6 +509,14 @@ class StartPool:
         except Exception as exc:  # a bug here: answer it rather than leave starts waiting
             log.exception("a group of starts failed")
             self._failed(group, exc)
+
+    async def _connect(self) -> PipeConnection:
+        """A new connection for a group (``_dispatch`` counted it in ``_opened``)."""
+        try:
+            return await PipeConnection.connect(self.conninfo)
+        except BaseException:
+            self._opened -= 1
+            raise
 
     async def _attempt(self, conn: PipeConnection, group: list[_Pending]
                        ) -> list[tuple[_Pending, pgstart.Started | BaseException]]:
