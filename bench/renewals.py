@@ -6,7 +6,8 @@ charges flowing meanwhile.
 Creates a dedicated database (dropped afterwards unless --keep), fills it set-based with
 ``INSERT ... SELECT generate_series``, starts renewal workers on their own queue and one
 charge worker on the main queue, measures the p99 of live charges (publish -> outcome
-committed) idle and during the run, runs a monthly renewal, and checks ``verify``.
+committed) idle and during the run, runs a monthly renewal, checks ``verify``, then
+times the bare writes of the same renewal as a yardstick (``write_floor_seconds``).
 Not part of the pytest suite: it loads the machine for about a minute.
 """
 
@@ -77,6 +78,12 @@ def start_worker(settings: Settings, queue: str, concurrency: int, log: Path
     return proc
 
 
+# The watcher looks for committed outcomes every 10 ms: a latency is up to 10 ms late.
+# (Every 3 ms it made ~330 queries a second, which cost the machine a fifth of a core
+# between the watcher and its database backend: load the renewal was measured under.)
+POLL = 0.01
+
+
 class LiveCharges:
     """Publishes one overdraft-allowed charge every ``interval`` seconds on random
     accounts, and watches for each outcome; latency = publish -> outcome committed."""
@@ -86,6 +93,7 @@ class LiveCharges:
         self.published: dict[str, float] = {}
         self.seen: dict[str, float] = {}
         self.phase: dict[str, str] = {}
+        self.pending: set[str] = set()
         self.current = "warmup"
         self.stop = threading.Event()
         self.lock = threading.Lock()
@@ -101,6 +109,7 @@ class LiveCharges:
                 with self.lock:
                     self.published[key] = time.perf_counter()
                     self.phase[key] = self.current
+                    self.pending.add(key)
                 client.charge(user, amount=1, key=key, allow_overdraft=True)
                 n += 1
                 time.sleep(self.interval)
@@ -115,16 +124,18 @@ class LiveCharges:
                     if time.perf_counter() - stopped_at > 30:
                         break  # charges still queued after the run are not measured
                 with self.lock:
-                    pending = [k for k in self.published if k not in self.seen]
+                    pending = list(self.pending)
                 if pending:
                     rows = conn.execute("SELECT key FROM event_outcomes WHERE key = ANY(%s)",
                                         (pending,)).fetchall()
                     now = time.perf_counter()
-                    for (key,) in rows:
-                        self.seen[key] = now
+                    with self.lock:
+                        for (key,) in rows:
+                            self.seen[key] = now
+                            self.pending.discard(key)
                 if self.stop.is_set() and not pending:
                     break
-                time.sleep(0.003)
+                time.sleep(POLL)
 
     def p99(self, phase: str) -> tuple[float, int]:
         lat = sorted((self.seen[k] - self.published[k]) * 1000 for k, p in self.phase.items()
@@ -137,6 +148,48 @@ class LiveCharges:
         lat = [(self.seen[k] - self.published[k]) * 1000 for k, p in self.phase.items()
                if p == phase and k in self.seen]
         return statistics.median(lat) if lat else float("nan")
+
+
+def write_floor(url: str, accounts: int, backends: int) -> float:
+    """Seconds PostgreSQL needs for the bare writes of a renewal of every account, as a
+    yardstick measured on the same machine in the same run: each of ``backends``
+    connections locks its share of the accounts, marks them, adds to their STANDARD
+    wallets and inserts their entries (the same table, indexes and checks), one statement
+    each, then rolls back. No decisions, no slices, no notices, no workers."""
+    dsn = url.replace("+psycopg", "")
+    with psycopg.connect(dsn, autocommit=True) as c:
+        c.execute("CHECKPOINT")
+    share = -(-accounts // backends)
+    statements = (
+        "SELECT count(*) FROM (SELECT id FROM accounts WHERE id > %(lo)s AND id <= %(hi)s"
+        " ORDER BY id FOR UPDATE) AS locked",
+        "UPDATE accounts SET last_renewal_at = last_renewal_at + interval '30 days'"
+        " WHERE id > %(lo)s AND id <= %(hi)s",
+        "UPDATE wallets SET balance = balance + 100"
+        " WHERE account_id > %(lo)s AND account_id <= %(hi)s AND wallet_type = 'STANDARD'",
+        "INSERT INTO ledger_entries (account_id, wallet_id, amount, balance_before,"
+        " balance_after, type, event_key, metadata, created_at)"
+        " SELECT account_id, id, 100, balance - 100, balance, 'RENEWAL',"
+        " 'floor:' || account_id, '{\"run\": 0, \"plan\": \"Gift\"}', now() FROM wallets"
+        " WHERE account_id > %(lo)s AND account_id <= %(hi)s AND wallet_type = 'STANDARD'")
+    conns = [psycopg.connect(dsn) for _ in range(backends)]
+
+    def write(i: int) -> None:
+        params = {"lo": i * share, "hi": (i + 1) * share}
+        for sql in statements:
+            conns[i].execute(sql, params)
+        conns[i].rollback()
+
+    threads = [threading.Thread(target=write, args=(i,)) for i in range(backends)]
+    started = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    elapsed = time.perf_counter() - started
+    for c in conns:
+        c.close()
+    return elapsed
 
 
 def wait_sealed(url: str, run_id: int, timeout: float) -> float:
@@ -164,6 +217,8 @@ def main() -> None:
     # At 20 charges/s, 15 s gives ~300 idle samples: fewer make the idle p99 one outlier.
     parser.add_argument("--idle-seconds", type=float, default=15)
     parser.add_argument("--keep", action="store_true", help="keep the database")
+    parser.add_argument("--no-floor", action="store_true",
+                        help="skip the bare-writes yardstick (write_floor_seconds)")
     parser.add_argument("--json", type=Path, help="also write the whole result here")
     args = parser.parse_args()
 
@@ -238,6 +293,12 @@ def main() -> None:
         result["verify_seconds"] = round(time.perf_counter() - vstart, 1)
         print(json.dumps({k: result[k] for k in ("verify_ok", "renewal_entries",
                                                  "verify_seconds")}), flush=True)
+        if not args.no_floor:
+            floor = write_floor(url, args.accounts, args.renewal_concurrency)
+            result["write_floor_seconds"] = round(floor, 2)
+            result["wall_to_floor"] = round(result["wall_seconds"] / floor, 2)
+            print(json.dumps({k: result[k] for k in ("write_floor_seconds",
+                                                     "wall_to_floor")}), flush=True)
         if args.json:
             args.json.write_text(json.dumps(result, indent=2) + "\n")
     finally:

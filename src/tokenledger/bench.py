@@ -271,7 +271,12 @@ def run_harnesses(report: BenchReport, *, http_seconds: float, renewal_accounts:
                 "events_per_s": ren.get("accounts_per_second"),
                 "p99_ms": (ren.get("charges_during") or {}).get("p99_ms"),
                 "live_charge_p99_ratio": ren.get("p99_ratio"),
+                "write_floor_seconds": ren.get("write_floor_seconds"),
                 "verify_ok": ren.get("verify_ok")}
+            if ren.get("wall_to_floor"):
+                # The run against the bare writes of the same accounts on the same machine,
+                # in the same run: a figure that survives the machine's speed.
+                report.ratios["renewal_to_write_floor"] = ren["wall_to_floor"]
 
 
 def print_report(report: BenchReport, console: Console, json_path: Path | None) -> None:
