@@ -728,3 +728,37 @@ def test_a_worker_killed_mid_run_leaves_a_run_that_completes_granting_each_accou
             " FROM ledger_entries WHERE type = 'RENEWAL'")).one()
     assert tuple(per_account) == (accounts, accounts, report["tokens_granted"])
     assert_verified(db)
+
+
+def _bench_module() -> Any:
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "renewals.py"
+    spec = importlib.util.spec_from_file_location("bench_renewals", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_bench_yardstick_times_the_bare_writes_and_leaves_nothing_behind(db: str) -> None:
+    """bench/renewals.py's write floor does a renewal's writes for every account (two
+    connections, half each) and rolls them back: the ledger is as it was, and the writes
+    really ran (the entry id sequence, which a rollback keeps, moved once per account)."""
+    bench = _bench_module()
+    bench.fill(db, 301)
+    drawn = "SELECT nextval('ledger_entries_id_seq')"
+    with unit_of_work(db) as session:
+        before = session.execute(text("SELECT id, last_renewal_at FROM accounts"
+                                      " ORDER BY id")).all()
+        first = session.scalar(text(drawn))
+    seconds = bench.write_floor(db, 301, 2)
+    assert seconds > 0
+    with unit_of_work(db) as session:
+        assert session.scalar(text(drawn)) == first + 301 + 1
+    with unit_of_work(db) as session:
+        assert session.execute(text("SELECT id, last_renewal_at FROM accounts"
+                                    " ORDER BY id")).all() == before
+        assert session.scalar(text("SELECT count(*) FROM ledger_entries")) == 0
+        assert session.scalar(text("SELECT count(*) FROM wallets WHERE balance <> 0")) == 0
+    assert_verified(db)
