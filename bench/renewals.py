@@ -22,6 +22,7 @@ import sys
 import threading
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -180,16 +181,14 @@ def write_floor(url: str, accounts: int, backends: int) -> float:
             conns[i].execute(sql, params)
         conns[i].rollback()
 
-    threads = [threading.Thread(target=write, args=(i,)) for i in range(backends)]
-    started = time.perf_counter()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    elapsed = time.perf_counter() - started
-    for c in conns:
-        c.close()
-    return elapsed
+    try:
+        with ThreadPoolExecutor(backends) as pool:
+            started = time.perf_counter()
+            list(pool.map(write, range(backends)))  # a failed write raises here
+            return time.perf_counter() - started
+    finally:
+        for c in conns:
+            c.close()
 
 
 def wait_sealed(url: str, run_id: int, timeout: float) -> float:
