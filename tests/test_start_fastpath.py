@@ -51,6 +51,11 @@ def uid(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:10]}"
 
 
+def open_accounts(db: str, *users: str) -> None:
+    for user in users:
+        apply(db, {"type": "open_account", "key": f"open:{user}", "user_id": user})
+
+
 # -- the middleware on its own, in front of a recorder ----------------------------------------
 
 
@@ -365,8 +370,7 @@ def test_starts_arriving_together_run_in_groups_each_answered_as_if_alone(
     verifies."""
     users = [uid("group") for _ in range(12)]
     same, other = uid("same"), uid("other")
-    for user in [*users, same, other]:
-        apply(db, {"type": "open_account", "key": f"open:{user}", "user_id": user})
+    open_accounts(db, *users, same, other)
     key = f"twice-{uuid.uuid4().hex}"
     seen: list[notify.BalanceNotice] = []
     unsubscribe = notify.subscribe(lambda n: seen.append(n) if n.user_id in users else None)
@@ -453,8 +457,7 @@ def test_a_group_that_fails_as_a_whole_is_tried_again_one_start_at_a_time(
     """The first group's write fails (a deadlock, injected after its reads): every start
     of it is run again on its own, and each holds exactly once."""
     users = [uid("regroup") for _ in range(6)]
-    for user in users:
-        apply(db, {"type": "open_account", "key": f"open:{user}", "user_id": user})
+    open_accounts(db, *users)
     real = PipeConnection.roundtrip
     failed: list[int] = []
 
@@ -474,8 +477,7 @@ def test_a_start_cancelled_while_waiting_for_its_group_never_runs(settings: Sett
     """With the pool's one connection waiting on a locked account, a start queued behind
     it and cancelled never holds; the pool then goes on as usual."""
     busy, waiting = uid("busy"), uid("cancelled")
-    for user in (busy, waiting):
-        apply(db, {"type": "open_account", "key": f"open:{user}", "user_id": user})
+    open_accounts(db, busy, waiting)
     pool = StartPool(settings, 1)
     conninfo = pool.conninfo
 
@@ -514,8 +516,7 @@ def test_a_group_whose_commit_answer_was_lost_is_retried_without_holding_twice(
     each start is tried again on its own, finds the outcome its first attempt stored
     under its hold key, and answers it: one hold per start."""
     users = [uid("doubt") for _ in range(5)]
-    for user in users:
-        apply(db, {"type": "open_account", "key": f"open:{user}", "user_id": user})
+    open_accounts(db, *users)
     real = PipeConnection.roundtrip
     lost: list[int] = []
 
@@ -630,8 +631,7 @@ def test_one_idempotency_key_raced_by_two_accounts_applies_once(settings: Settin
     """Two starts with one key for two accounts at once: one holds, the other collides
     on the key, is retried, finds the first one's outcome and is a conflict."""
     users = [uid("raced"), uid("raced")]
-    for user in users:
-        apply(db, {"type": "open_account", "key": f"open:{user}", "user_id": user})
+    open_accounts(db, *users)
     key = f"raced-{uuid.uuid4().hex}"
 
     outcomes: list[Any] = []
