@@ -62,22 +62,23 @@ TARGET_P99_MS = 20.0
 
 def prepare(url: str, accounts: int) -> str:
     """Migrate, open ``accounts`` Business accounts (10,000 credits each), make a key."""
-    from tokenledger.apikeys import create_key
-    from tokenledger.catalog import current_catalog
-    from tokenledger.db import unit_of_work
-    from tokenledger.ledger.service import ApplyContext, apply_events
+    from tokenledger.apikeys.service import create_key
+    from tokenledger.config import Settings
+    from tokenledger.db.engine import session_factory
+    from tokenledger.db.migrate import migrate
+    from tokenledger.db.uow import unit_of_work
+    from tokenledger.ledger.service import apply_events
     from tokenledger.messages import parse_event
-    from tokenledger.migrate import migrate
-    from tokenledger.timeutil import utcnow
 
     migrate(url)
+    settings = Settings(database_url=url, broker_url=REDIS, notify_enabled=False)
     for start in range(0, accounts, 1000):
         events = [parse_event({"type": "open_account", "key": f"open:bench-{i}",
                                "user_id": f"bench-{i}", "plan": "Business"})
                   for i in range(start, min(accounts, start + 1000))]
-        with unit_of_work(url) as session:
-            apply_events(session, events, ApplyContext(current_catalog(session), utcnow()))
-    with unit_of_work(url) as session:
+        with unit_of_work(settings) as uow:
+            apply_events(uow, events)
+    with session_factory(url).begin() as session:
         key = create_key(session, "producer", "bench").key
     with psycopg.connect(url.replace("+psycopg", ""), autocommit=True) as conn:
         conn.execute("VACUUM ANALYZE")
@@ -235,7 +236,7 @@ def run(*, admin_url: str = PG_ADMIN, broker_url: str = REDIS, accounts: int = 5
     With ``probe_seconds`` it first measures ``GET /healthz`` the same way: the HTTP
     stack's own ceiling on this machine, to tell it apart from the start's transaction.
     """
-    from tokenledger.db import dispose_engines
+    from tokenledger.db.engine import dispose_engines
 
     name = f"tokenledger_bench_http_{os.getpid()}_{uuid.uuid4().hex[:4]}"
     admin = psycopg.connect(admin_url, autocommit=True, connect_timeout=5)
@@ -293,8 +294,9 @@ def count_roundtrips(*, admin_url: str = PG_ADMIN, starts: int = 200,
     """Sequential starts on the API server's start pool, its connection traced by libpq."""
     import asyncio
 
-    from tokenledger.api.pgpipe import StartPool
     from tokenledger.config import Settings
+    from tokenledger.messages import StartRequest
+    from tokenledger.tokenprocess.pool import StartPool
 
     name = f"tokenledger_bench_rt_{os.getpid()}_{uuid.uuid4().hex[:4]}"
     admin = psycopg.connect(admin_url, autocommit=True, connect_timeout=5)
@@ -308,13 +310,15 @@ def count_roundtrips(*, admin_url: str = PG_ADMIN, starts: int = 200,
         pool = StartPool(settings, 1)  # one connection: every start is on the trace
         try:
             for i in range(20):  # warm the connection, the catalog and the statements
-                await pool.start(f"bench-{i % accounts}", FEATURE)
+                await pool.start(StartRequest(user_id=f"bench-{i % accounts}",
+                                              feature_endpoint_id=FEATURE))
             for conn in pool._idle:  # noqa: SLF001 - the bench traces the pool's wire
                 conn.pgconn.trace(trace.fileno())
                 conn.pgconn.set_trace_flags(psycopg.pq.Trace.SUPPRESS_TIMESTAMPS)
             t0 = time.perf_counter()
             for i in range(starts):
-                result = await pool.start(f"bench-{i % accounts}", FEATURE)
+                result = await pool.start(StartRequest(user_id=f"bench-{i % accounts}",
+                                                       feature_endpoint_id=FEATURE))
                 assert result.status == "accessible", result
             return time.perf_counter() - t0
         finally:

@@ -33,10 +33,10 @@ sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT))
 
 from tokenledger import LedgerClient, Settings  # noqa: E402
-from tokenledger.db import dispose_engines, unit_of_work  # noqa: E402
+from tokenledger.db.engine import dispose_engines, session_factory  # noqa: E402
 from tokenledger.ledger.verify import verify  # noqa: E402
-from tokenledger.migrate import migrate  # noqa: E402
-from tokenledger.renewals import runner  # noqa: E402
+from tokenledger.db.migrate import migrate  # noqa: E402
+from tokenledger.renewals import runs as runner  # noqa: E402
 from tokenledger.renewals.service import RunOptions  # noqa: E402
 
 PG_ADMIN = os.environ.get("TOKENLEDGER_BENCH_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
@@ -46,7 +46,7 @@ REDIS = os.environ.get("TOKENLEDGER_BENCH_REDIS", "redis://127.0.0.1:6379/0")
 def fill(url: str, accounts: int) -> float:
     """1M accounts across the 30-day tiers, each due (last renewal 31 days ago)."""
     started = time.perf_counter()
-    with unit_of_work(url) as session:
+    with session_factory(url).begin() as session:
         conn = session.connection()
         conn.exec_driver_sql(
             "INSERT INTO accounts (user_id, plan_code, timezone, created_at, last_renewal_at)"
@@ -66,13 +66,13 @@ def fill(url: str, accounts: int) -> float:
 
 def start_worker(settings: Settings, queue: str, concurrency: int, log: Path
                  ) -> subprocess.Popen[bytes]:
-    env = {**os.environ, "TOKENLEDGER_DATABASE_URL": settings.database_url,
+    env = {**os.environ, "TOKENLEDGER_DATABASE_URL": settings.ledger_url(),
            "TOKENLEDGER_BROKER_URL": settings.broker_url, "TOKENLEDGER_QUEUE": settings.queue,
            "TOKENLEDGER_RENEWAL_QUEUE": settings.renewal_queue or settings.queue,
            "TOKENLEDGER_LOG_LEVEL": "WARNING"}
     with log.open("ab") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "celery", "-A", "workers", "worker", "-Q", queue, "-c",
+            [sys.executable, "-m", "celery", "-A", "tokenledger.queue.app", "worker", "-Q", queue, "-c",
              str(concurrency), "-l", "warning", "--without-gossip", "--without-mingle",
              "--without-heartbeat", "-n", f"bench-{uuid.uuid4().hex[:6]}@%h"],
             cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
@@ -116,7 +116,7 @@ class LiveCharges:
                 time.sleep(self.interval)
 
     def watch_loop(self) -> None:
-        with psycopg.connect(self.settings.database_url.replace("+psycopg", ""),
+        with psycopg.connect(self.settings.ledger_url().replace("+psycopg", ""),
                              autocommit=True) as conn:
             stopped_at: float | None = None
             while True:
@@ -283,7 +283,7 @@ def main() -> None:
         })
         print(json.dumps(result, indent=2), flush=True)
         vstart = time.perf_counter()
-        with unit_of_work(url) as session:
+        with session_factory(url).begin() as session:
             v = verify(session)
             entries = session.connection().exec_driver_sql(
                 "SELECT count(*) FROM ledger_entries WHERE type = 'RENEWAL'").scalar()

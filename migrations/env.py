@@ -6,15 +6,14 @@ from alembic import context
 from sqlalchemy import create_engine, pool
 
 from tokenledger.config import get_settings
-from tokenledger.schema import Base
+from tokenledger.db.schema import Base
 
 config = context.config
-url = config.attributes.get("url") or get_settings().database_url
+url = config.attributes.get("url") or get_settings().ledger_url()
 
 
 def run_migrations_offline() -> None:
-    context.configure(url=url, target_metadata=Base.metadata, literal_binds=True,
-                      render_as_batch=url.startswith("sqlite"))
+    context.configure(url=url, target_metadata=Base.metadata, literal_binds=True)
     with context.begin_transaction():
         context.run_migrations()
 
@@ -23,7 +22,6 @@ def run_migrations_online() -> None:
     engine = create_engine(url, poolclass=pool.NullPool)
     with engine.connect() as connection:
         context.configure(connection=connection, target_metadata=Base.metadata,
-                          render_as_batch=connection.dialect.name == "sqlite",
                           compare_type=True)
         with context.begin_transaction():
             context.run_migrations()

@@ -8,9 +8,6 @@ skip on a laptop; under ``CI=true`` they fail instead.
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
-import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,22 +17,15 @@ import pytest
 import redis
 from sqlalchemy import text
 
+from tests.support import IN_CI, Worker, session_scope
 from tokenledger import LedgerClient, Settings
-from tokenledger.catalog import current_catalog
-from tokenledger.db import dispose_engines, unit_of_work
-from tokenledger.ledger.service import ApplyContext, BatchResult, apply_events
-from tokenledger.ledger.verify import verify
-from tokenledger.messages import parse_event
-from tokenledger.migrate import migrate
-from tokenledger.schema import ledger_tables
-from tokenledger.timeutil import utcnow
+from tokenledger.db.engine import dispose_engines
+from tokenledger.db.migrate import migrate
+from tokenledger.db.schema import ledger_tables
 
 PG_ADMIN = os.environ.get("TOKENLEDGER_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
 REDIS_URL = os.environ.get("TOKENLEDGER_TEST_REDIS", "redis://127.0.0.1:6379/0")
-IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
-ROOT = Path(__file__).resolve().parents[1]
 RUN_ID = f"{os.getpid()}_{uuid.uuid4().hex[:6]}"
-
 
 
 def _unavailable(what: str, exc: Exception) -> None:
@@ -73,96 +63,19 @@ def redis_url() -> str:
 
 
 @pytest.fixture(scope="session")
-def settings(pg_url: str, redis_url: str) -> Settings:
+def settings(pg_url: str, redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Settings:
     return Settings(database_url=pg_url, broker_url=redis_url, queue=f"tltest-{RUN_ID}",
-                    visibility_timeout=30, retry_backoff_max=2, max_retries=3)
+                    visibility_timeout=30, retry_backoff_max=2, max_retries=3,
+                    home=tmp_path_factory.mktemp("home"))
 
 
 @pytest.fixture
-def db(settings: Settings) -> Iterator[str]:
-    """An empty ledger (catalog kept) before the test; the URL to reach it."""
-    with unit_of_work(settings.database_url) as session:
+def db(settings: Settings) -> Iterator[Settings]:
+    """An empty ledger (catalog kept) before the test; the settings to reach it."""
+    with session_scope(settings) as session:
         tables = ", ".join(ledger_tables())
         session.execute(text(f"TRUNCATE {tables} RESTART IDENTITY CASCADE"))
-    yield settings.database_url
-
-
-def apply(url: str, *events: dict, now=None) -> BatchResult:
-    """Apply raw events directly through the domain in one unit of work."""
-    parsed = [parse_event(e) for e in events]
-    with unit_of_work(url) as session:
-        ctx = ApplyContext(current_catalog(session), now or utcnow(), "UTC")
-        return apply_events(session, parsed, ctx)
-
-
-def balances_by_user(url: str) -> dict[str, int]:
-    """Each account's balance: the sum of all its wallets."""
-    with unit_of_work(url) as session:
-        return dict(session.execute(text(
-            "SELECT a.user_id, sum(w.balance) FROM accounts a JOIN wallets w"
-            " ON w.account_id = a.id GROUP BY a.user_id")).all())
-
-
-def assert_verified(url: str) -> None:
-    with unit_of_work(url) as session:
-        report = verify(session)
-    assert report.ok, report.as_dict()
-
-
-class Worker:
-    """A real ``celery -A workers worker`` process on the test's broker and database."""
-
-    def __init__(self, settings: Settings, tmp: Path, concurrency: int = 2,
-                 extra_env: dict[str, str] | None = None) -> None:
-        self.settings = settings
-        self.log = tmp / f"worker-{uuid.uuid4().hex[:6]}.log"
-        self.env = {**os.environ, **self.env_for(settings), **(extra_env or {})}
-        self.concurrency = concurrency
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    @staticmethod
-    def env_for(settings: Settings) -> dict[str, str]:
-        return {
-            "TOKENLEDGER_DATABASE_URL": settings.database_url,
-            "TOKENLEDGER_BROKER_URL": settings.broker_url,
-            "TOKENLEDGER_QUEUE": settings.queue,
-            "TOKENLEDGER_VISIBILITY_TIMEOUT": str(settings.visibility_timeout),
-            "TOKENLEDGER_RETRY_BACKOFF_MAX": str(settings.retry_backoff_max),
-            "TOKENLEDGER_MAX_RETRIES": str(settings.max_retries),
-            "TOKENLEDGER_TIMEZONE": settings.timezone,
-            "TOKENLEDGER_HOLD_TTL_SECONDS": str(settings.hold_ttl_seconds),
-        }
-
-    def start(self, timeout: float = 60) -> Worker:
-        with self.log.open("ab") as out:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "celery", "-A", "workers", "worker", "-Q",
-                 self.settings.queue, "-c", str(self.concurrency), "-l", "info",
-                 "--without-gossip", "--without-mingle", "--without-heartbeat",
-                 "-n", f"tltest-{uuid.uuid4().hex[:8]}@%h"],
-                cwd=ROOT, env=self.env, stdout=out, stderr=subprocess.STDOUT,
-                start_new_session=True)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if b" ready." in self.log.read_bytes():
-                return self
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"worker exited early:\n{self.log.read_text()[-3000:]}")
-            time.sleep(0.1)
-        raise RuntimeError(f"worker not ready:\n{self.log.read_text()[-3000:]}")
-
-    def kill(self, sig: int = 9) -> None:
-        if self.proc and self.proc.poll() is None:
-            os.killpg(self.proc.pid, sig)
-            self.proc.wait(timeout=30)
-
-    def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            os.killpg(self.proc.pid, 15)
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.kill()
+    yield settings
 
 
 @pytest.fixture(scope="session")
@@ -174,12 +87,19 @@ def worker(settings: Settings, tmp_path_factory: pytest.TempPathFactory) -> Iter
 
 
 @pytest.fixture
-def client(settings: Settings, db: str) -> Iterator[LedgerClient]:
+def client(settings: Settings, db: Settings) -> Iterator[LedgerClient]:
     with LedgerClient(settings) as c:
         yield c
 
 
-def wait_for(client: LedgerClient, keys: list[str], timeout: float = 60) -> dict:
-    """Each key's final outcome, waiting for all of them."""
-    deadline = time.monotonic() + timeout
-    return {k: client.result(k, timeout=max(0.1, deadline - time.monotonic())) for k in keys}
+@pytest.fixture(autouse=True, scope="session")
+def _no_user_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Tests never start servers in the user's own data directory."""
+    home = Path(tmp_path_factory.mktemp("default-home"))
+    previous = os.environ.get("TOKENLEDGER_HOME")
+    os.environ["TOKENLEDGER_HOME"] = str(home)
+    yield
+    if previous is None:
+        os.environ.pop("TOKENLEDGER_HOME", None)
+    else:
+        os.environ["TOKENLEDGER_HOME"] = previous

@@ -1,6 +1,10 @@
-"""tokenledger's Celery workers: ``celery -A workers worker``."""
+"""``celery -A workers worker`` from a checkout of the repository.
 
-from workers.celery_app import app
-from workers import tasks  # noqa: F401,E402 - registers the tasks
+The Celery application is ``tokenledger.queue.app`` (installed with the package: ``celery
+-A tokenledger.queue.app worker``, or ``tokenledger worker``); its tasks live in the
+domain packages. This folder is not installed.
+"""
+
+from tokenledger.queue.app import app
 
 __all__ = ["app"]

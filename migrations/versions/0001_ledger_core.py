@@ -19,7 +19,7 @@ depends_on = None
 
 def upgrade() -> None:
     op.create_table('catalog_versions',
-    sa.Column('id', sa.BigInteger().with_variant(sa.Integer(), 'sqlite'), autoincrement=True, nullable=False),
+    sa.Column('id', sa.BigInteger(), autoincrement=True, nullable=False),
     sa.Column('source', sa.Text(), nullable=False),
     sa.Column('default_plan', sa.String(length=64), nullable=False),
     sa.Column('document', sa.Text(), nullable=False),
@@ -27,7 +27,7 @@ def upgrade() -> None:
     sa.PrimaryKeyConstraint('id')
     )
     op.create_table('dead_letters',
-    sa.Column('id', sa.BigInteger().with_variant(sa.Integer(), 'sqlite'), autoincrement=True, nullable=False),
+    sa.Column('id', sa.BigInteger(), autoincrement=True, nullable=False),
     sa.Column('fingerprint', sa.String(length=64), nullable=False),
     sa.Column('key', sa.String(length=255), nullable=True),
     sa.Column('payload', sa.Text(), nullable=False),
@@ -40,7 +40,7 @@ def upgrade() -> None:
     )
     op.create_index(op.f('ix_dead_letters_key'), 'dead_letters', ['key'], unique=False)
     op.create_table('event_conflicts',
-    sa.Column('id', sa.BigInteger().with_variant(sa.Integer(), 'sqlite'), autoincrement=True, nullable=False),
+    sa.Column('id', sa.BigInteger(), autoincrement=True, nullable=False),
     sa.Column('key', sa.String(length=255), nullable=False),
     sa.Column('payload_hash', sa.String(length=64), nullable=False),
     sa.Column('payload', sa.JSON().with_variant(postgresql.JSONB(astext_type=sa.Text()), 'postgresql'), nullable=False),
@@ -99,7 +99,7 @@ def upgrade() -> None:
     sa.PrimaryKeyConstraint('code')
     )
     op.create_table('accounts',
-    sa.Column('id', sa.BigInteger().with_variant(sa.Integer(), 'sqlite'), autoincrement=True, nullable=False),
+    sa.Column('id', sa.BigInteger(), autoincrement=True, nullable=False),
     sa.Column('user_id', sa.String(length=128), nullable=False),
     sa.Column('plan_code', sa.String(length=64), nullable=False),
     sa.Column('timezone', sa.String(length=64), nullable=False),
@@ -111,8 +111,8 @@ def upgrade() -> None:
     sa.UniqueConstraint('user_id')
     )
     op.create_table('wallets',
-    sa.Column('id', sa.BigInteger().with_variant(sa.Integer(), 'sqlite'), autoincrement=True, nullable=False),
-    sa.Column('account_id', sa.BigInteger().with_variant(sa.Integer(), 'sqlite'), nullable=False),
+    sa.Column('id', sa.BigInteger(), autoincrement=True, nullable=False),
+    sa.Column('account_id', sa.BigInteger(), nullable=False),
     sa.Column('wallet_type', sa.String(length=32), nullable=False),
     sa.Column('balance', sa.BigInteger(), nullable=False),
     sa.Column('expires_at', sa.DateTime(timezone=True), nullable=True),
@@ -124,12 +124,12 @@ def upgrade() -> None:
     sa.PrimaryKeyConstraint('id'),
     sa.UniqueConstraint('account_id', 'id', name='uq_wallet_account_id')
     )
-    op.create_index('uq_wallet_expiry', 'wallets', ['account_id', 'wallet_type', 'expires_at'], unique=True, postgresql_where=sa.text('expires_at IS NOT NULL'), sqlite_where=sa.text('expires_at IS NOT NULL'))
-    op.create_index('uq_wallet_no_expiry', 'wallets', ['account_id', 'wallet_type'], unique=True, postgresql_where=sa.text('expires_at IS NULL'), sqlite_where=sa.text('expires_at IS NULL'))
+    op.create_index('uq_wallet_expiry', 'wallets', ['account_id', 'wallet_type', 'expires_at'], unique=True, postgresql_where=sa.text('expires_at IS NOT NULL'))
+    op.create_index('uq_wallet_no_expiry', 'wallets', ['account_id', 'wallet_type'], unique=True, postgresql_where=sa.text('expires_at IS NULL'))
     op.create_table('ledger_entries',
-    sa.Column('id', sa.BigInteger().with_variant(sa.Integer(), 'sqlite'), autoincrement=True, nullable=False),
-    sa.Column('account_id', sa.BigInteger().with_variant(sa.Integer(), 'sqlite'), nullable=False),
-    sa.Column('wallet_id', sa.BigInteger().with_variant(sa.Integer(), 'sqlite'), nullable=False),
+    sa.Column('id', sa.BigInteger(), autoincrement=True, nullable=False),
+    sa.Column('account_id', sa.BigInteger(), nullable=False),
+    sa.Column('wallet_id', sa.BigInteger(), nullable=False),
     sa.Column('amount', sa.BigInteger(), nullable=False),
     sa.Column('balance_before', sa.BigInteger(), nullable=False),
     sa.Column('balance_after', sa.BigInteger(), nullable=False),
@@ -147,15 +147,15 @@ def upgrade() -> None:
     sa.UniqueConstraint('event_key', 'wallet_id', 'type', name='uq_entry_event_wallet_type')
     )
     op.create_index('ix_entries_account_id', 'ledger_entries', ['account_id', 'id'], unique=False)
-    op.create_index('ix_entries_reference', 'ledger_entries', ['reference'], unique=False, postgresql_where=sa.text('reference IS NOT NULL'), sqlite_where=sa.text('reference IS NOT NULL'))
+    op.create_index('ix_entries_reference', 'ledger_entries', ['reference'], unique=False, postgresql_where=sa.text('reference IS NOT NULL'))
 
 
 def downgrade() -> None:
     op.drop_index('ix_entries_reference', table_name='ledger_entries')
     op.drop_index('ix_entries_account_id', table_name='ledger_entries')
     op.drop_table('ledger_entries')
-    op.drop_index('uq_wallet_no_expiry', table_name='wallets', postgresql_where=sa.text('expires_at IS NULL'), sqlite_where=sa.text('expires_at IS NULL'))
-    op.drop_index('uq_wallet_expiry', table_name='wallets', postgresql_where=sa.text('expires_at IS NOT NULL'), sqlite_where=sa.text('expires_at IS NOT NULL'))
+    op.drop_index('uq_wallet_no_expiry', table_name='wallets', postgresql_where=sa.text('expires_at IS NULL'))
+    op.drop_index('uq_wallet_expiry', table_name='wallets', postgresql_where=sa.text('expires_at IS NOT NULL'))
     op.drop_table('wallets')
     op.drop_table('accounts')
     op.drop_table('plans')

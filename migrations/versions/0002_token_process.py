@@ -19,10 +19,10 @@ depends_on = None
 def upgrade() -> None:
     op.create_table(
         "holds",
-        sa.Column("id", sa.BigInteger().with_variant(sa.Integer(), "sqlite"),
+        sa.Column("id", sa.BigInteger(),
                   autoincrement=True, nullable=False),
         sa.Column("key", sa.String(length=255), nullable=False),
-        sa.Column("account_id", sa.BigInteger().with_variant(sa.Integer(), "sqlite"),
+        sa.Column("account_id", sa.BigInteger(),
                   nullable=False),
         sa.Column("user_id", sa.String(length=128), nullable=False),
         sa.Column("feature", sa.String(length=128), nullable=False),
@@ -49,13 +49,11 @@ def upgrade() -> None:
     )
     op.create_index("ix_holds_account", "holds", ["account_id", "status"], unique=False)
     op.create_index("ix_holds_open_expiry", "holds", ["expires_at"], unique=False,
-                    postgresql_where=sa.text("status = 'open'"),
-                    sqlite_where=sa.text("status = 'open'"))
+                    postgresql_where=sa.text("status = 'open'"))
 
 
 def downgrade() -> None:
     op.drop_index("ix_holds_open_expiry", table_name="holds",
-                  postgresql_where=sa.text("status = 'open'"),
-                  sqlite_where=sa.text("status = 'open'"))
+                  postgresql_where=sa.text("status = 'open'"))
     op.drop_index("ix_holds_account", table_name="holds")
     op.drop_table("holds")

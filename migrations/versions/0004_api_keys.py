@@ -18,7 +18,7 @@ depends_on = None
 def upgrade() -> None:
     op.create_table(
         "api_keys",
-        sa.Column("id", sa.BigInteger().with_variant(sa.Integer(), "sqlite"),
+        sa.Column("id", sa.BigInteger(),
                   autoincrement=True, nullable=False),
         sa.Column("prefix", sa.String(length=16), nullable=False),
         sa.Column("secret_hash", sa.String(length=64), nullable=False),

@@ -20,12 +20,10 @@ depends_on = None
 
 
 def upgrade() -> None:
-    if op.get_bind().dialect.name == "postgresql":
-        op.execute("ALTER TABLE wallets SET (fillfactor = 70)")
-        op.execute("ALTER TABLE accounts SET (fillfactor = 70)")
+    op.execute("ALTER TABLE wallets SET (fillfactor = 70)")
+    op.execute("ALTER TABLE accounts SET (fillfactor = 70)")
 
 
 def downgrade() -> None:
-    if op.get_bind().dialect.name == "postgresql":
-        op.execute("ALTER TABLE wallets RESET (fillfactor)")
-        op.execute("ALTER TABLE accounts RESET (fillfactor)")
+    op.execute("ALTER TABLE wallets RESET (fillfactor)")
+    op.execute("ALTER TABLE accounts RESET (fillfactor)")

@@ -54,8 +54,6 @@ END $$
 
 
 def upgrade() -> None:
-    if op.get_bind().dialect.name != "postgresql":
-        return
     op.execute(_CHECK_ENTRIES)
     op.execute(_KEEP_WALLETS)
     op.execute("ALTER TABLE ledger_entries DROP CONSTRAINT fk_entry_wallet_of_account")
@@ -71,8 +69,6 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
-    if op.get_bind().dialect.name != "postgresql":
-        return
     op.execute("DROP TRIGGER wallets_stay_put ON wallets")
     op.execute("DROP TRIGGER wallets_stay ON wallets")
     op.execute("DROP TRIGGER entries_wallet_check ON ledger_entries")

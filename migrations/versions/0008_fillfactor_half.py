@@ -28,12 +28,10 @@ depends_on = None
 
 
 def upgrade() -> None:
-    if op.get_bind().dialect.name == "postgresql":
-        op.execute("ALTER TABLE wallets SET (fillfactor = 45)")
-        op.execute("ALTER TABLE accounts SET (fillfactor = 45)")
+    op.execute("ALTER TABLE wallets SET (fillfactor = 45)")
+    op.execute("ALTER TABLE accounts SET (fillfactor = 45)")
 
 
 def downgrade() -> None:
-    if op.get_bind().dialect.name == "postgresql":
-        op.execute("ALTER TABLE wallets SET (fillfactor = 70)")
-        op.execute("ALTER TABLE accounts SET (fillfactor = 70)")
+    op.execute("ALTER TABLE wallets SET (fillfactor = 70)")
+    op.execute("ALTER TABLE accounts SET (fillfactor = 70)")

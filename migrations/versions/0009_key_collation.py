@@ -60,10 +60,8 @@ def _collate(collation: str) -> None:
 
 
 def upgrade() -> None:
-    if op.get_bind().dialect.name == "postgresql":
-        _collate("C")
+    _collate("C")
 
 
 def downgrade() -> None:
-    if op.get_bind().dialect.name == "postgresql":
-        _collate("default")
+    _collate("default")

@@ -1,20 +1,72 @@
-"""tokenledger: token (credit) accounting for AI-powered applications."""
+"""tokenledger: token (credit) accounting for AI-powered applications.
 
-from tokenledger.client import Balance, LedgerClient, WalletInfo
-from tokenledger.config import Settings
-from tokenledger.errors import (
-    AccountNotFound,
-    IdempotencyConflict,
-    InsufficientTokens,
-    TokenLedgerError,
-    ValidationFailed,
-)
-from tokenledger.ledger.service import EventResult
-from tokenledger.tokenprocess.errors import FeatureNotAccessible
-from tokenledger.tokenprocess.service import StartResult
+``from tokenledger import LedgerClient`` is all an application needs. Names are imported
+on first use, so ``import tokenledger`` (and ``tokenledger --help``) stays fast.
+"""
+
+from __future__ import annotations
+
+from importlib import import_module
+from typing import TYPE_CHECKING, Any
+
+_EXPORTS = {
+    "LedgerClient": "tokenledger.sdk.client",
+    "Balance": "tokenledger.sdk.client",
+    "WalletInfo": "tokenledger.sdk.client",
+    "Settings": "tokenledger.config",
+    "EventResult": "tokenledger.ledger.batch",
+    "StartResult": "tokenledger.tokenprocess.service",
+    "TokenLedgerError": "tokenledger.errors",
+    "ValidationFailed": "tokenledger.errors",
+    "AccountNotFound": "tokenledger.errors",
+    "InsufficientTokens": "tokenledger.errors",
+    "Conflict": "tokenledger.errors",
+    "IdempotencyConflict": "tokenledger.errors",
+    "FeatureNotAccessible": "tokenledger.errors",
+    "ResultTimeout": "tokenledger.errors",
+    "NotFound": "tokenledger.errors",
+    "ConfigurationError": "tokenledger.errors",
+    "ServiceUnavailable": "tokenledger.errors",
+    "DatabaseUnavailable": "tokenledger.errors",
+    "BrokerUnavailable": "tokenledger.errors",
+    "NotMigrated": "tokenledger.errors",
+}
 
 __all__ = [
-    "AccountNotFound", "Balance", "EventResult", "IdempotencyConflict", "InsufficientTokens",
-    "LedgerClient", "Settings", "TokenLedgerError", "ValidationFailed", "WalletInfo",
-    "FeatureNotAccessible", "StartResult",
+    "AccountNotFound", "Balance", "BrokerUnavailable", "ConfigurationError", "Conflict",
+    "DatabaseUnavailable", "EventResult", "FeatureNotAccessible", "IdempotencyConflict",
+    "InsufficientTokens", "LedgerClient", "NotFound", "NotMigrated", "ResultTimeout",
+    "ServiceUnavailable", "Settings", "StartResult", "TokenLedgerError", "ValidationFailed",
+    "WalletInfo",
 ]
+
+if TYPE_CHECKING:
+    from tokenledger.config import Settings
+    from tokenledger.errors import (
+        AccountNotFound,
+        BrokerUnavailable,
+        ConfigurationError,
+        Conflict,
+        DatabaseUnavailable,
+        FeatureNotAccessible,
+        IdempotencyConflict,
+        InsufficientTokens,
+        NotFound,
+        NotMigrated,
+        ResultTimeout,
+        ServiceUnavailable,
+        TokenLedgerError,
+        ValidationFailed,
+    )
+    from tokenledger.ledger.batch import EventResult
+    from tokenledger.sdk.client import Balance, LedgerClient, WalletInfo
+    from tokenledger.tokenprocess.service import StartResult
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'tokenledger' has no attribute {name!r}")
+    value = getattr(import_module(module), name)
+    globals()[name] = value
+    return value

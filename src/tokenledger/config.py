@@ -1,14 +1,34 @@
-"""Settings, read once from ``TOKENLEDGER_*`` environment variables at the edge."""
+"""Settings, read once from ``TOKENLEDGER_*`` environment variables at the edge.
+
+With ``TOKENLEDGER_DATABASE_URL`` and ``TOKENLEDGER_BROKER_URL`` unset, tokenledger runs
+on its embedded default: a private PostgreSQL and a private Redis in one data directory
+(``TOKENLEDGER_HOME``), started on first use (``tokenledger.db.embedded``).
+"""
 
 from __future__ import annotations
 
+import os
 from functools import lru_cache
 from pathlib import Path
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-EMBEDDED_BROKER_PREFIX = "sqla+"
+POSTGRES_SCHEMES = ("postgres", "postgresql", "postgresql+psycopg")
+BROKER_SCHEMES = ("redis", "rediss", "redis+socket", "amqp", "amqps", "pyamqp")
+
+
+def _shown(url: str) -> str:
+    from tokenledger.ops.logs import mask_url
+
+    return mask_url(url) or ""
+
+
+def default_home() -> Path:
+    """Where the embedded servers keep their data: ``$XDG_DATA_HOME/tokenledger``, else
+    ``~/.local/share/tokenledger`` (never the current directory)."""
+    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(base) / "tokenledger"
 
 
 class Settings(BaseSettings):
@@ -16,14 +36,14 @@ class Settings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="TOKENLEDGER_", extra="ignore")
 
-    database_url: str = Field(
-        default_factory=lambda: f"sqlite:///{Path.cwd() / 'tokenledger.sqlite'}",
-        description="SQLAlchemy URL of the ledger database (PostgreSQL in production).",
-    )
-    broker_url: str = Field(
-        default_factory=lambda: f"sqla+sqlite:///{Path.cwd() / 'tokenledger-broker.sqlite'}",
-        description="Celery broker URL; the default is an embedded broker on a local file.",
-    )
+    database_url: str | None = Field(
+        default=None,
+        description="PostgreSQL URL of the ledger; unset: the embedded PostgreSQL.")
+    broker_url: str | None = Field(
+        default=None,
+        description="Celery broker URL (Redis or RabbitMQ); unset: the embedded Redis.")
+    home: Path = Field(default_factory=default_home,
+                       description="Data directory of the embedded PostgreSQL and Redis.")
     timezone: str = "UTC"
     catalog: Path | None = None
     alert_webhook_url: str | None = None
@@ -41,7 +61,7 @@ class Settings(BaseSettings):
     # Accounts per chunk task; each chunk still commits every renewal_slice_size accounts.
     renewal_chunk_size: int = Field(default=25_000, ge=1, le=100_000)
     # Accounts per renewal transaction: a live charge on an account of a slice in flight
-    # waits for the slice's commit, so this bounds that wait (~20 us of work per account).
+    # waits for the slice's commit, so this bounds that wait.
     renewal_slice_size: int = Field(default=2000, ge=1, le=100_000)
     # PostgreSQL connections of the API's token-process start pool, per API process.
     # Starts that arrive while all are busy wait and then share one transaction.
@@ -51,28 +71,68 @@ class Settings(BaseSettings):
     metrics_port: int | None = None
     log_json: bool = True
     log_level: str = "INFO"
-    # Balance notifications (pub/sub). Default: the broker's Redis when the broker is Redis;
-    # with the embedded broker only in-process subscribers are told.
+    # Balance notifications (pub/sub). Default: the broker's Redis when the broker is Redis.
     notify_redis_url: str | None = None
     notify_channel_prefix: str = "tokenledger:"
     notify_enabled: bool = True
 
     @field_validator("database_url")
     @classmethod
-    def _normalise_postgres_driver(cls, url: str) -> str:
+    def _postgres_url(cls, url: str | None) -> str | None:
+        if url is None:
+            return None
+        url = url.strip()
+        if not url:
+            raise ValueError("is empty: unset it to use the embedded PostgreSQL, or give a "
+                             "postgresql://user:password@host:5432/database URL")
         # Users paste libpq-style URLs; tokenledger speaks psycopg 3.
-        for prefix in ("postgres://", "postgresql://"):
-            if url.startswith(prefix):
-                return "postgresql+psycopg://" + url[len(prefix):]
+        scheme, sep, rest = url.partition("://")
+        if not sep or not rest:
+            raise ValueError(f"{_shown(url)!r} is not a URL: give postgresql://user:password"
+                             "@host:5432/database")
+        if scheme not in POSTGRES_SCHEMES:
+            raise ValueError(f"scheme {scheme!r} is not supported: PostgreSQL is the only "
+                             "ledger database (postgresql://...)")
+        return "postgresql+psycopg://" + rest
+
+    @field_validator("broker_url")
+    @classmethod
+    def _broker_url(cls, url: str | None) -> str | None:
+        if url is None:
+            return None
+        url = url.strip()
+        if not url:
+            raise ValueError("is empty: unset it to use the embedded Redis, or give a "
+                             "redis://host:6379/0 or amqp://user:password@host:5672// URL")
+        scheme = url.partition("://")[0]
+        if scheme not in BROKER_SCHEMES:
+            raise ValueError(f"scheme {scheme!r} is not supported: use redis://, rediss://, "
+                             "redis+socket://, amqp:// or amqps://")
         return url
 
     @property
-    def is_sqlite(self) -> bool:
-        return self.database_url.startswith("sqlite")
+    def embedded_database(self) -> bool:
+        return self.database_url is None
 
     @property
     def embedded_broker(self) -> bool:
-        return self.broker_url.startswith(EMBEDDED_BROKER_PREFIX)
+        return self.broker_url is None
+
+    def ledger_url(self) -> str:
+        """The ledger database's URL; starts the embedded PostgreSQL when none is set."""
+        if self.database_url is not None:
+            return self.database_url
+        from tokenledger.db import embedded
+
+        return embedded.database_url(self.home, self.catalog)
+
+    def broker(self) -> str:
+        """The broker's URL; starts the embedded Redis when none is set."""
+        if self.broker_url is not None:
+            return self.broker_url
+        from tokenledger.queue import embedded
+
+        return embedded.redis_url(self.home)
 
     def backoff(self, attempt: int) -> int:
         """Seconds to wait before retry ``attempt`` (0-based): exponential, capped."""

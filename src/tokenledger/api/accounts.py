@@ -9,8 +9,7 @@ from fastapi import APIRouter, Depends, Path, Query
 from fastapi.responses import JSONResponse
 
 from tokenledger.api.auth import PRODUCE, READ, require
-from tokenledger.api.billing import AUTH_ERRORS
-from tokenledger.api.common import Api, invalid, respond, wallet_out
+from tokenledger.api.deps import AUTH_ERRORS, Api, invalid, respond, wallet_out
 from tokenledger.api.schemas import (
     AccountOut,
     Envelope,
@@ -19,13 +18,11 @@ from tokenledger.api.schemas import (
     OpenAccountIn,
     StatisticsOut,
     When,
-    clean_text,
 )
-from tokenledger.catalog import current_catalog
-from tokenledger.db import unit_of_work
+from tokenledger.db.uow import unit_of_work
 from tokenledger.errors import AccountNotFound
-from tokenledger.messages import _check_timezone
-from tokenledger.reports import get_account, monthly_report, statistics, wallets
+from tokenledger.ledger.reports import get_account, monthly_report, statistics, wallets
+from tokenledger.messages import clean_text
 from tokenledger.timeutil import utcnow
 
 router = APIRouter(prefix="/api/accounts", tags=["accounts and reports"], responses=AUTH_ERRORS)
@@ -43,7 +40,8 @@ def _user(user_id: str) -> str:
 
 
 def _account(api: Api, user_id: str, created: bool) -> dict[str, Any]:
-    with unit_of_work(api.settings.database_url) as session:
+    with unit_of_work(api.settings) as uow:
+        session = uow.session
         account = get_account(session, user_id)
         items = wallets(session, account, utcnow())
     return {"userId": user_id, "plan": account.plan_code, "timezone": account.timezone,
@@ -59,13 +57,9 @@ def _account(api: Api, user_id: str, created: bool) -> dict[str, Any]:
                               "description": "The account exists with another plan"}},
              summary="Open an account and grant its plan's opening tokens (idempotent)")
 def open_account(body: OpenAccountIn, api: Api) -> JSONResponse:
-    if body.timezone is not None:
-        try:
-            _check_timezone(body.timezone)
-        except ValueError as exc:
-            invalid("body", "timezone", str(exc))
-    with unit_of_work(api.settings.database_url) as session:
-        catalog = current_catalog(session)
+    with unit_of_work(api.settings) as uow:
+        session = uow.session
+        catalog = uow.catalog
         if body.plan is not None and body.plan not in catalog.plans:
             invalid("body", "plan", f"unknown plan {body.plan!r}; one of "
                                     f"{', '.join(sorted(catalog.plans))}")
@@ -94,8 +88,9 @@ def account_statistics(
     user_id = _user(user_id)
     if start is not None and end is not None and end <= start:
         invalid("query", "end", "must be after start")
-    with unit_of_work(api.settings.database_url) as session:
-        data = statistics(session, user_id, start, end, catalog=current_catalog(session),
+    with unit_of_work(api.settings) as uow:
+        session = uow.session
+        data = statistics(session, user_id, start, end, catalog=uow.catalog,
                           credit_value=credit_value)
     return {"success": True, "data": data}
 
@@ -113,7 +108,8 @@ def account_monthly_report(
     user_id = _user(user_id)
     if month is not None and not 1970 <= int(month[:4]) <= 9998:
         invalid("query", "month", "year must be between 1970 and 9998")
-    with unit_of_work(api.settings.database_url) as session:
+    with unit_of_work(api.settings) as uow:
+        session = uow.session
         data = monthly_report(session, user_id, month, utcnow(),
-                              catalog=current_catalog(session), credit_value=credit_value)
+                              catalog=uow.catalog, credit_value=credit_value)
     return {"success": True, "data": data}

@@ -11,8 +11,9 @@ from fastapi import Depends, Request
 from fastapi.security import APIKeyHeader
 from starlette.concurrency import run_in_threadpool
 
-from tokenledger.apikeys import KeyInfo, authenticate
-from tokenledger.db import unit_of_work
+from tokenledger.apikeys.service import KeyInfo, authenticate
+from tokenledger.config import Settings
+from tokenledger.db.uow import unit_of_work
 
 log = logging.getLogger("tokenledger.api.auth")
 
@@ -39,15 +40,15 @@ class AuthError(Exception):
 INVALID = "Invalid server API key"
 
 
-def _lookup(url: str, key: str) -> KeyInfo | None:
-    with unit_of_work(url) as session:
-        return authenticate(session, key)
+def _lookup(settings: Settings, key: str) -> KeyInfo | None:
+    with unit_of_work(settings) as uow:
+        return authenticate(uow.session, key)
 
 
 def _refresh(state: Any, key: str) -> None:
     """Look ``key`` up again and cache the answer (off the event loop)."""
     try:
-        info = _lookup(state.settings.database_url, key)
+        info = _lookup(state.settings, key)
     except Exception as exc:  # noqa: BLE001 - the cached answer stays until it expires
         state.keys.put_failed(key)
         log.warning("could not refresh a cached API key: %s", type(exc).__name__)
@@ -70,7 +71,7 @@ async def current_key(request: Request,
     if refresh:
         refresh_soon(state, key)
     if not hit:
-        info = await run_in_threadpool(_lookup, state.settings.database_url, key)
+        info = await run_in_threadpool(_lookup, state.settings, key)
         state.keys.put(key, info)
     if info is None:
         raise AuthError(401, INVALID)

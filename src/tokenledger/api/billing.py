@@ -8,13 +8,7 @@ from fastapi import APIRouter, Depends, Header, Query
 from fastapi.responses import JSONResponse
 
 from tokenledger.api.auth import PRODUCE, READ, require
-from tokenledger.api.common import (
-    Api,
-    invalid,
-    publish_and_wait,
-    respond,
-    wallet_out,
-)
+from tokenledger.api.deps import AUTH_ERRORS, Api, invalid, publish_and_wait, respond, wallet_out
 from tokenledger.api.schemas import (
     BalanceOut,
     CanAffordOut,
@@ -29,17 +23,11 @@ from tokenledger.api.schemas import (
     WalletsOut,
     When,
 )
-from tokenledger.catalog import current_catalog
-from tokenledger.client import build_event, new_key
-from tokenledger.db import unit_of_work
-from tokenledger.reports import balance_summary, can_afford, get_account, history, wallets
+from tokenledger.db.uow import unit_of_work
+from tokenledger.ledger.reports import balance_summary, can_afford, get_account, history, wallets
+from tokenledger.sdk.client import build_event, new_key
 from tokenledger.timeutil import utcnow
 
-AUTH_ERRORS: dict[int | str, dict[str, Any]] = {
-    401: {"model": ErrorBody, "description": "Missing or invalid `x-server-api-key`"},
-    403: {"model": ErrorBody, "description": "The key's scope does not allow this"},
-    404: {"model": ErrorBody, "description": "No such account"},
-}
 router = APIRouter(prefix="/api/billing", tags=["billing"], responses=AUTH_ERRORS)
 UserQuery = Annotated[UserId, Query(description="The caller's own user id")]
 
@@ -48,8 +36,9 @@ UserQuery = Annotated[UserId, Query(description="The caller's own user id")]
             dependencies=[Depends(require(*READ))],
             summary="Total balance, wallets and whether a project can be created (seed 000)")
 def balance(user_id: UserQuery, api: Api) -> dict[str, Any]:
-    with unit_of_work(api.settings.database_url) as session:
-        summary = balance_summary(session, user_id, current_catalog(session), utcnow())
+    with unit_of_work(api.settings) as uow:
+        session = uow.session
+        summary = balance_summary(session, user_id, uow.catalog, utcnow())
     return {"success": True, "data": {
         "userId": user_id, "plan": summary["plan"], "balance": summary["balance"],
         "available": summary["available"], "canCreateProject": summary["can_create_project"],
@@ -60,8 +49,9 @@ def balance(user_id: UserQuery, api: Api) -> dict[str, Any]:
 @router.get("/wallets", response_model=Envelope[WalletsOut],
             dependencies=[Depends(require(*READ))], summary="Every wallet and the total")
 def list_wallets(user_id: UserQuery, api: Api) -> dict[str, Any]:
-    with unit_of_work(api.settings.database_url) as session:
-        summary = balance_summary(session, user_id, current_catalog(session), utcnow())
+    with unit_of_work(api.settings) as uow:
+        session = uow.session
+        summary = balance_summary(session, user_id, uow.catalog, utcnow())
     return {"success": True, "data": {
         "userId": user_id, "totalBalance": summary["balance"],
         "wallets": [wallet_out(w) for w in summary["wallets"]],
@@ -83,7 +73,8 @@ def create_wallet(body: CreateWalletIn, api: Api,
         invalid("body", "expiresAt", "must be in the future")
     if body.walletType == "STANDARD" and body.expiresAt is not None:
         invalid("body", "expiresAt", "the STANDARD wallet never expires; omit it")
-    with unit_of_work(api.settings.database_url) as session:
+    with unit_of_work(api.settings) as uow:
+        session = uow.session
         get_account(session, body.user_id)
     event = build_event({
         "type": "credit", "key": body.key or new_key(), "user_id": body.user_id,
@@ -98,7 +89,8 @@ def create_wallet(body: CreateWalletIn, api: Api,
         return respond(409, {**pending, "status": outcome.status},
                        outcome.reason or outcome.status, success=False)
     wallet_id = outcome.result.get("wallet_id")
-    with unit_of_work(api.settings.database_url) as session:
+    with unit_of_work(api.settings) as uow:
+        session = uow.session
         account = get_account(session, body.user_id)
         items = wallets(session, account, utcnow())
     found = next((w for w in items if w["id"] == wallet_id), None)
@@ -124,7 +116,8 @@ def transactions(
 ) -> dict[str, Any]:
     if start is not None and end is not None and end <= start:
         invalid("query", "end", "must be after start")
-    with unit_of_work(api.settings.database_url) as session:
+    with unit_of_work(api.settings) as uow:
+        session = uow.session
         rows = history(session, user_id, limit=limit, offset=offset, type_=type,
                        feature=feature, start=start, end=end)
     return {"success": True, "data": [{
@@ -141,8 +134,9 @@ def transactions(
             summary="Whether the account can pay for a feature now, and the deficit if not")
 def can_afford_route(user_id: UserQuery, feature: Annotated[Code, Query()],
                      api: Api) -> dict[str, Any]:
-    with unit_of_work(api.settings.database_url) as session:
-        catalog = current_catalog(session)
+    with unit_of_work(api.settings) as uow:
+        session = uow.session
+        catalog = uow.catalog
         if feature not in catalog.features:
             invalid("query", "feature", f"unknown feature {feature!r}")
         r = can_afford(session, user_id, feature, catalog, utcnow())

@@ -11,11 +11,10 @@ from fastapi.responses import JSONResponse
 from pydantic import TypeAdapter, ValidationError
 
 from tokenledger.api.auth import PRODUCE, READ_EVENTS, require
-from tokenledger.api.billing import AUTH_ERRORS
-from tokenledger.api.common import Api, lookup, respond
-from tokenledger.api.schemas import AcceptedOut, Envelope, EventOutcomeOut, check_json, clean_text
-from tokenledger.client import new_key
-from tokenledger.messages import MAX_BATCH, Event
+from tokenledger.api.deps import AUTH_ERRORS, Api, lookup, respond
+from tokenledger.api.schemas import AcceptedOut, Envelope, EventOutcomeOut
+from tokenledger.messages import MAX_BATCH, Event, check_json, clean_text
+from tokenledger.sdk.client import new_key
 
 router = APIRouter(prefix="/api/events", tags=["events"], responses=AUTH_ERRORS)
 _event: TypeAdapter[Any] = TypeAdapter(Event)
@@ -102,7 +101,7 @@ def outcome(api: Api, key: Annotated[str, Path(min_length=1, max_length=255)]) -
     except ValueError as exc:
         raise RequestValidationError([{"loc": ("path", "key"), "type": "value_error",
                                        "msg": str(exc)}]) from None
-    found = lookup(api.settings.database_url, key)
+    found = lookup(api.settings, key)
     return respond(200, {"key": key, "status": found.status, "reason": found.reason,
                          "result": found.result})
 

@@ -1,16 +1,15 @@
 """Request and response shapes of the HTTP API, with the seeds' field names.
 
-Every string that reaches the database is checked here for NUL characters and lone
-surrogates (PostgreSQL refuses both, and a refusal there would be a 500, not a 422).
+Field types come from ``tokenledger.messages``: one rule per field for the SDK, the CLI,
+the workers and the API (a string PostgreSQL cannot store is a 422, never a 500).
 """
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Annotated, Any, Generic, Literal, TypeVar
 
 from pydantic import (
-    AfterValidator,
     AliasChoices,
     BaseModel,
     ConfigDict,
@@ -20,79 +19,27 @@ from pydantic import (
 )
 from pydantic.alias_generators import to_camel
 
-from tokenledger.messages import MAX_AMOUNT, MAX_BATCH, MAX_METADATA_BYTES
-from tokenledger.models import ENTRY_TYPES
+from tokenledger.ledger.models import ENTRY_TYPES
+from tokenledger.messages import (  # noqa: F401 - the field types, one rule each
+    MAX_BATCH,
+    MAX_BIGINT,
+    Amount,
+    Code,
+    Id,
+    Key,
+    Metadata,
+    PlanCode,
+    Reason,
+    StartRequest,
+    Text,
+    Timezone,
+    TokenCount,
+    UserId,
+    WalletType,
+    When,
+)
 
 T = TypeVar("T")
-MAX_BIGINT = 2**63 - 1
-MAX_TOKENS = 10**10
-
-
-def clean_text(value: str) -> str:
-    """Refuse control characters and lone surrogates (not storable in PostgreSQL)."""
-    if any(ord(c) < 32 or ord(c) == 127 for c in value):
-        raise ValueError("must not contain control characters")
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError:
-        raise ValueError("must be valid Unicode text") from None
-    return value
-
-
-def check_json(value: Any, depth: int = 0) -> None:
-    """Refuse JSON that PostgreSQL's jsonb cannot store: \\u0000, lone surrogates, depth."""
-    if depth > 32:
-        raise ValueError("is nested too deeply (at most 32 levels)")
-    if isinstance(value, str):
-        if "\x00" in value:
-            raise ValueError("must not contain NUL characters")
-        try:
-            value.encode("utf-8")
-        except UnicodeEncodeError:
-            raise ValueError("must be valid Unicode text") from None
-    elif isinstance(value, dict):
-        for k, v in value.items():
-            check_json(k, depth + 1)
-            check_json(v, depth + 1)
-    elif isinstance(value, list):
-        for v in value:
-            check_json(v, depth + 1)
-    elif isinstance(value, float) and (value != value or value in (float("inf"), float("-inf"))):
-        raise ValueError("must not contain NaN or infinity")
-
-
-def _metadata(value: dict[str, Any] | None) -> dict[str, Any] | None:
-    if value is None:
-        return value
-    check_json(value)
-    import json
-
-    if len(json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode()) \
-            > MAX_METADATA_BYTES:
-        raise ValueError(f"must be at most {MAX_METADATA_BYTES} bytes of JSON")
-    return value
-
-
-def aware(value: datetime | None) -> datetime | None:
-    """Naive datetimes are UTC; years outside 1970-9998 are refused."""
-    if value is None:
-        return None
-    if value.tzinfo is None:
-        value = value.replace(tzinfo=UTC)
-    if not 1970 <= value.year <= 9998:
-        raise ValueError("year must be between 1970 and 9998")
-    return value.astimezone(UTC)
-
-
-Text = Annotated[str, AfterValidator(clean_text)]
-UserId = Annotated[str, Field(min_length=1, max_length=128), AfterValidator(clean_text)]
-Code = Annotated[str, Field(min_length=1, max_length=128), AfterValidator(clean_text)]
-Key = Annotated[str, Field(min_length=1, max_length=255), AfterValidator(clean_text)]
-Amount = Annotated[StrictInt, Field(gt=0, le=MAX_AMOUNT)]
-TokenCount = Annotated[StrictInt, Field(ge=0, le=MAX_TOKENS)]
-WalletType = Annotated[str, Field(pattern=r"^[A-Z][A-Z0-9_]{0,31}$")]
-Metadata = Annotated[dict[str, Any] | None, AfterValidator(_metadata)]
-When = Annotated[datetime, AfterValidator(aware)]
 EntryType = Literal[ENTRY_TYPES]  # type: ignore[valid-type]
 
 
@@ -166,7 +113,7 @@ class CreateWalletIn(_Strict):
     initialTokens: Amount  # noqa: N815
     expiresAt: When | None = None  # noqa: N815
     key: Key | None = None
-    reason: Annotated[str, Field(max_length=255), AfterValidator(clean_text)] | None = None
+    reason: Reason | None = None
 
 
 class CreatedWalletOut(_Camel):
@@ -207,12 +154,7 @@ class CanAffordOut(_Camel):
 # -- token process ------------------------------------------------------------------------
 
 
-class StartIn(_Strict):
-    user_id: UserId
-    feature_endpoint_id: Code
-    max_output_tokens: TokenCount | None = None
-    hold: Annotated[StrictInt, Field(ge=0, le=MAX_AMOUNT)] | None = None
-    model: Code | None = None
+StartIn = StartRequest
 
 
 class StartOut(BaseModel):
@@ -231,7 +173,7 @@ class EndIn(_Strict):
     output_token: TokenCount = Field(
         validation_alias=AliasChoices("output_token", "output_tokens"))
     model: Code | None = None
-    hold_id: Annotated[StrictInt, Field(gt=0, le=MAX_BIGINT)] | None = None
+    hold_id: Id | None = None
     key: Key | None = None
     metadata: Metadata = None
 
@@ -266,10 +208,8 @@ class EventOutcomeOut(BaseModel):
 
 class OpenAccountIn(_Strict):
     user_id: UserId
-    plan: Annotated[str, Field(min_length=1, max_length=64), AfterValidator(clean_text)] | None \
-        = None
-    timezone: Annotated[str, Field(min_length=1, max_length=64),
-                        AfterValidator(clean_text)] | None = None
+    plan: PlanCode | None = None
+    timezone: Timezone | None = None
 
 
 class AccountOut(_Camel):
@@ -361,8 +301,7 @@ class MonthlyReportOut(_Camel):
 
 
 class RunIn(_Strict):
-    tier: Annotated[str, Field(min_length=1, max_length=64), AfterValidator(clean_text)] | None \
-        = None
+    tier: PlanCode | None = None
     limit: Annotated[StrictInt, Field(gt=0, le=10_000_000)] | None = None
     dry_run: StrictBool = False
     continue_on_error: StrictBool = True

@@ -7,7 +7,7 @@ from datetime import datetime
 from sqlalchemy import CheckConstraint, String, func
 from sqlalchemy.orm import Mapped, mapped_column
 
-from tokenledger.models import Base, BigId, Timestamp
+from tokenledger.db.base import Base, BigId, Timestamp
 
 SCOPES = ("producer", "reader", "admin")
 

@@ -8,7 +8,7 @@ from typing import Any
 from sqlalchemy import func, select, text
 from sqlalchemy.orm import Session
 
-from tokenledger.models import Account, EventOutcome, LedgerEntry, Wallet
+from tokenledger.ledger.models import Account, EventOutcome, LedgerEntry, Wallet
 
 SYSTEM_ENTRY_TYPES = ("RENEWAL", "DAILY_RESET", "EXPIRY")
 

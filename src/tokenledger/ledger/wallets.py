@@ -5,8 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
-from tokenledger.catalog import Catalog
-from tokenledger.models import STANDARD
+from tokenledger.catalog.service import Catalog
+from tokenledger.ledger.models import STANDARD
 from tokenledger.timeutil import next_local_midnight
 
 _NEVER = datetime(9999, 12, 31, tzinfo=UTC)
@@ -90,3 +90,19 @@ def draw_order(account: AccountState, catalog: Catalog, now: datetime,
         key=lambda w: (0 if preferred and w.wallet_type == preferred else 1,
                        effective_expiry(w, account, catalog, now), w.created_at, w.id),
     )
+
+
+def allocate(order: list[WalletState], cost: int) -> tuple[list[tuple[WalletState, int]], int]:
+    """The draw rule: take ``cost`` from the wallets in ``order``, each giving at most its
+    positive balance. Returns (wallet, taken) in order, and what is still owed (more than
+    the wallets hold: the caller refuses it, or takes it from STANDARD as an overdraft)."""
+    taken: list[tuple[WalletState, int]] = []
+    remaining = cost
+    for wallet in order:
+        if remaining == 0:
+            break
+        take = min(remaining, max(wallet.balance, 0))
+        if take:
+            taken.append((wallet, take))
+            remaining -= take
+    return taken, remaining

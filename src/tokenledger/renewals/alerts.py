@@ -1,7 +1,8 @@
 """What happens when a run ends: metrics, and a critical alert when too many accounts failed.
 
-Runs on the process that sealed the run, after its transaction committed: an alert never
-holds a database lock, and a webhook that is down is logged, never breaks the run.
+The sealing unit of work judges the run (:func:`run_finished`: the alert flag is written
+with the seal); counting, logging and the webhook happen after it committed, so an alert
+never holds a database lock, and a webhook that is down is logged, never breaks the run.
 """
 
 from __future__ import annotations
@@ -14,9 +15,8 @@ from prometheus_client import Counter
 from sqlalchemy import update
 
 from tokenledger.config import Settings
-from tokenledger.db import unit_of_work
+from tokenledger.db.uow import UnitOfWork, unit_of_work
 from tokenledger.renewals.models import RenewalRun
-from tokenledger.renewals.service import run_report
 from tokenledger.timeutil import utcnow
 
 log = logging.getLogger("tokenledger.renewals")
@@ -75,36 +75,42 @@ def post_alert(url: str, payload: dict[str, Any]) -> bool:
         return False
 
 
-def on_run_finished(settings: Settings, run_id: int) -> dict[str, Any]:
-    """Count the finished run and raise the failure-rate alert when it applies.
+def run_finished(uow: UnitOfWork, report: dict[str, Any]) -> None:
+    """Judge a run sealed in ``uow`` (``report`` as the seal wrote it): flag the
+    failure-rate alert in the same transaction, and count, log and send it once committed.
 
-    Call after the sealing transaction committed. Dry runs only warn: they change nothing,
-    so nobody should be paged for them.
+    Dry runs only warn: they change nothing, so nobody should be paged for them.
     """
-    with unit_of_work(settings.database_url) as session:
-        report = run_report(session, run_id, changes_limit=0)
-    kind = report["kind"]
+    ratio = uow.settings.alert_failure_ratio
+    alert = failure_rate_exceeded(report["failed"], report["successful"], ratio)
+    if alert and not report["dry_run"]:
+        uow.session.execute(update(RenewalRun).where(RenewalRun.id == report["id"])
+                            .values(alert=True))
+        report["alert"] = True
+    settings = uow.settings
+    uow.after_commit(lambda: _announce(settings, report, alert))
+
+
+def _announce(settings: Settings, report: dict[str, Any], alert: bool) -> None:
+    kind, run_id = report["kind"], report["id"]
     RUNS.labels(kind=kind, result=report["status"]).inc()
     for outcome in ("successful", "failed", "skipped"):
         if report[outcome]:
             ACCOUNTS.labels(kind=kind, outcome=outcome).inc(report[outcome])
-    ratio = settings.alert_failure_ratio
     log.info("%s run %s %s: %s processed, %s successful, %s failed, %s skipped, %s tokens",
              kind, run_id, report["status"], report["total_processed"], report["successful"],
              report["failed"], report["skipped"], report["tokens_granted"])
-    if not failure_rate_exceeded(report["failed"], report["successful"], ratio):
-        return report
-    payload = alert_payload(report, ratio)
+    if not alert:
+        return
+    payload = alert_payload(report, settings.alert_failure_ratio)
     if report["dry_run"]:
         log.warning("dry run would alert: %s", payload["message"])
-        return report
+        return
     log.critical("high failure rate in %s renewal: %s", kind, payload["message"],
                  extra={"alert": payload})
     ALERTS.labels(kind=kind).inc()
-    sent = post_alert(settings.alert_webhook_url, payload) if settings.alert_webhook_url \
-        else False
-    with unit_of_work(settings.database_url) as session:
-        session.execute(update(RenewalRun).where(RenewalRun.id == run_id).values(
-            alert=True, alert_sent_at=utcnow() if sent else None))
-    report["alert"] = True
-    return report
+    if settings.alert_webhook_url and post_alert(settings.alert_webhook_url, payload):
+        # The delivery's own record, once the webhook answered.
+        with unit_of_work(settings) as uow:
+            uow.session.execute(update(RenewalRun).where(RenewalRun.id == run_id)
+                                .values(alert_sent_at=utcnow()))

@@ -16,7 +16,6 @@ from sqlalchemy import (
     BigInteger,
     Boolean,
     CheckConstraint,
-    DateTime,
     ForeignKey,
     Index,
     Integer,
@@ -27,12 +26,11 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import Mapped, mapped_column
 
-from tokenledger.models import Base, BigId, Json, _in
+from tokenledger.db.base import Base, BigId, Json, Timestamp, one_of
 
 RUN_KINDS = ("daily", "monthly")
 RUN_STATUSES = ("running", "completed", "stopped", "failed")
 CHUNK_STATUSES = ("pending", "done", "skipped", "failed")
-Timestamp = DateTime(timezone=True)
 
 
 class RenewalRun(Base):
@@ -65,8 +63,8 @@ class RenewalRun(Base):
     created_at: Mapped[datetime] = mapped_column(Timestamp, server_default=func.now())
     finished_at: Mapped[datetime | None] = mapped_column(Timestamp)
     __table_args__ = (
-        CheckConstraint(_in("kind", RUN_KINDS), name="renewal_run_kind"),
-        CheckConstraint(_in("status", RUN_STATUSES), name="renewal_run_status"),
+        CheckConstraint(one_of("kind", RUN_KINDS), name="renewal_run_kind"),
+        CheckConstraint(one_of("status", RUN_STATUSES), name="renewal_run_status"),
         CheckConstraint("chunks_done <= total_chunks", name="renewal_run_chunks"),
         Index("ix_renewal_runs_kind_created", "kind", "created_at"),
     )
@@ -92,7 +90,7 @@ class RenewalChunk(Base):
     changes: Mapped[list[dict[str, Any]] | None] = mapped_column(Json)
     finished_at: Mapped[datetime | None] = mapped_column(Timestamp)
     __table_args__ = (
-        CheckConstraint(_in("status", CHUNK_STATUSES), name="renewal_chunk_status"),
+        CheckConstraint(one_of("status", CHUNK_STATUSES), name="renewal_chunk_status"),
         CheckConstraint("after_id < upto_id", name="renewal_chunk_range"),
         UniqueConstraint("run_id", "seq", name="uq_renewal_chunk_seq"),
     )

@@ -1,5 +1,2 @@
-"""The two-phase token process: a hold at start, the real cost at end, holds that expire.
-
-``models`` holds the schema, ``service`` the rules; import them directly (this package
-stays empty so the ledger can import the models without a cycle).
-"""
+"""The two-phase token process: the rules (``service``), the API's pipelined start pool
+(``pool``), holds (``models``) and hold expiry (``tasks``)."""

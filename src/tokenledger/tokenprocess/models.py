@@ -9,7 +9,7 @@ from typing import Any
 from sqlalchemy import BigInteger, CheckConstraint, ForeignKey, Index, String, func, text
 from sqlalchemy.orm import Mapped, mapped_column
 
-from tokenledger.models import Base, BigId, Json, Timestamp, _in
+from tokenledger.db.base import Base, BigId, Json, Timestamp, one_of
 from tokenledger.timeutil import as_utc
 
 OPEN = "open"
@@ -41,14 +41,14 @@ class Hold(Base):
     resolved_by: Mapped[str | None] = mapped_column(String(255))
     __table_args__ = (
         CheckConstraint("amount >= 0", name="hold_amount"),
-        CheckConstraint(_in("status", HOLD_STATUSES), name="hold_status"),
+        CheckConstraint(one_of("status", HOLD_STATUSES), name="hold_status"),
         # Open exactly when unresolved: a resolved hold always says when.
         CheckConstraint("(status = 'open' AND resolved_at IS NULL)"
                         " OR (status <> 'open' AND resolved_at IS NOT NULL)",
                         name="hold_resolution"),
         Index("ix_holds_account", "account_id", "status"),
         Index("ix_holds_open_expiry", "expires_at",
-              postgresql_where=text("status = 'open'"), sqlite_where=text("status = 'open'")),
+              postgresql_where=text("status = 'open'")),
     )
 
 

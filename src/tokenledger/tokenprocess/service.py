@@ -6,44 +6,43 @@ cannot both spend the same credits: each locks the account row first. Resolving 
 gives each wallet its held part back (``HOLD_RELEASE``; a wallet that has expired since
 gives it to STANDARD, as refunds do) and the end then charges the real cost.
 
-Every function here takes the caller's Session and never commits.
+The start is the ledger's one synchronous write, so its latency is the caller's. It is
+three reads, the decision in Python, and one write (``sql/``), all taking arrays, so one
+set of statements serves one start (:func:`start`, the SDK's path, in a unit of work) or
+a group of starts on distinct accounts (the API's pipelined pool, ``pool.StartPool``):
+
+1. lock the accounts ``FOR UPDATE`` in id order (as every writer does), drawing each
+   hold's id in the same statement; read their wallets and the stored outcomes of the
+   starts' keys (``reads``);
+2. :func:`decide` each start under its account's lock (:func:`plan_hold`, then the draw
+   rule of ``ledger.wallets.allocate``);
+3. :func:`write` the holds, their entries, the balances, the outcome rows and the
+   low-balance state in one statement; :func:`finish` reads its answer.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
-import time
 import uuid
 from collections import defaultdict
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from tokenledger import notify
-from tokenledger.catalog import Catalog, current_catalog
-from tokenledger.config import Settings
-from tokenledger.db import is_transient, unit_of_work
-from tokenledger.errors import AccountNotFound, IdempotencyConflict
-from tokenledger.ledger.service import (
-    ApplyContext,
-    BalanceChange,
-    EventResult,
-    _Batch,
-    _Reject,
-    draw,
-    holds_t,
-    outcomes_t,
-)
-from tokenledger.ledger.wallets import AccountState, WalletState, draw_order
-from tokenledger.messages import TokenProcessEnd
-from tokenledger.models import STANDARD
-from tokenledger.pricing import estimate_hold, price_usage, resolve_model
-from tokenledger.timeutil import as_utc, utcnow
-from tokenledger.tokenprocess import pgstart
+from tokenledger.catalog.pricing import estimate_hold, price_usage, resolve_model
+from tokenledger.catalog.service import Catalog
+from tokenledger.db.sql import load, pyformat
+from tokenledger.db.uow import UnitOfWork
+from tokenledger.errors import AccountNotFound, Conflict
+from tokenledger.ledger.batch import Batch, EventResult, Rejected, holds_t
+from tokenledger.ledger.models import STANDARD
+from tokenledger.ledger.wallets import AccountState, WalletState, allocate, draw_order
+from tokenledger.messages import StartRequest, TokenProcessEnd
+from tokenledger.notify import service as notify
+from tokenledger.timeutil import as_utc
 from tokenledger.tokenprocess.models import OPEN, HoldState
 
 ACCESSIBLE = "accessible"
@@ -78,6 +77,15 @@ class StartResult:
     def accessible(self) -> bool:
         return self.status == ACCESSIBLE
 
+    @classmethod
+    def from_stored(cls, data: dict[str, Any], available: int) -> StartResult:
+        """A stored start's answer, with the balance available now."""
+        expires = data.get("expires_at")
+        return cls(data["status"], available, data.get("message"), data.get("hold_id"),
+                   data.get("user_id"), data.get("feature_endpoint_id"),
+                   data.get("held", 0), data.get("required"),
+                   datetime.fromisoformat(expires) if expires else None)
+
     def as_dict(self) -> dict[str, Any]:
         """JSON-ready, without empty fields."""
         # Every field is a scalar: no need for asdict's deep copy on the hot path.
@@ -88,17 +96,6 @@ class StartResult:
 
 
 _START_FIELDS = tuple(f.name for f in fields(StartResult))
-
-
-# -- start --------------------------------------------------------------------------------
-
-
-def _start_digest(user_id: str, feature: str, max_output_tokens: int | None,
-                  hold: int | None, model: str | None) -> str:
-    blob = json.dumps({"type": START_EVENT, "user_id": user_id, "feature": feature,
-                       "max_output_tokens": max_output_tokens, "hold": hold, "model": model},
-                      sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(blob.encode()).hexdigest()
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,10 +113,7 @@ def plan_hold(catalog: Catalog, plan_code: str, available: int, *, now: datetime
               user_id: str, feature_endpoint_id: str, max_output_tokens: int | None,
               hold: int | None, model: str | None, key: str | None,
               hold_ttl_seconds: int) -> StartResult | HoldPlan:
-    """A start's decision: a refusal in the seed's words, or the hold to place.
-
-    Shared by the portable and the PostgreSQL start, which differ only in how they write.
-    """
+    """A start's decision: a refusal in the seed's words, or the hold to place."""
     feature = catalog.features.get(feature_endpoint_id)
     if feature is None or not catalog.plan_includes(plan_code, feature_endpoint_id):
         return StartResult(NOT_ACCESSIBLE, available, NOT_IN_PACKAGE, user_id=user_id,
@@ -139,143 +133,191 @@ def plan_hold(catalog: Catalog, plan_code: str, available: int, *, now: datetime
     return HoldPlan(amount, key or f"hold:{uuid.uuid4().hex}", expires_at, chosen, meta)
 
 
-def start(session: Session, user_id: str, feature_endpoint_id: str, *, now: datetime,
-          hold_ttl_seconds: int, max_output_tokens: int | None = None,
-          hold: int | None = None, model: str | None = None, key: str | None = None,
-          catalog: Catalog | None = None, default_timezone: str = "UTC"
-          ) -> tuple[StartResult, list[BalanceChange]]:
-    """Check access and balance and place the hold, atomically under the account lock.
+
+Statement = tuple[str, dict[str, Any]]
+Started = tuple[StartResult, list[notify.BalanceNotice]]
+_PKG = "tokenledger.tokenprocess"
+_ENCODER = json.JSONEncoder(separators=(",", ":"))
+
+
+def reads(user_ids: list[str], keys: list[str]) -> list[Statement]:
+    """The statements whose rows :meth:`Locked.of` takes, in this order, in one
+    transaction (the stored outcomes only with ``keys``)."""
+    out = [(load(_PKG, "lock_accounts"), {"user_ids": user_ids}),
+           (load(_PKG, "lock_wallets"), {"user_ids": user_ids})]
+    if keys:
+        out.append((load(_PKG, "stored_starts"), {"keys": keys}))
+    return out
+
+
+@dataclass(slots=True)
+class Locked:
+    """What the reads answered, by user, account and key."""
+
+    accounts: dict[str, tuple[Any, ...]]
+    wallets: dict[int, list[tuple[Any, ...]]]
+    stored: dict[str, tuple[Any, ...]]
+
+    @classmethod
+    def of(cls, rows: list[list[tuple[Any, ...]]]) -> Locked:
+        wallets: dict[int, list[tuple[Any, ...]]] = {}
+        for w in rows[1]:
+            wallets.setdefault(w[0], []).append(w[1:])
+        return cls({a[0]: a[1:] for a in rows[0]}, wallets,
+                   {o[0]: o[1:] for o in rows[2]} if len(rows) > 2 else {})
+
+
+@dataclass(slots=True)
+class Decision:
+    """What a start does once its reads are in: answer now, or hold and then answer.
+
+    With ``hold`` set, it is one of the starts :func:`write` writes and :func:`finish`
+    answers; otherwise ``result`` is the answer and nothing needs to be written.
+    """
+
+    result: StartResult
+    hold: dict[str, Any] | None = None
+    user_id: str = ""
+    account_id: int = 0
+    balance: int = 0
+    draws: list[tuple[int, int, int]] = field(default_factory=list)
+
+
+def decide(locked: Locked, request: StartRequest, key: str, *, now: datetime,
+           hold_ttl_seconds: int, catalog: Catalog) -> Decision:
+    """One start's decision from the reads (run under its account's lock).
+
+    Raises AccountNotFound for an unknown user and Conflict for a key stored with other
+    arguments; a key stored with the same ones answers its first result.
+    """
+    user_id = request.user_id
+    locked_account = locked.accounts.get(user_id)
+    if locked_account is None:
+        raise AccountNotFound(user_id)
+    account_id, plan_code, timezone, last_renewal_at, hold_id = locked_account
+    account = AccountState(account_id, user_id, plan_code, timezone, as_utc(last_renewal_at))
+    account.wallets = [WalletState(w[0], account_id, w[1], w[2], as_utc(w[3]), w[4],
+                                   as_utc(w[5]), w[2])
+                       for w in locked.wallets.get(account_id, ())]
+    available = account.available(now)
+    digest = request.digest()
+    stored = locked.stored.get(key)
+    if stored is not None:
+        stored_hash, stored_result = stored
+        if stored_hash != digest or not stored_result:
+            raise Conflict(key, stored_result)
+        return Decision(StartResult.from_stored(stored_result, available))
+
+    decided = plan_hold(catalog, plan_code, available, now=now, user_id=user_id,
+                        feature_endpoint_id=request.feature_endpoint_id,
+                        max_output_tokens=request.max_output_tokens, hold=request.hold,
+                        model=request.model, key=key, hold_ttl_seconds=hold_ttl_seconds)
+    if isinstance(decided, StartResult):
+        return Decision(decided)
+    amount, meta = decided.amount, decided.metadata
+    meta["hold_id"] = hold_id
+    order = draw_order(account, catalog, now, None) if amount else []
+    taken, owed = allocate(order, amount)
+    assert owed == 0, (amount, available)  # plan_hold refused more than is available
+    draws: list[tuple[int, int, int]] = []  # (wallet id, taken, balance before)
+    allocations: list[dict[str, Any]] = []
+    for wallet, take in taken:
+        draws.append((wallet.id, take, wallet.balance))
+        wallet.balance -= take
+        allocations.append({"wallet_id": wallet.id, "wallet_type": wallet.wallet_type,
+                            "amount": take})
+    result = StartResult(ACCESSIBLE, account.available(now), None, hold_id, user_id,
+                         request.feature_endpoint_id, amount, None, decided.expires_at)
+    plan = catalog.plans.get(plan_code)
+    balance = account.balance(now)
+    # The outcome row makes the hold key a first-class event key: verify sees its entries
+    # as applied, and a retried start with the same key finds its answer there.
+    row = {"id": hold_id, "key": decided.key, "account_id": account_id, "user_id": user_id,
+           "feature": request.feature_endpoint_id, "model": decided.model, "amount": amount,
+           "allocations": allocations, "expires_at": decided.expires_at.isoformat(),
+           "meta": meta, "digest": digest, "result": result.as_dict(), "balance": balance,
+           "threshold": plan.low_balance_threshold if plan else None}
+    return Decision(result, row, user_id, account_id, balance, draws)
+
+
+def write(decisions: list[Decision], now: datetime) -> Statement | None:
+    """The one statement writing the holds of ``decisions`` (on distinct accounts; those
+    without a hold are skipped), or None when none holds."""
+    holding = [d for d in decisions if d.hold is not None]
+    if not holding:
+        return None
+    if len({d.account_id for d in holding}) < len(holding):
+        # Each decision drew from its account's balance as read: two on one account would
+        # both have drawn from the same balance (the statement also pairs entries with
+        # holds by account).
+        raise ValueError("one write holds at most once per account")
+    drawn = [(d.account_id, *draw) for d in holding for draw in d.draws]
+    accounts, wallets, taken, before = zip(*drawn, strict=True) if drawn else ((),) * 4
+    params: dict[str, Any] = {
+        "holds": _ENCODER.encode([d.hold for d in holding]), "now": now,
+        "event": START_EVENT, "draw_accounts": _int_array(accounts),
+        "draw_wallets": _int_array(wallets), "draw_taken": _int_array(taken),
+        "draw_before": _int_array(before)}
+    return load(_PKG, "write_holds"), params
+
+
+def _int_array(values: tuple[int, ...]) -> str:
+    """A PostgreSQL array literal of integers (nothing to quote)."""
+    return "{" + ",".join(map(str, values)) + "}"
+
+
+def finish(decisions: list[Decision], rows: list[tuple[Any, ...]]) -> list[Started]:
+    """(result, notices to publish once committed) of each decision, given the rows
+    :func:`write`'s statement answered (none when it was not needed)."""
+    seqs = {row[0]: row[1] for row in rows if row[0] is not None}
+    crossed = {row[2] for row in rows if row[2] is not None}
+    out: list[Started] = []
+    for d in decisions:
+        seq = seqs.get(d.account_id) if d.hold is not None else None
+        if seq is None:  # nothing written, or nothing drawn (a free feature)
+            out.append((d.result, []))
+            continue
+        notices = [notify.BalanceNotice(notify.BALANCE_CHANGED, d.user_id, d.balance, seq)]
+        if d.user_id in crossed:
+            assert d.hold is not None
+            notices.append(notify.BalanceNotice(notify.BALANCE_LOW, d.user_id, d.balance, seq,
+                                                d.hold["threshold"]))
+        out.append((d.result, notices))
+    return out
+
+
+def start(uow: UnitOfWork, request: StartRequest, key: str | None = None) -> StartResult:
+    """Check access and balance and place the hold, atomically under the account lock, in
+    the caller's unit of work; the notices are published once it commits.
 
     Concurrent starts on one account serialize on its row, so their holds never add up to
-    more than the balance. With a ``key`` the start is idempotent: the same key and
-    arguments return the first answer, other arguments raise IdempotencyConflict.
-    Raises AccountNotFound for an unknown user. Also returns the balance change to
-    announce after commit (none when nothing was held).
+    more than the balance. The same ``key`` and arguments return the first answer, other
+    arguments raise Conflict. Raises AccountNotFound for an unknown user.
     """
-    if max_output_tokens is not None and max_output_tokens < 0:
-        raise ValueError("max_output_tokens must be >= 0")
-    if hold is not None and hold < 0:
-        raise ValueError("hold must be >= 0")
-    catalog = catalog or current_catalog(session)
-    digest = _start_digest(user_id, feature_endpoint_id, max_output_tokens, hold, model)
-    if session.get_bind().dialect.name == "postgresql":
-        result, changes, _ = pgstart.start(
-            session, user_id, feature_endpoint_id, now=now, hold_ttl_seconds=hold_ttl_seconds,
-            max_output_tokens=max_output_tokens, hold=hold, model=model, key=key,
-            catalog=catalog, digest=digest)
-        return result, changes
-    batch = _Batch(session, ApplyContext(catalog, now, default_timezone))
-    batch.lock_accounts(user_ids=[user_id])
-    account = batch.accounts.get(user_id)
-    if account is None:
-        raise AccountNotFound(user_id)
-    if key is not None:
-        stored = session.execute(select(outcomes_t.c.payload_hash, outcomes_t.c.result)
-                                 .where(outcomes_t.c.key == key)).first()
-        if stored is not None:
-            if stored.payload_hash != digest or not stored.result:
-                raise IdempotencyConflict(key)
-            return _stored_start(stored.result, account.available(now)), []
-
-    decided = plan_hold(catalog, account.plan_code, account.available(now), now=now,
-                        user_id=user_id, feature_endpoint_id=feature_endpoint_id,
-                        max_output_tokens=max_output_tokens, hold=hold, model=model, key=key,
-                        hold_ttl_seconds=hold_ttl_seconds)
-    if isinstance(decided, StartResult):
-        return decided, []
-    amount, hold_key, expires_at = decided.amount, decided.key, decided.expires_at
-    chosen, meta = decided.model, decided.metadata
-    allocations = draw(batch, account, amount, key=hold_key, type_="HOLD",
-                       feature=feature_endpoint_id, allow_overdraft=False, preferred=None,
-                       metadata=meta) if amount else []
-    hold_id = session.execute(
-        holds_t.insert().values(
-            key=hold_key, account_id=account.id, user_id=user_id, feature=feature_endpoint_id,
-            model=chosen, amount=amount, allocations=allocations, status=OPEN,
-            expires_at=expires_at, created_at=now)
-        .returning(holds_t.c.id)
-    ).scalar_one()
-    meta["hold_id"] = hold_id
-    token = account.available(now)
-    result = StartResult(ACCESSIBLE, token, None, hold_id, user_id, feature_endpoint_id,
-                         amount, None, expires_at)
-    # The outcome row makes the hold key a first-class event key: verify sees its entries
-    # as applied, and a retried start with the same key finds its answer here.
-    batch.outcomes.append({
-        "key": hold_key, "payload_hash": digest, "user_id": user_id,
-        "event_type": START_EVENT, "outcome": "applied", "reason": None,
-        "result": result.as_dict(), "created_at": now,
-    })
-    return result, batch.flush()
+    key = key or new_hold_key()
+    raw = uow.session.connection().connection.driver_connection
+    rows = [raw.execute(pyformat(sql), params).fetchall()
+            for sql, params in reads([request.user_id], [key])]
+    decision = decide(Locked.of(rows), request, key, now=uow.now,
+                      hold_ttl_seconds=uow.settings.hold_ttl_seconds, catalog=uow.catalog)
+    statement = write([decision], uow.now)
+    written = raw.execute(pyformat(statement[0]), statement[1]).fetchall() \
+        if statement is not None else []
+    result, notices = finish([decision], written)[0]
+    notify.publish_after_commit(uow, notices, soon=False)
+    return result
 
 
-def run_start(settings: Settings, user_id: str, feature_endpoint_id: str, *,
-              max_output_tokens: int | None = None, hold: int | None = None,
-              model: str | None = None, key: str | None = None,
-              publish_in_background: bool = True) -> StartResult:
-    """One start in its own unit of work; its notices are published once it committed
-    (from a background thread, or before returning with ``publish_in_background=False``).
-
-    A deadlock, a serialization failure or a lost connection is tried again (up to 3
-    attempts). Every attempt carries the same hold key (the caller's, or one made up
-    here), so when a connection was lost during the commit and the commit had happened,
-    the next attempt finds that outcome and answers it instead of holding again.
-    """
-    key = key or f"hold:{uuid.uuid4().hex}"
-    attempt = 0
-    while True:
-        try:
-            now = utcnow()
-            with unit_of_work(settings.database_url) as session:
-                catalog = current_catalog(session)
-                if session.get_bind().dialect.name == "postgresql":
-                    result, _, notices = pgstart.start(
-                        session, user_id, feature_endpoint_id, now=now,
-                        hold_ttl_seconds=settings.hold_ttl_seconds,
-                        max_output_tokens=_checked("max_output_tokens", max_output_tokens),
-                        hold=_checked("hold", hold), model=model, key=key, catalog=catalog,
-                        digest=_start_digest(user_id, feature_endpoint_id, max_output_tokens,
-                                             hold, model),
-                        with_notices=True)
-                else:
-                    result, changes = start(
-                        session, user_id, feature_endpoint_id, now=now,
-                        hold_ttl_seconds=settings.hold_ttl_seconds,
-                        max_output_tokens=max_output_tokens, hold=hold, model=model, key=key,
-                        catalog=catalog, default_timezone=settings.timezone)
-                    notices = []
-                    if changes:
-                        notify.stage(session, settings, changes, catalog, now)
-            if publish_in_background:
-                notify.publish_soon(settings, notices)
-            else:
-                notify.publish(settings, notices)
-            return result
-        except Exception as exc:
-            attempt += 1
-            if attempt >= 3 or not is_transient(exc):
-                raise
-            time.sleep(0.01 * attempt)
-
-
-def _checked(name: str, value: int | None) -> int | None:
-    if value is not None and value < 0:
-        raise ValueError(f"{name} must be >= 0")
-    return value
-
-
-def _stored_start(data: dict[str, Any], available: int) -> StartResult:
-    expires = data.get("expires_at")
-    return StartResult(data["status"], available, data.get("message"), data.get("hold_id"),
-                       data.get("user_id"), data.get("feature_endpoint_id"),
-                       data.get("held", 0), data.get("required"),
-                       datetime.fromisoformat(expires) if expires else None)
+def new_hold_key() -> str:
+    """A start's hold key when the caller gave none: made once, before any try, so a try
+    whose commit is in doubt is found by the next one instead of holding twice."""
+    return f"hold:{uuid.uuid4().hex}"
 
 
 # -- releasing a hold ---------------------------------------------------------------------
 
 
-def release(batch: _Batch, account: AccountState, hold: HoldState, status: str,
+def release(batch: Batch, account: AccountState, hold: HoldState, status: str,
             resolved_by: str | None) -> list[dict[str, Any]]:
     """Give each wallet its held part back and mark the hold resolved (in this batch).
 
@@ -284,7 +326,7 @@ def release(batch: _Batch, account: AccountState, hold: HoldState, status: str,
     wallet, type) refuses a second release of the same hold.
     """
     assert hold.status == OPEN, hold
-    now = batch.ctx.now
+    now = batch.now
     by_id = {w.id: w for w in account.wallets}
     targets: dict[int, int] = defaultdict(int)
     standard: WalletState | None = None
@@ -312,13 +354,13 @@ def release(batch: _Batch, account: AccountState, hold: HoldState, status: str,
     return returned
 
 
-def _hold_first(batch: _Batch, account: AccountState, hold: HoldState | None
+def _hold_first(batch: Batch, account: AccountState, hold: HoldState | None
                 ) -> list[WalletState] | None:
     """Draw order for settling: the hold's own wallets first, then the usual order."""
     if hold is None:
         return None
-    now = batch.ctx.now
-    usual = draw_order(account, batch.ctx.catalog, now, None)
+    now = batch.now
+    usual = draw_order(account, batch.uow.catalog, now, None)
     held = {p["wallet_id"] for p in hold.allocations}
     return [w for w in usual if w.id in held] + [w for w in usual if w.id not in held]
 
@@ -326,7 +368,7 @@ def _hold_first(batch: _Batch, account: AccountState, hold: HoldState | None
 # -- end ----------------------------------------------------------------------------------
 
 
-def end(batch: _Batch, account: AccountState, event: TokenProcessEnd) -> EventResult:
+def end(batch: Batch, account: AccountState, event: TokenProcessEnd) -> EventResult:
     """Apply a token_process_end: price the usage, settle the hold, store the outcome.
 
     With an open hold: release it, then charge the real cost, the hold's wallets first.
@@ -337,30 +379,29 @@ def end(batch: _Batch, account: AccountState, event: TokenProcessEnd) -> EventRe
     hold, an unknown one or one already settled is rejected; a hold that expired first is
     ignored (its credits went back) and the usage is charged as if there were none.
     """
-    ctx = batch.ctx
-    now = ctx.now
-    catalog = ctx.catalog
+    now = batch.now
+    catalog = batch.uow.catalog
     code = event.feature_endpoint_id
     hold: HoldState | None = None
     hold_note: str | None = None
     if event.hold_id is not None:
         hold = batch.holds.get(event.hold_id)
         if hold is None or hold.account_id != account.id:
-            raise _Reject(f"hold {event.hold_id} not found for this account")
+            raise Rejected(f"hold {event.hold_id} not found for this account")
         if hold.feature != code:
-            raise _Reject(f"hold {hold.id} was placed for feature {hold.feature!r}, "
+            raise Rejected(f"hold {hold.id} was placed for feature {hold.feature!r}, "
                           f"not {code!r}")
         if hold.status in ("settled", "released"):
             by = f" by {hold.resolved_by!r}" if hold.resolved_by else ""
-            raise _Reject(f"hold {hold.id} was already {hold.status}{by}")
+            raise Rejected(f"hold {hold.id} was already {hold.status}{by}")
         if hold.status == "expired":
             hold_note, hold = "expired", None
     feature = catalog.features.get(code)
     if feature is None:
-        raise _Reject(f"unknown feature {code!r}")
+        raise Rejected(f"unknown feature {code!r}")
     # A live hold proves the start's access check; without one, check it now.
     if hold is None and not catalog.plan_includes(account.plan_code, code):
-        raise _Reject(NOT_IN_PACKAGE)
+        raise Rejected(NOT_IN_PACKAGE)
 
     price = price_usage(catalog, feature, event.input_tokens, event.output_tokens,
                         event.model or (hold.model if hold else None))
@@ -380,7 +421,7 @@ def end(batch: _Batch, account: AccountState, event: TokenProcessEnd) -> EventRe
             meta["hold_id"] = event.hold_id
         if shortfall:
             meta["shortfall"] = shortfall
-        touched = draw(batch, account, take, key=event.key, type_="CHARGE", feature=code,
+        touched = batch.draw(account, take, key=event.key, type_="CHARGE", feature=code,
                        allow_overdraft=feature.allow_overdraft, preferred=None,
                        metadata=meta, order=_hold_first(batch, account, hold))
         # A refund of this end (by its key) in the same batch finds what it charged.
@@ -425,25 +466,27 @@ class ExpiryReport:
     holds: int = 0
     accounts: int = 0
     credits: int = 0
-    balance_changes: list[BalanceChange] | None = None
 
 
-def release_expired_holds(session: Session, now: datetime, *, limit: int = 1000,
-                          catalog: Catalog | None = None) -> ExpiryReport:
-    """Release open holds past ``expires_at`` for up to ``limit`` accounts, each once.
+def release_expired_holds(uow: UnitOfWork, *, limit: int = 1000,
+                          account_ids: list[int] | None = None) -> ExpiryReport:
+    """Release open holds past ``expires_at`` for up to ``limit`` accounts (or just the
+    given ones), each once; their notices are published once the unit of work commits.
 
     Safe to run twice or concurrently: accounts are locked in id order before their holds
     are re-read, so a hold that another pass (or an end) resolved meanwhile is skipped.
     Returns fewer than ``limit`` accounts when nothing more is due.
     """
-    account_ids = list(session.scalars(
-        select(holds_t.c.account_id).where(holds_t.c.status == OPEN,
-                                           holds_t.c.expires_at <= now)
-        .group_by(holds_t.c.account_id).order_by(holds_t.c.account_id).limit(limit)))
+    session, now = uow.session, uow.now
+    if account_ids is None:
+        account_ids = list(session.scalars(
+            select(holds_t.c.account_id).where(holds_t.c.status == OPEN,
+                                               holds_t.c.expires_at <= now)
+            .group_by(holds_t.c.account_id).order_by(holds_t.c.account_id).limit(limit)))
     report = ExpiryReport(accounts=len(account_ids))
     if not account_ids:
         return report
-    batch = _Batch(session, ApplyContext(catalog or current_catalog(session), now))
+    batch = Batch(uow)
     batch.lock_accounts(account_ids=account_ids)
     by_id = {a.id: a for a in batch.accounts.values()}
     for row in session.execute(
@@ -455,7 +498,7 @@ def release_expired_holds(session: Session, now: datetime, *, limit: int = 1000,
         returned = release(batch, by_id[hold.account_id], hold, "expired", None)
         report.holds += 1
         report.credits += sum(r["amount"] for r in returned)
-    report.balance_changes = batch.flush()
+    notify.stage(uow, batch.flush())
     return report
 
 

@@ -1,0 +1,5 @@
+"""``python -m tokenledger``: the command line."""
+
+from tokenledger.cli import main
+
+main()

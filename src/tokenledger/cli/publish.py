@@ -1,0 +1,106 @@
+"""``publish``: send an event to the workers and wait for its outcome."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Any
+
+import typer
+
+from tokenledger.cli import app, console, settings
+
+publish_app = typer.Typer(no_args_is_help=True, help="Publish an event to the workers.")
+app.add_typer(publish_app, name="publish")
+
+UserArg = Annotated[str, typer.Argument(help="The account's user id.")]
+KeyOpt = Annotated[str | None, typer.Option(help="Idempotency key (default: a new UUID).")]
+WaitOpt = Annotated[float, typer.Option(help="Seconds to wait for the outcome (0: don't).")]
+
+
+def publish_and_report(event: dict[str, Any], wait: float) -> None:
+    """Publish ``event`` and print what happened to it."""
+    from tokenledger.sdk.client import LedgerClient
+
+    with LedgerClient(settings()) as client:
+        key = client.publish(event)
+        console().print(f"published {event['type']} [bold]{key}[/bold]")
+        if wait > 0:
+            result = client.result(key, timeout=wait)
+            console().print(f"{result.status}" + (f": {result.reason}" if result.reason else "")
+                            + (f" {result.data}" if result.data else ""), highlight=False)
+
+
+def fields(**values: Any) -> dict[str, Any]:
+    """An event dict from options, leaving out the ones not given."""
+    return {k: v for k, v in values.items() if v is not None}
+
+
+@publish_app.command("charge")
+def publish_charge(
+    user_id: UserArg,
+    feature: Annotated[str | None, typer.Option(help="Charge this feature's catalog cost.")]
+    = None,
+    amount: Annotated[int | None, typer.Option(help="Charge exactly this many credits.")]
+    = None,
+    key: KeyOpt = None,
+    allow_overdraft: Annotated[bool, typer.Option(
+        "--allow-overdraft", help="Let the STANDARD wallet go negative.")] = False,
+    preferred_wallet_type: Annotated[str | None, typer.Option(
+        help="Draw from wallets of this type first.")] = None,
+    wait: WaitOpt = 10.0,
+) -> None:
+    """Charge by feature or amount."""
+    publish_and_report(fields(type="charge", user_id=user_id, feature=feature, amount=amount,
+                              key=key, allow_overdraft=allow_overdraft or None,
+                              preferred_wallet_type=preferred_wallet_type), wait)
+
+
+@publish_app.command("credit")
+def publish_credit(
+    user_id: UserArg,
+    amount: Annotated[int, typer.Argument(help="Credits to add.")],
+    wallet_type: Annotated[str, typer.Option(help="Wallet type to credit.")] = "PREMIUM",
+    expires_at: Annotated[datetime | None, typer.Option(help="The wallet's expiry (UTC).")]
+    = None,
+    reason: Annotated[str | None, typer.Option(help="Why (purchase, bonus, ...).")] = None,
+    key: KeyOpt = None,
+    wait: WaitOpt = 10.0,
+) -> None:
+    """Add credits to a wallet."""
+    publish_and_report(fields(type="credit", user_id=user_id, amount=amount,
+                              wallet_type=wallet_type, reason=reason, key=key,
+                              expires_at=expires_at.isoformat() if expires_at else None), wait)
+
+
+@publish_app.command("refund")
+def publish_refund(
+    user_id: UserArg,
+    original_key: Annotated[str, typer.Argument(help="The key of the charge to refund.")],
+    amount: Annotated[int | None, typer.Option(help="Refund this much (default: all).")]
+    = None,
+    reason: Annotated[str | None, typer.Option(help="operation_failed, timeout, goodwill, ...")]
+    = None,
+    key: KeyOpt = None,
+    wait: WaitOpt = 10.0,
+) -> None:
+    """Refund (part of) an earlier charge."""
+    publish_and_report(fields(type="refund", user_id=user_id, original_key=original_key,
+                              amount=amount, reason=reason, key=key), wait)
+
+
+@publish_app.command("end")
+def publish_end(
+    user_id: UserArg,
+    feature: Annotated[str, typer.Argument(help="The feature the process ran.")],
+    input_tokens: Annotated[int, typer.Option(min=0, help="Input tokens used.")],
+    output_tokens: Annotated[int, typer.Option(min=0, help="Output tokens used.")],
+    model: Annotated[str | None, typer.Option(help="The model to price with.")] = None,
+    hold_id: Annotated[int | None, typer.Option(min=1, help="The start's hold id.")] = None,
+    key: KeyOpt = None,
+    wait: WaitOpt = 10.0,
+) -> None:
+    """End a token process: the worker prices the usage and settles the hold."""
+    publish_and_report(fields(type="token_process_end", user_id=user_id,
+                              feature_endpoint_id=feature, input_tokens=input_tokens,
+                              output_tokens=output_tokens, model=model, hold_id=hold_id,
+                              key=key), wait)

@@ -1,0 +1,40 @@
+"""``start``: a token-process start (check access and balance, place a hold)."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from tokenledger.cli import JsonOpt, app, console, print_json, settings
+
+
+@app.command()
+def start(
+    user_id: Annotated[str, typer.Argument(help="The account's user id.")],
+    feature: Annotated[str, typer.Argument(help="The feature to start.")],
+    max_output_tokens: Annotated[int | None, typer.Option(
+        min=0, help="Price the hold from this many output tokens.")] = None,
+    hold: Annotated[int | None, typer.Option(min=0, help="Hold exactly this many.")] = None,
+    model: Annotated[str | None, typer.Option(help="Model to price with.")] = None,
+    key: Annotated[str | None, typer.Option(help="Idempotency key for the start.")] = None,
+    json_: JsonOpt = False,
+) -> None:
+    """Start a token process: check access and balance and place a hold (exit 1 if refused)."""
+    from tokenledger.sdk.client import LedgerClient
+
+    with LedgerClient(settings()) as client:
+        result = client.token_process_start(user_id, feature, max_output_tokens=max_output_tokens,
+                                            hold=hold, model=model, key=key)
+    if json_:
+        print_json(result.as_dict())
+    elif result.accessible:
+        console().print(f"[green]accessible[/green]: hold {result.hold_id} of {result.held} "
+                        f"token(s) until {result.expires_at:%Y-%m-%d %H:%M:%S} UTC; "
+                        f"{result.token} available", highlight=False)
+    else:
+        console().print(f"[red]not-accessible[/red]: {result.message}; {result.token} available"
+                        + (f", {result.required} required" if result.required is not None
+                           else ""), highlight=False)
+    if not result.accessible:
+        raise typer.Exit(1)

@@ -1,0 +1,423 @@
+"""Read-side queries: balances, history, statistics, monthly reports and ``can_afford``.
+
+Everything here reads in the caller's session and never writes. Amounts are whole
+credits; ``net_change`` over a period is the exact sum of the ledger entries in it, so
+``closing_balance = opening_balance + net_change`` for any period.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from datetime import datetime, time, timedelta
+from decimal import Decimal, InvalidOperation
+from typing import Any
+from zoneinfo import ZoneInfo
+
+from sqlalchemy import String, case, cast, distinct, func, literal, select
+from sqlalchemy.orm import Session
+
+from tokenledger.catalog.service import Catalog, current_catalog
+from tokenledger.errors import AccountNotFound, ValidationFailed
+from tokenledger.ledger.models import Account, LedgerEntry, Wallet
+from tokenledger.timeutil import as_utc
+
+PROJECT_CREATION = "project_creation"
+GRANT_TYPES = ("CREDIT", "OPEN", "RENEWAL", "DAILY_RESET", "ADJUSTMENT")
+HOLD_TYPES = ("HOLD", "HOLD_RELEASE")
+
+
+def account_id(session: Session, user_id: str) -> int:
+    found = session.scalar(select(Account.id).where(Account.user_id == user_id))
+    if found is None:
+        raise AccountNotFound(user_id)
+    return found
+
+
+def get_account(session: Session, user_id: str) -> Account:
+    """The account row for ``user_id``; raises AccountNotFound."""
+    account = session.scalar(select(Account).where(Account.user_id == user_id))
+    if account is None:
+        raise AccountNotFound(user_id)
+    return account
+
+
+def describe_entry(type_: str, feature: str | None, reference: str | None,
+                   metadata: dict[str, Any] | None) -> str:
+    """A human line for an entry, as the seeds' ``description`` field."""
+    meta = metadata if isinstance(metadata, dict) else {}
+    if type_ == "CHARGE":
+        what = feature or "explicit amount"
+        model = meta.get("model")
+        return f"Charge for {what}" + (f" ({model})" if isinstance(model, str) else "")
+    if type_ == "REFUND":
+        reason = meta.get("reason")
+        return f"Refund of {reference}" + (f": {reason}" if isinstance(reason, str) else "")
+    if type_ == "CREDIT":
+        reason = meta.get("reason")
+        return "Credit" + (f": {reason}" if isinstance(reason, str) else "")
+    if type_ == "OPEN":
+        plan = meta.get("plan")
+        return "Opening tokens" + (f" ({plan} plan)" if isinstance(plan, str) else "")
+    return {
+        "DAILY_RESET": "Daily reset",
+        "RENEWAL": "Plan renewal",
+        "EXPIRY": "Wallet expired",
+        "HOLD": "Hold for " + (feature or "a token process"),
+        "HOLD_RELEASE": "Hold released",
+        "ADJUSTMENT": "Adjustment",
+    }.get(type_, type_.title())
+
+
+def history(session: Session, user_id: str, *, limit: int = 50, offset: int = 0,
+            type_: str | None = None, feature: str | None = None,
+            start: datetime | None = None, end: datetime | None = None) -> list[dict[str, Any]]:
+    """The account's ledger entries, newest first, filtered and paginated."""
+    query = (select(LedgerEntry, Wallet.wallet_type)
+             .join(Wallet, Wallet.id == LedgerEntry.wallet_id)
+             .where(LedgerEntry.account_id == account_id(session, user_id)))
+    if type_:
+        query = query.where(LedgerEntry.type == type_)
+    if feature:
+        query = query.where(LedgerEntry.feature == feature)
+    if start:
+        query = query.where(LedgerEntry.created_at >= start)
+    if end:
+        query = query.where(LedgerEntry.created_at < end)
+    rows = session.execute(query.order_by(LedgerEntry.id.desc()).limit(limit).offset(offset))
+    return [{
+        "id": e.id, "user_id": user_id, "wallet_id": e.wallet_id, "wallet_type": wallet_type,
+        "amount": e.amount, "balance_before": e.balance_before, "balance_after": e.balance_after,
+        "type": e.type, "feature": e.feature, "event_key": e.event_key,
+        "reference": e.reference, "metadata": e.metadata_,
+        "description": describe_entry(e.type, e.feature, e.reference, e.metadata_),
+        "created_at": as_utc(e.created_at).isoformat(),
+    } for e, wallet_type in rows]
+
+
+# -- balances ------------------------------------------------------------------------------
+
+
+def wallets(session: Session, account: Account, now: datetime) -> list[dict[str, Any]]:
+    """The account's wallets, oldest first; ``is_active`` is false once expired."""
+    rows = session.execute(select(Wallet).where(Wallet.account_id == account.id)
+                           .order_by(Wallet.id)).scalars()
+    out = []
+    for w in rows:
+        expires_at = as_utc(w.expires_at)
+        out.append({"id": w.id, "wallet_type": w.wallet_type, "balance": w.balance,
+                    "expires_at": expires_at,
+                    "is_active": bool(w.is_active) and (expires_at is None or expires_at > now)})
+    return out
+
+
+def feature_cost(catalog: Catalog, feature: str) -> int | None:
+    """What starting ``feature`` needs: its fixed cost, or a usage feature's minimum."""
+    spec = catalog.features.get(feature)
+    if spec is None:
+        return None
+    return spec.min_cost if spec.pricing == "usage" else spec.cost
+
+
+def balance_summary(session: Session, user_id: str, catalog: Catalog,
+                    now: datetime) -> dict[str, Any]:
+    """Total over live wallets, each wallet, and whether a project can be created."""
+    account = get_account(session, user_id)
+    items = wallets(session, account, now)
+    total = sum(w["balance"] for w in items if w["is_active"])
+    available = sum(max(w["balance"], 0) for w in items if w["is_active"])
+    required = feature_cost(catalog, PROJECT_CREATION) or 0
+    can_create = (catalog.plan_includes(account.plan_code, PROJECT_CREATION)
+                  and PROJECT_CREATION in catalog.features and available >= required)
+    return {"user_id": user_id, "plan": account.plan_code, "timezone": account.timezone,
+            "balance": total, "available": available, "can_create_project": can_create,
+            "required_tokens": required, "wallets": items}
+
+
+def can_afford(session: Session, user_id: str, feature: str, catalog: Catalog,
+               now: datetime) -> dict[str, Any]:
+    """Whether the account may use ``feature`` now: cost, balance and the deficit if not."""
+    account = get_account(session, user_id)
+    cost = feature_cost(catalog, feature)
+    if cost is None:
+        raise ValidationFailed(f"feature: unknown feature {feature!r}")
+    items = wallets(session, account, now)
+    balance = sum(w["balance"] for w in items if w["is_active"])
+    available = sum(max(w["balance"], 0) for w in items if w["is_active"])
+    included = catalog.plan_includes(account.plan_code, feature)
+    deficit = max(0, cost - available)
+    reason = None
+    if not included:
+        reason = "Feature endpoint is not available in your package"
+    elif deficit:
+        reason = f"Insufficient tokens (required {cost}, available {available})"
+    return {"user_id": user_id, "feature": feature, "cost": cost, "balance": balance,
+            "available": available, "can_afford": included and deficit == 0,
+            "deficit": deficit, "reason": reason}
+
+
+# -- statistics ----------------------------------------------------------------------------
+
+
+def _decimal(value: Any) -> Decimal | None:
+    """A number from entry metadata; producers write metadata, so anything may be there."""
+    if value is None or isinstance(value, bool):
+        return None
+    try:
+        number = Decimal(str(value))
+    except (InvalidOperation, ValueError):
+        return None
+    return number if number.is_finite() else None
+
+
+def _int(value: Any) -> int:
+    number = _decimal(value)
+    if number is None or number < 0 or number > 10**15:
+        return 0
+    return int(number)
+
+
+def _period(query: Any, start: datetime | None, end: datetime | None) -> Any:
+    if start is not None:
+        query = query.where(LedgerEntry.created_at >= start)
+    if end is not None:
+        query = query.where(LedgerEntry.created_at < end)
+    return query
+
+
+def statistics(session: Session, user_id: str, start: datetime | None = None,
+               end: datetime | None = None, *, catalog: Catalog | None = None,
+               credit_value: Decimal | None = None) -> dict[str, Any]:
+    """Totals for ``[start, end)``: spent, refunded, earned, net change, per feature/model.
+
+    ``net_change`` is the sum of every entry in the period (holds included), so it equals
+    the change of the account's ledger balance. ``total_spent`` counts CHARGE entries;
+    ``net_spent`` subtracts refunds. The per-model block and the margin read what
+    token-process settlement records in each CHARGE entry's metadata (model, token counts,
+    ``exact_cost`` in credits, ``provider_cost`` in the catalog's currency). With
+    ``credit_value`` (currency per credit) the margin is also given in that currency.
+    """
+    if start is not None and end is not None and end <= start:
+        raise ValidationFailed("end: must be after start")
+    aid = account_id(session, user_id)
+    e = LedgerEntry
+    mine = e.account_id == aid
+    op_key = func.coalesce(e.event_key, literal("#") + cast(e.id, String))
+
+    by_type: dict[str, dict[str, int]] = {}
+    for row in session.execute(_period(
+        select(e.type, func.sum(e.amount).label("net"),
+               func.sum(case((e.amount > 0, e.amount), else_=0)).label("plus"),
+               func.sum(case((e.amount < 0, -e.amount), else_=0)).label("minus"),
+               func.count(distinct(op_key)).label("ops"))
+        .where(mine).group_by(e.type), start, end)):
+        by_type[row.type] = {"net": int(row.net or 0), "plus": int(row.plus or 0),
+                             "minus": int(row.minus or 0), "operations": int(row.ops)}
+
+    def total(types: tuple[str, ...], part: str) -> int:
+        return sum(by_type.get(t, {}).get(part, 0) for t in types)
+
+    operations = session.scalar(_period(
+        select(func.count(distinct(op_key))).where(mine, e.type.not_in(HOLD_TYPES)),
+        start, end)) or 0
+
+    features: dict[str, dict[str, int]] = defaultdict(
+        lambda: {"operations": 0, "spent": 0, "refunded": 0})
+    for row in session.execute(_period(
+        select(e.feature, func.count(distinct(op_key)).label("ops"),
+               func.sum(-e.amount).label("spent"))
+        .where(mine, e.type == "CHARGE").group_by(e.feature), start, end)):
+        item = features[row.feature or "(amount)"]
+        item["operations"] += int(row.ops)
+        item["spent"] += int(row.spent or 0)
+    charges = (select(e.event_key, func.max(e.feature).label("feature"))
+               .where(mine, e.type == "CHARGE").group_by(e.event_key).subquery())
+    for row in session.execute(_period(
+        select(charges.c.feature, func.sum(e.amount).label("refunded"))
+        .join(charges, charges.c.event_key == e.reference)
+        .where(mine, e.type == "REFUND").group_by(charges.c.feature), start, end)):
+        features[row.feature or "(amount)"]["refunded"] += int(row.refunded or 0)
+    for item in features.values():
+        item["net_spent"] = item["spent"] - item["refunded"]
+
+    models = _by_model(session, mine, start, end, catalog or current_catalog(session))
+    spent = total(("CHARGE",), "minus")
+    refunded = total(("REFUND",), "plus")
+    return {
+        "user_id": user_id,
+        "start": start.isoformat() if start else None,
+        "end": end.isoformat() if end else None,
+        "total_spent": spent,
+        "total_refunded": refunded,
+        "net_spent": spent - refunded,
+        "total_earned": total(GRANT_TYPES, "plus"),
+        "total_removed": total(GRANT_TYPES + ("EXPIRY",), "minus"),
+        "net_change": sum(t["net"] for t in by_type.values()),
+        "operation_count": int(operations),
+        "average_per_operation": round(spent / operations, 4) if operations else 0,
+        "by_type": {t: v["net"] for t, v in sorted(by_type.items())},
+        "by_feature": dict(sorted(features.items())),
+        "by_model": {m: _model_out(v) for m, v in sorted(models.items())},
+        "margin": _margin(models, credit_value),
+    }
+
+
+def _by_model(session: Session, mine: Any, start: datetime | None, end: datetime | None,
+              catalog: Catalog) -> dict[str, dict[str, Any]]:
+    e = LedgerEntry
+    meta = e.metadata_
+    # One row per charge event (a charge spanning wallets has one entry per wallet, all
+    # with the same metadata). Values are read as text and parsed here: metadata can be
+    # producer-written, and a SQL cast of a hostile value would fail the whole report.
+    rows = session.execute(_period(
+        select(e.event_key,
+               func.max(meta["model"].as_string()).label("model"),
+               func.max(meta["input_tokens"].as_string()).label("input_tokens"),
+               func.max(meta["output_tokens"].as_string()).label("output_tokens"),
+               func.max(meta["provider_cost"].as_string()).label("provider_cost"),
+               func.max(meta["exact_cost"].as_string()).label("exact_cost"),
+               func.sum(-e.amount).label("credits"))
+        .where(mine, e.type == "CHARGE", meta["model"].as_string().is_not(None))
+        .group_by(e.event_key), start, end))
+    models: dict[str, dict[str, Any]] = {}
+    for r in rows:
+        item = models.setdefault(r.model, {
+            "operations": 0, "input_tokens": 0, "output_tokens": 0, "credits_charged": 0,
+            "exact_cost": Decimal(0), "provider_cost": Decimal(0), "priced": 0,
+            "base_credits": Decimal(0)})
+        item["operations"] += 1
+        item["input_tokens"] += _int(r.input_tokens)
+        item["output_tokens"] += _int(r.output_tokens)
+        credits = int(r.credits or 0)
+        item["credits_charged"] += credits
+        cost = _decimal(r.provider_cost)
+        if cost is not None and cost >= 0:
+            item["provider_cost"] += cost
+            item["priced"] += 1
+        exact = _decimal(r.exact_cost)
+        spec = catalog.models.get(r.model)
+        if exact is not None and exact >= 0:
+            item["exact_cost"] += exact
+            # What the usage costs before the profit markup (current catalog's percent).
+            markup = 1 + (spec.profit_percent / 100 if spec is not None else Decimal(0))
+            item["base_credits"] += exact / markup
+        else:
+            item["base_credits"] += credits
+    return models
+
+
+def _model_out(item: dict[str, Any]) -> dict[str, Any]:
+    base = item["base_credits"]
+    return {"operations": item["operations"], "input_tokens": item["input_tokens"],
+            "output_tokens": item["output_tokens"],
+            "credits_charged": item["credits_charged"],
+            "exact_cost": _round(item["exact_cost"]),
+            "base_credits": _round(base),
+            "margin_credits": _round(item["credits_charged"] - base),
+            "provider_cost": _round(item["provider_cost"], 8),
+            "priced": item["priced"]}
+
+
+def _round(value: Decimal | int, places: int = 4) -> float:
+    return float(round(Decimal(value), places))
+
+
+def _margin(models: dict[str, dict[str, Any]],
+            credit_value: Decimal | None) -> dict[str, Any]:
+    """Credits charged for usage against what it cost: before markup (credits) and at the
+    provider (currency); in currency too when a credit's value is given."""
+    charged = sum(m["credits_charged"] for m in models.values())
+    base = sum((m["base_credits"] for m in models.values()), Decimal(0))
+    provider = sum((m["provider_cost"] for m in models.values()), Decimal(0))
+    margin = charged - base
+    out: dict[str, Any] = {
+        "credits_charged": charged,
+        "base_credits": _round(base),
+        "margin_credits": _round(margin),
+        "margin_percent": _round(100 * margin / charged, 2) if charged else 0.0,
+        "provider_cost": _round(provider, 8),
+        "credit_value": None, "revenue": None, "margin_value": None,
+        "margin_value_percent": None,
+    }
+    if credit_value is not None:
+        revenue = charged * credit_value
+        out.update(credit_value=float(credit_value), revenue=_round(revenue, 8),
+                   margin_value=_round(revenue - provider, 8),
+                   margin_value_percent=_round(100 * (revenue - provider) / revenue, 2)
+                   if revenue else 0.0)
+    return out
+
+
+# -- monthly report ------------------------------------------------------------------------
+
+
+def month_bounds(month: str, tz: str) -> tuple[datetime, datetime]:
+    """``[first day 00:00, next month's first day 00:00)`` of ``YYYY-MM`` in ``tz``, as UTC."""
+    try:
+        year, mon = (int(p) for p in month.split("-"))
+        if not 1970 <= year <= 9998:
+            raise ValueError(month)
+        first = datetime(year, mon, 1)
+    except ValueError:
+        raise ValidationFailed("month: expected YYYY-MM (years 1970-9998)") from None
+    zone = ZoneInfo(tz)
+    nxt = datetime(year + (mon == 12), mon % 12 + 1, 1)
+    start = datetime.combine(first.date(), time(0), tzinfo=zone)
+    end = datetime.combine(nxt.date(), time(0), tzinfo=zone)
+    return as_utc(start), as_utc(end)
+
+
+def balance_at(session: Session, aid: int, when: datetime) -> int:
+    """The account's ledger balance (every wallet) just before ``when``."""
+    e = LedgerEntry
+    last = (select(func.max(e.id)).where(e.account_id == aid, e.created_at < when)
+            .group_by(e.wallet_id))
+    return int(session.scalar(select(func.coalesce(func.sum(e.balance_after), 0))
+                              .where(e.id.in_(last))) or 0)
+
+
+def monthly_report(session: Session, user_id: str, month: str | None, now: datetime, *,
+                   catalog: Catalog | None = None,
+                   credit_value: Decimal | None = None) -> dict[str, Any]:
+    """The month's statistics in the account's timezone, with opening and closing balance
+    (``closing = opening + net_change``) and per-feature and per-day breakdowns."""
+    account = get_account(session, user_id)
+    tz = account.timezone
+    month = month or now.astimezone(ZoneInfo(tz)).strftime("%Y-%m")
+    start, end = month_bounds(month, tz)
+    stats = statistics(session, user_id, start, end, catalog=catalog,
+                       credit_value=credit_value)
+    opening = balance_at(session, account.id, start)
+    closing = balance_at(session, account.id, min(end, now + timedelta(seconds=1)))
+    daily: dict[str, dict[str, int]] = {}
+    e = LedgerEntry
+    zone = ZoneInfo(tz)
+    for row in session.execute(
+        select(e.created_at, e.amount, e.type)
+        .where(e.account_id == account.id, e.created_at >= start, e.created_at < end,
+               e.type.in_(("CHARGE", "REFUND")))
+    ):
+        day = as_utc(row.created_at).astimezone(zone).date().isoformat()
+        item = daily.setdefault(day, {"spent": 0, "refunded": 0})
+        if row.type == "CHARGE":
+            item["spent"] -= row.amount
+        else:
+            item["refunded"] += row.amount
+    return {
+        "user_id": user_id,
+        "month": month,
+        "period": {"start": start.isoformat(), "end": end.isoformat(), "timezone": tz},
+        "opening_balance": opening,
+        "closing_balance": closing,
+        "summary": {k: stats[k] for k in (
+            "total_spent", "total_refunded", "net_spent", "total_earned", "total_removed",
+            "net_change", "operation_count", "average_per_operation")},
+        "breakdown": stats["by_feature"],
+        "by_model": stats["by_model"],
+        "margin": stats["margin"],
+        "daily": dict(sorted(daily.items())),
+    }
+
+
+__all__ = ["account_id", "balance_at", "balance_summary", "can_afford", "describe_entry",
+           "feature_cost", "get_account", "history", "month_bounds", "monthly_report",
+           "statistics", "wallets"]

@@ -1,0 +1,2 @@
+"""Balance notifications: the rule and staging (``service``), sending (``publisher``),
+listening (``subscriber``)."""

@@ -1,0 +1,66 @@
+"""The dead-letter store: messages that could not be applied, kept with the reason until
+re-driven (``tokenledger dlq retry``) or dropped."""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import delete, func, select
+from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy.orm import Session
+
+from tokenledger.messages import fingerprint
+from tokenledger.queue.models import DeadLetter
+from tokenledger.timeutil import as_utc
+
+
+def depth(session: Session) -> int:
+    return session.scalar(select(func.count()).select_from(DeadLetter)) or 0
+
+
+def list_dead_letters(session: Session, limit: int = 100) -> list[dict[str, Any]]:
+    return [{
+        "id": d.id, "key": d.key, "reason": d.reason, "attempts": d.attempts,
+        "first_seen": as_utc(d.first_seen).isoformat(),
+        "last_seen": as_utc(d.last_seen).isoformat(), "payload": d.payload,
+    } for d in session.scalars(select(DeadLetter).order_by(DeadLetter.id).limit(limit))]
+
+
+def select_ids(session: Session, ids: list[int] | None) -> list[DeadLetter]:
+    query = select(DeadLetter).order_by(DeadLetter.id).with_for_update(skip_locked=True)
+    if ids is not None:
+        query = query.where(DeadLetter.id.in_(ids))
+    return list(session.scalars(query))
+
+
+def payload_of(letter: DeadLetter) -> Any:
+    """The original message as published (JSON), or the raw text if it never was JSON."""
+    try:
+        return json.loads(letter.payload)
+    except ValueError:
+        return letter.payload
+
+
+def drop(session: Session, ids: list[int] | None) -> int:
+    """Delete dead letters for good (all when ``ids`` is None)."""
+    query = delete(DeadLetter)
+    if ids is not None:
+        query = query.where(DeadLetter.id.in_(ids))
+    return session.execute(query).rowcount or 0
+
+
+def record(session: Session, payload: Any, reason: str, now: datetime,
+                       key: str | None = None) -> None:
+    """Keep a message that cannot be applied; a repeat bumps attempts and last_seen."""
+    text = payload if isinstance(payload, str) else json.dumps(payload, default=str)
+    stmt = insert(DeadLetter).values(
+        fingerprint=fingerprint(payload), key=key, payload=text[:1_000_000],
+        reason=reason[:2000], attempts=1, first_seen=now, last_seen=now)
+    stmt = stmt.on_conflict_do_update(
+        index_elements=["fingerprint"],
+        set_={"attempts": DeadLetter.__table__.c.attempts + 1, "last_seen": now,
+              "reason": reason[:2000]},
+    )
+    session.execute(stmt)

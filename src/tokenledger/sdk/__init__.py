@@ -1,0 +1,1 @@
+"""The Python SDK: ``LedgerClient`` (``client``) and its token-process helper (``process``)."""

@@ -1,0 +1,308 @@
+"""The Python SDK: publish events to the workers, start token processes, read outcomes and
+balances."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from pydantic import BaseModel, TypeAdapter, ValidationError
+from sqlalchemy import select
+
+from tokenledger.config import Settings, get_settings
+from tokenledger.db.errors import QUICK
+from tokenledger.db.uow import unit_of_work
+from tokenledger.errors import AccountNotFound, ResultTimeout, ValidationFailed
+from tokenledger.ledger.batch import EventResult
+from tokenledger.ledger.models import Account, EventOutcome, Wallet
+from tokenledger.messages import (
+    MAX_BATCH,
+    AnyEvent,
+    Event,
+    Key,
+    StartRequest,
+    describe,
+    validated,
+)
+from tokenledger.notify.service import BalanceNotice
+from tokenledger.queue.models import DeadLetter
+from tokenledger.queue.producer import Producer
+from tokenledger.sdk.process import TokenProcess
+from tokenledger.timeutil import as_utc, utcnow
+from tokenledger.tokenprocess.service import StartResult
+
+_event: TypeAdapter[Any] = TypeAdapter(Event)
+
+
+@dataclass(frozen=True)
+class WalletInfo:
+    id: int
+    wallet_type: str
+    balance: int
+    expires_at: datetime | None
+    is_active: bool
+
+
+@dataclass(frozen=True)
+class Balance:
+    user_id: str
+    plan: str
+    timezone: str
+    balance: int
+    wallets: list[WalletInfo]
+
+
+def new_key() -> str:
+    return str(uuid.uuid4())
+
+
+def build_event(data: dict[str, Any] | AnyEvent) -> AnyEvent:
+    """Validate an event given as a dict (a key is made when missing) or a model."""
+    if not isinstance(data, dict):
+        return data
+    data = {"key": new_key(), **data}
+    try:
+        return _event.validate_python(data)
+    except ValidationError as exc:
+        raise ValidationFailed(describe(exc)) from None
+
+
+class LedgerClient:
+    """Publish events to the workers and read what they did.
+
+    Publishing methods validate locally (a bad field raises ValidationFailed naming it)
+    and return the event key; ``result(key)`` waits for the stored outcome.
+    """
+
+    def __init__(self, settings: Settings | None = None) -> None:
+        self.settings = settings or get_settings()
+        self._producer: Producer | None = None
+
+    @property
+    def producer(self) -> Producer:
+        """The client's producer (one connection, made on first publish)."""
+        if self._producer is None:
+            self._producer = Producer(self.settings)
+        return self._producer
+
+    # -- publishing ----------------------------------------------------------------------
+
+    def _publish(self, payload: dict[str, Any] | list[dict[str, Any]]) -> None:
+        self.producer.publish_events(payload)
+
+    def publish(self, event: dict[str, Any] | AnyEvent) -> str:
+        """Publish one event; returns its key."""
+        model = build_event(event)
+        self._publish(model.to_message())
+        return model.key
+
+    def publish_many(self, events: Iterable[dict[str, Any] | AnyEvent]) -> list[str]:
+        """Validate all, then publish in messages of up to 1,000 events; returns the keys."""
+        models = [build_event(e) for e in events]
+        for start in range(0, len(models), MAX_BATCH):
+            self._publish([m.to_message() for m in models[start:start + MAX_BATCH]])
+        return [m.key for m in models]
+
+    def charge(self, user_id: str, feature: str | None = None, amount: int | None = None,
+               key: str | None = None, metadata: dict[str, Any] | None = None,
+               allow_overdraft: bool = False, preferred_wallet_type: str | None = None) -> str:
+        """Charge by feature (its catalog cost) or by amount; returns the event key."""
+        return self.publish(event_fields(type="charge", user_id=user_id, feature=feature,
+                                     amount=amount, key=key, metadata=metadata,
+                                     allow_overdraft=allow_overdraft,
+                                     preferred_wallet_type=preferred_wallet_type))
+
+    def credit(self, user_id: str, amount: int, wallet_type: str = "PREMIUM",
+               expires_at: datetime | None = None, key: str | None = None,
+               reason: str | None = None, metadata: dict[str, Any] | None = None) -> str:
+        """Add credits to a wallet of ``wallet_type``; returns the event key."""
+        return self.publish(event_fields(type="credit", user_id=user_id, amount=amount,
+                                     wallet_type=wallet_type, expires_at=expires_at, key=key,
+                                     reason=reason, metadata=metadata))
+
+    def refund(self, user_id: str, original_key: str, amount: int | None = None,
+               key: str | None = None, reason: str | None = None) -> str:
+        """Give back (part of) a charge to the wallets it came from; returns the event key."""
+        return self.publish(event_fields(type="refund", user_id=user_id, original_key=original_key,
+                                     amount=amount, key=key, reason=reason))
+
+    def token_process_end(self, user_id: str, feature_endpoint_id: str, input_tokens: int,
+                          output_tokens: int, model: str | None = None,
+                          hold_id: int | None = None, key: str | None = None,
+                          metadata: dict[str, Any] | None = None) -> str:
+        """Report a token process's usage: the worker prices it, settles the hold and
+        stores ``{user_id, token, cost, status}``; returns the event key."""
+        return self.publish(event_fields(type="token_process_end", user_id=user_id,
+                                     feature_endpoint_id=feature_endpoint_id,
+                                     input_tokens=input_tokens, output_tokens=output_tokens,
+                                     model=model, hold_id=hold_id, key=key,
+                                     metadata=metadata))
+
+    # -- synchronous ---------------------------------------------------------------------
+
+    def token_process_start(self, user_id: str, feature_endpoint_id: str,
+                            max_output_tokens: int | None = None, hold: int | None = None,
+                            model: str | None = None, key: str | None = None) -> StartResult:
+        """Check the feature and the balance and place a hold, in one transaction.
+
+        Returns ``accessible`` with a ``hold_id``, or ``not-accessible`` with the seed's
+        message. With a ``key``, a retried start returns the first answer.
+        Raises AccountNotFound for an unknown user, ValidationFailed for bad numbers.
+        """
+        from tokenledger.tokenprocess import service as token_process
+
+        request = validated(StartRequest, event_fields(
+            user_id=user_id, feature_endpoint_id=feature_endpoint_id,
+            max_output_tokens=max_output_tokens, hold=hold, model=model))
+        if key is not None:
+            validated(_KeyOnly, {"key": key})
+        # One hold key for every try, so a try whose commit is in doubt is answered from
+        # its stored outcome by the next one instead of holding twice.
+        key = key or token_process.new_hold_key()
+
+        def once() -> StartResult:
+            with unit_of_work(self.settings) as uow:
+                return token_process.start(uow, request, key)
+
+        return QUICK.run(once)
+
+    def token_process(self, user_id: str | Callable[..., str], feature_endpoint_id: str, *,
+                      max_output_tokens: int | None = None, hold: int | None = None,
+                      model: str | None = None) -> TokenProcess:
+        """start → your code → end, as a context manager (``with ... as usage``) or a
+        decorator (the seed's withTokenProcess; ``user_id`` may be a function of the
+        call's arguments). Not accessible raises FeatureNotAccessible; if your code
+        raises, the hold is released (nothing charged) and the exception propagates."""
+        return TokenProcess(self, user_id, feature_endpoint_id,
+                            max_output_tokens=max_output_tokens, hold=hold, model=model)
+
+    def open_account(self, user_id: str, plan: str | None = None, timezone: str | None = None,
+                     key: str | None = None) -> str:
+        """Open an account now (idempotent per key, default ``open:<user_id>``)."""
+        from tokenledger.ledger.service import apply_events
+
+        event = build_event(event_fields(type="open_account", user_id=user_id, plan=plan,
+                                         timezone=timezone, key=key or f"open:{user_id}"))
+
+        def once() -> EventResult:
+            with unit_of_work(self.settings) as uow:
+                return apply_events(uow, [event]).results[0]
+
+        outcome = QUICK.run(once)
+        if outcome.status == "rejected" and outcome.reason != "account already exists":
+            raise ValidationFailed(f"plan: {outcome.reason}")
+        if outcome.status == "conflict":
+            raise ValidationFailed(f"key: {outcome.reason}")
+        return event.key
+
+    def result(self, key: str, timeout: float | None = None) -> EventResult:
+        """The stored outcome of ``key``; with a timeout, wait for it (ResultTimeout)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        delay = 0.005
+        while True:
+            found = self._lookup(key)
+            if found is not None:
+                return found
+            if deadline is None:
+                return EventResult(key, "pending")
+            if time.monotonic() >= deadline:
+                raise ResultTimeout(f"no outcome for key {key!r} after {timeout}s")
+            time.sleep(min(delay, max(0.0, deadline - time.monotonic())))
+            delay = min(delay * 2, 0.1)
+
+    def _lookup(self, key: str) -> EventResult | None:
+        with unit_of_work(self.settings) as uow:
+            session = uow.session
+            row = session.execute(
+                select(EventOutcome.outcome, EventOutcome.reason, EventOutcome.result)
+                .where(EventOutcome.key == key)).first()
+            if row is not None:
+                return EventResult(key, row.outcome, row.reason, row.result or {})
+            dead = session.execute(select(DeadLetter.reason).where(DeadLetter.key == key)
+                                   .order_by(DeadLetter.id.desc()).limit(1)).first()
+            if dead is not None:
+                return EventResult(key, "dead_lettered", dead.reason)
+        return None
+
+    def balance(self, user_id: str) -> Balance:
+        """The account's total over live wallets, and each wallet."""
+        now = utcnow()
+        with unit_of_work(self.settings) as uow:
+            session = uow.session
+            account = session.scalar(select(Account).where(Account.user_id == user_id))
+            if account is None:
+                raise AccountNotFound(user_id)
+            wallets = [WalletInfo(w.id, w.wallet_type, w.balance, as_utc(w.expires_at),
+                                  w.is_active and (w.expires_at is None
+                                                   or as_utc(w.expires_at) > now))
+                       for w in session.scalars(select(Wallet)
+                                                .where(Wallet.account_id == account.id)
+                                                .order_by(Wallet.id))]
+            return Balance(user_id, account.plan_code, account.timezone,
+                           sum(w.balance for w in wallets if w.is_active), wallets)
+
+    # -- balance notifications -------------------------------------------------------------
+
+    def on_balance_changed(self, callback: Callable[[BalanceNotice], Any]
+                           ) -> Callable[[BalanceNotice], Any]:
+        """Call ``callback(notice)`` after every committed balance change (user_id, balance,
+        ledger_seq), newest ledger_seq per user only. With Redis, changes committed by any
+        process; with the embedded broker, only those committed in this process. Returns
+        the callback (usable as a decorator); subscribed when it returns."""
+        self._subscribe(callback, ("balance_changed",))
+        return callback
+
+    def on_balance_low(self, callback: Callable[[BalanceNotice], Any]
+                       ) -> Callable[[BalanceNotice], Any]:
+        """Call ``callback(notice)`` once each time an account falls to or below its plan's
+        low-balance threshold (``notice.threshold``); re-armed when it goes back above."""
+        self._subscribe(callback, ("balance_low",))
+        return callback
+
+    def _subscribe(self, callback: Callable[[BalanceNotice], Any],
+                   events: tuple[str, ...]) -> None:
+        from tokenledger.notify.service import redis_url, subscribe
+        from tokenledger.notify.subscriber import RedisSubscriber
+
+        url = redis_url(self.settings)
+        if url is None:
+            self.__dict__.setdefault("_local_unsubscribe", []).append(
+                subscribe(callback, events))
+            return
+        subscriber = self.__dict__.get("_notify_subscriber")
+        if subscriber is None:
+            subscriber = self.__dict__["_notify_subscriber"] = RedisSubscriber(
+                self.settings, url)
+        subscriber.add(callback, events)
+
+    def _close_notifications(self) -> None:
+        subscriber = self.__dict__.pop("_notify_subscriber", None)
+        if subscriber is not None:
+            subscriber.close()
+        for unsubscribe in self.__dict__.pop("_local_unsubscribe", []):
+            unsubscribe()
+
+    def close(self) -> None:
+        self._close_notifications()
+        if self._producer is not None:
+            self._producer.close()
+            self._producer = None
+
+    def __enter__(self) -> LedgerClient:
+        return self
+
+    def __exit__(self, *_: Any) -> None:
+        self.close()
+
+
+def event_fields(**fields: Any) -> dict[str, Any]:
+    """An event dict from keyword arguments, leaving out the ones not given (None)."""
+    return {k: v for k, v in fields.items() if v is not None}
+
+
+class _KeyOnly(BaseModel):
+    key: Key
