@@ -24,7 +24,6 @@ RUN --mount=type=cache,target=/root/.cache/uv \
 
 # Then the project itself, installed as a wheel (not editable) into the same venv.
 COPY src ./src
-COPY workers ./workers
 COPY migrations ./migrations
 RUN --mount=type=cache,target=/root/.cache/uv \
     uv sync --frozen --no-dev --no-editable \

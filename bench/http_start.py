@@ -18,7 +18,7 @@ over the accounts. Bounded in time (``--seconds`` after ``--warmup``) and in cou
 
 counts instead, load-independently, what one start costs the database: libpq round trips
 (client-to-server turns in a PQtrace of the connection) over that many sequential
-in-process starts on the API server's start pool (``api.pgpipe.StartPool``), the path
+in-process starts on the API server's start pool (``tokenprocess.pool.StartPool``), the path
 the route and its fast path take.
 """
 

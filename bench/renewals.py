@@ -34,8 +34,8 @@ sys.path.insert(0, str(ROOT))
 
 from tokenledger import LedgerClient, Settings  # noqa: E402
 from tokenledger.db.engine import dispose_engines, session_factory  # noqa: E402
-from tokenledger.ledger.verify import verify  # noqa: E402
 from tokenledger.db.migrate import migrate  # noqa: E402
+from tokenledger.ledger.verify import verify  # noqa: E402
 from tokenledger.renewals import runs as runner  # noqa: E402
 from tokenledger.renewals.service import RunOptions  # noqa: E402
 
@@ -72,8 +72,8 @@ def start_worker(settings: Settings, queue: str, concurrency: int, log: Path
            "TOKENLEDGER_LOG_LEVEL": "WARNING"}
     with log.open("ab") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "celery", "-A", "tokenledger.queue.app", "worker", "-Q", queue, "-c",
-             str(concurrency), "-l", "warning", "--without-gossip", "--without-mingle",
+            [sys.executable, "-m", "celery", "-A", "tokenledger.queue.app", "worker", "-Q",
+             queue, "-c", str(concurrency), "-l", "warning", "--without-gossip", "--without-mingle",
              "--without-heartbeat", "-n", f"bench-{uuid.uuid4().hex[:6]}@%h"],
             cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     return proc

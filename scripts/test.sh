@@ -21,5 +21,5 @@ for _ in $(seq 1 30); do
     sleep 1
 done
 
-uv sync --frozen --quiet
+uv sync --frozen --quiet --compile-bytecode
 exec uv run pytest "$@"

@@ -130,7 +130,7 @@ def run_cli(settings: Settings, *args: str, **env: str) -> Any:
     test's settings in its environment; its result (exit_code, stdout, stderr)."""
     from typer.testing import CliRunner
 
-    from tokenledger.cli import app, console, err_console
+    from tokenledger.cli.base import app, console, err_console
     from tokenledger.config import get_settings
 
     get_settings.cache_clear()

@@ -6,7 +6,7 @@ wallet row FOR KEY SHARE). A statement-level trigger over the statement's new ro
 them all with one anti-join. The lock the foreign key took kept a wallet from being
 deleted or moved to another account meanwhile; wallets are never deleted or moved (they
 are deactivated), and a row trigger on wallets now refuses both, so the check cannot be
-raced. PostgreSQL only: SQLite keeps the foreign key.
+raced.
 
 Revision ID: 0007
 Revises: 0006

@@ -15,7 +15,7 @@ commits: run it when the ledger can pause (minutes per ten million entries). Eac
 keeps the type it has. Statements prepared before it by running processes answer the
 altered columns and fail once ("cached plan must not change result type"); the API's
 start pool drops such a connection and retries the start, and SQLAlchemy connections
-re-prepare after the failed transaction. PostgreSQL only (SQLite compares bytes already).
+re-prepare after the failed transaction.
 
 Revision ID: 0009
 Revises: 0008

@@ -11,11 +11,11 @@ from typing import TYPE_CHECKING, Any
 
 _EXPORTS = {
     "LedgerClient": "tokenledger.sdk.client",
-    "Balance": "tokenledger.sdk.client",
-    "WalletInfo": "tokenledger.sdk.client",
+    "Balance": "tokenledger.results",
+    "WalletInfo": "tokenledger.results",
     "Settings": "tokenledger.config",
-    "EventResult": "tokenledger.ledger.batch",
-    "StartResult": "tokenledger.tokenprocess.service",
+    "EventResult": "tokenledger.results",
+    "StartResult": "tokenledger.results",
     "TokenLedgerError": "tokenledger.errors",
     "ValidationFailed": "tokenledger.errors",
     "AccountNotFound": "tokenledger.errors",
@@ -58,9 +58,8 @@ if TYPE_CHECKING:
         TokenLedgerError,
         ValidationFailed,
     )
-    from tokenledger.ledger.batch import EventResult
-    from tokenledger.sdk.client import Balance, LedgerClient, WalletInfo
-    from tokenledger.tokenprocess.service import StartResult
+    from tokenledger.results import Balance, EventResult, StartResult, WalletInfo
+    from tokenledger.sdk.client import LedgerClient
 
 
 def __getattr__(name: str) -> Any:

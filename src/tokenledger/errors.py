@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from tokenledger.tokenprocess.service import StartResult
+    from tokenledger.results import StartResult
 
 
 class TokenLedgerError(Exception):

@@ -11,7 +11,7 @@ def utcnow() -> datetime:
 
 
 def as_utc(value: datetime | None) -> datetime | None:
-    """Aware UTC datetime; SQLite hands back naive values that are UTC by construction."""
+    """Aware UTC datetime (a naive value is taken as UTC)."""
     if value is None:
         return None
     if value.tzinfo is None:

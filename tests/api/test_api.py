@@ -7,9 +7,6 @@ the 401 body of seed 002, the statistics and monthly report of seeds 003/004.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import time
 from datetime import UTC, datetime, timedelta
 
@@ -18,7 +15,7 @@ import pytest
 from sqlalchemy import select, text
 
 from tests.api.support import KEY_CACHE_SECONDS, ServerThread, api_server, auth, http, keys
-from tests.support import ROOT, Worker, apply, assert_verified, session_scope
+from tests.support import Worker, apply, assert_verified, run_cli, session_scope
 from tokenledger import LedgerClient, Settings
 from tokenledger.apikeys.service import ApiKey, create_key, revoke_key
 
@@ -163,15 +160,11 @@ def test_keys_are_stored_hashed_never_in_clear(keys: dict, db: str) -> None:
 
 def test_keys_cli_creates_shows_once_lists_and_revokes(http: httpx.Client, settings: Settings,
                                                        db: str) -> None:
-    env = {**os.environ, **Worker.env_for(settings)}
-
-    def cli(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([sys.executable, "-c", "from tokenledger.cli import main; main()",
-                               *args], cwd=ROOT,
-                              env=env, capture_output=True, text=True, timeout=60)
+    def cli(*args: str):
+        return run_cli(settings, *args)
 
     created = cli("keys", "create", "--scope", "producer", "--name", "ci", "--json")
-    assert created.returncode == 0, created.stderr
+    assert created.exit_code == 0, created.stderr
     info = json.loads(created.stdout)
     assert info["scope"] == "producer" and info["key"].startswith(f"tl_{info['prefix']}_")
     r = http.post("/api/accounts", json={"user_id": "cli-user"},
@@ -179,22 +172,22 @@ def test_keys_cli_creates_shows_once_lists_and_revokes(http: httpx.Client, setti
     assert r.status_code == 201, r.text
 
     listed = cli("keys", "list", "--json")
-    assert listed.returncode == 0, listed.stderr
+    assert listed.exit_code == 0, listed.stderr
     assert info["key"] not in listed.stdout
     assert [k["prefix"] for k in json.loads(listed.stdout)] == [info["prefix"]]
 
     bad = cli("keys", "create", "--scope", "root")
-    assert bad.returncode == 2 and "scope" in bad.stderr
+    assert bad.exit_code == 2 and "scope" in bad.stderr
 
     revoked = cli("keys", "revoke", info["prefix"])
-    assert revoked.returncode == 0, revoked.stderr
+    assert revoked.exit_code == 0, revoked.stderr
     time.sleep(KEY_CACHE_SECONDS + 0.2)
     r = http.post("/api/accounts", json={"user_id": "cli-user-2"},
                   headers=auth(info["key"]))
     assert r.status_code == 401
     again = cli("keys", "list", "--all", "--json")
     assert json.loads(again.stdout)[0]["revoked_at"] is not None
-    assert cli("keys", "revoke", "zzzzzzzzzzzz").returncode == 2
+    assert cli("keys", "revoke", "zzzzzzzzzzzz").exit_code == 2
 
 
 # -- seed 000: balance, wallets, transactions ---------------------------------------------

@@ -28,16 +28,16 @@ from tests.api.support import KEY_CACHE_SECONDS, ServerThread, api_server, auth,
 from tests.support import apply, assert_verified, session_scope
 from tokenledger import Settings
 from tokenledger.api import create_app
-from tokenledger.apikeys.service import create_key, revoke_key
-from tokenledger.notify import service as notify
-from tokenledger.ops.metrics import START_GROUP_SIZE
 from tokenledger.api.tokenprocess import START_PATH as PATH
 from tokenledger.api.tokenprocess import StartFastPath
+from tokenledger.apikeys.service import create_key, revoke_key
 from tokenledger.db.pipeline import BEGIN, COMMIT, ROLLBACK, ConnectionLost, PipeConnection
 from tokenledger.db.sql import load, pyformat
 from tokenledger.messages import StartRequest
 from tokenledger.notify import publisher
-from tokenledger.tokenprocess import service as pgstart
+from tokenledger.notify import service as notify
+from tokenledger.ops.metrics import START_GROUP_SIZE
+from tokenledger.tokenprocess import service as start_service
 from tokenledger.tokenprocess.models import Hold
 from tokenledger.tokenprocess.pool import APPLICATION_NAME, StartPool
 
@@ -238,8 +238,8 @@ def run_app(settings: Settings, scenario: Callable[[Any], Awaitable[None]]) -> N
 # -- over HTTP ------------------------------------------------------------------------------
 
 
-def test_concurrent_starts_over_http_never_overspend(http: httpx.Client, keys: dict,
-                                                     api_server: ServerThread, db: Settings) -> None:
+def test_concurrent_starts_over_http_never_overspend(
+        http: httpx.Client, keys: dict, api_server: ServerThread, db: Settings) -> None:
     """Given 5 credits, when 40 starts of 1 arrive at once over 8 connections, then
     exactly 5 hold a credit and 35 are refused for tokens."""
     user = uid("race")
@@ -806,14 +806,15 @@ def test_starts_read_a_large_ledger_by_index_only(settings: Settings, db: Settin
         with session_scope(db) as session:
             catalog = current_catalog(session)
         rows = []
-        for sql, params in pgstart.reads([user], ["k"]):
+        for sql, params in start_service.reads([user], ["k"]):
             explained = [r[0] for r in conn.execute("EXPLAIN " + pyformat(sql), params)]
             assert scanned(explained) == [], explained
             rows.append(conn.execute(pyformat(sql), params).fetchall())
         now = datetime.now(UTC)
-        decision = pgstart.decide(pgstart.Locked.of(rows), req(user, "project_creation"), "k",
-                                  now=now, hold_ttl_seconds=60, catalog=catalog)
-        sql, params = pgstart.write([decision], now)
+        decision = start_service.decide(start_service.Locked.of(rows),
+                                        req(user, "project_creation"), "k", now=now,
+                                        hold_ttl_seconds=60, catalog=catalog)
+        sql, params = start_service.write([decision], now)
         explained = [r[0] for r in conn.execute("EXPLAIN " + pyformat(sql), params)]
         assert scanned(explained) == [], explained
         conn.rollback()

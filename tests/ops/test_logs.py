@@ -87,7 +87,8 @@ def test_worker_log_lines_parse_as_json_and_carry_event_context(settings, db, tm
     out, err = tmp_path / "stdout.txt", tmp_path / "stderr.txt"
     with out.open("wb") as stdout, err.open("wb") as stderr:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "celery", "-A", "tokenledger.queue.app", "worker", "-Q", own.queue,
+            [sys.executable, "-m", "celery", "-A", "tokenledger.queue.app", "worker", "-Q",
+             own.queue,
              "-c", "1", "-l", "info", "--without-gossip", "--without-mingle",
              "--without-heartbeat", "-n", f"tllogs-{uuid.uuid4().hex[:8]}@%h"],
             cwd=ROOT, env=env, stdout=stdout, stderr=stderr, start_new_session=True)

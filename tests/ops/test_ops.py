@@ -13,6 +13,7 @@ from collections.abc import Iterator
 
 import httpx
 import pytest
+
 from tests.support import ROOT, Worker, run_cli, session_scope
 from tokenledger import Settings
 from tokenledger.cli.services import parse_basic_auth

@@ -478,7 +478,8 @@ def test_batch_task_plans_and_fans_out_on_the_worker(settings: Settings, db: Set
     assert rows and rows[0].successful == 5
 
 
-def test_plan_run_counts_candidates_without_writing_grants(settings: Settings, db: Settings) -> None:
+def test_plan_run_counts_candidates_without_writing_grants(settings: Settings,
+                                                            db: Settings) -> None:
     open_accounts(db, [(f"u{i}", "Gift", "UTC") for i in range(5)], T0)
     with unit_of_work(db, now=T0 + timedelta(days=30)) as uow:
         planned = plan_run(uow, RunOptions("monthly", chunk_size=2))
@@ -625,7 +626,8 @@ def test_every_slice_is_planned_for_its_own_range(settings: Settings, db: Settin
     assert_verified(db)
 
 
-def test_a_slice_updates_its_accounts_and_wallets_in_place(settings: Settings, db: Settings) -> None:
+def test_a_slice_updates_its_accounts_and_wallets_in_place(settings: Settings,
+                                                            db: Settings) -> None:
     """A slice updates every account and STANDARD wallet on a page in one transaction, so
     each row needs room for a second version on its own page (migration 0008). A row
     that found none moved to another page and rewrote every index entry of its table."""

@@ -158,11 +158,11 @@ def test_a_start_whose_commit_answer_was_lost_is_retried_without_holding_twice(
     import psycopg
     from sqlalchemy.exc import OperationalError
 
-    from tokenledger.sdk import client as sdk
+    from tokenledger.db import uow as units
 
     user = uid("lost")
     apply(db, {"type": "open_account", "key": f"open:{user}", "user_id": user})
-    real = sdk.unit_of_work
+    real = units.unit_of_work
     lost: list[int] = []
 
     @contextmanager
@@ -174,7 +174,7 @@ def test_a_start_whose_commit_answer_was_lost_is_retried_without_holding_twice(
             raise OperationalError("COMMIT", {}, psycopg.OperationalError(
                 "server closed the connection unexpectedly"), connection_invalidated=True)
 
-    monkeypatch.setattr(sdk, "unit_of_work", answer_lost_once)
+    monkeypatch.setattr(units, "unit_of_work", answer_lost_once)
     result = run_start(settings, user, "project_creation")
     assert lost, "the commit's answer was never lost"
     assert (result.status, result.token, result.held) == ("accessible", 4, 1)

@@ -7,9 +7,6 @@ usage, settles the hold and charges the cost; holds never ended expire once.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -18,7 +15,8 @@ from datetime import timedelta
 import pytest
 from sqlalchemy import func, select
 
-from tests.support import ROOT, Worker, apply, assert_verified, session_scope
+from tests.support import apply, assert_verified, session_scope
+from tests.support import run_cli as cli_in_process
 from tokenledger import FeatureNotAccessible, LedgerClient, StartResult
 from tokenledger.catalog.service import (
     REFRESH_SECONDS,
@@ -26,12 +24,12 @@ from tokenledger.catalog.service import (
     default_catalog_text,
     load_catalog,
 )
+from tokenledger.db.uow import unit_of_work
 from tokenledger.errors import AccountNotFound, CatalogError, IdempotencyConflict
 from tokenledger.ledger.models import Account, EventOutcome, LedgerEntry, Wallet
+from tokenledger.messages import StartRequest
 from tokenledger.timeutil import utcnow
 from tokenledger.tokenprocess.models import Hold
-from tokenledger.db.uow import unit_of_work
-from tokenledger.messages import StartRequest
 from tokenledger.tokenprocess.service import release_expired_holds, start
 
 pytestmark = pytest.mark.services
@@ -528,13 +526,10 @@ def test_catalog_load_refuses_to_drop_a_feature_that_open_holds_wait_on(client, 
 
 
 def run_cli(settings, *args, check=True):
-    env = {**os.environ, **Worker.env_for(settings)}
-    proc = subprocess.run([sys.executable, "-c", "from tokenledger.cli import main; main()",
-                           *args], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=120)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"exit {proc.returncode}: {proc.stdout}\n{proc.stderr}")
-    return proc
+    done = cli_in_process(settings, *args)
+    if check and done.exit_code != 0:
+        raise AssertionError(f"exit {done.exit_code}: {done.stdout}\n{done.stderr}")
+    return done
 
 
 def test_the_cli_starts_ends_and_loads_catalogs(worker, client, settings, tmp_path,
@@ -549,7 +544,7 @@ def test_the_cli_starts_ends_and_loads_catalogs(worker, client, settings, tmp_pa
     assert "applied" in ended.stdout and "'cost': 3" in ended.stdout
     assert client.balance("cli").balance == 2
     refused = run_cli(settings, "start", "cli", "image_generation", check=False)
-    assert refused.returncode == 1 and NOT_IN_PACKAGE in refused.stdout
+    assert refused.exit_code == 1 and NOT_IN_PACKAGE in refused.stdout
 
     bad = tmp_path / "bad.toml"
     bad.write_text(default_catalog_text().replace("tokens_per_credit = 1000",
@@ -557,7 +552,7 @@ def test_the_cli_starts_ends_and_loads_catalogs(worker, client, settings, tmp_pa
     with session_scope(settings) as s:
         before = current_catalog(s).version
     refused = run_cli(settings, "catalog", "load", str(bad), check=False)
-    assert refused.returncode == 2
+    assert refused.exit_code == 2
     assert "catalog refused" in refused.stderr and "tokens_per_credit" in refused.stderr
     good = tmp_path / "good.toml"
     good.write_text(default_catalog_text().replace("profit_percent = 20",

@@ -21,7 +21,7 @@ from tokenledger.api.schemas import (
 )
 from tokenledger.db.uow import unit_of_work
 from tokenledger.errors import AccountNotFound
-from tokenledger.ledger.reports import get_account, monthly_report, statistics, wallets
+from tokenledger.ledger.reports import balance, get_account, monthly_report, statistics
 from tokenledger.messages import clean_text
 from tokenledger.timeutil import utcnow
 
@@ -42,11 +42,9 @@ def _user(user_id: str) -> str:
 def _account(api: Api, user_id: str, created: bool) -> dict[str, Any]:
     with unit_of_work(api.settings) as uow:
         session = uow.session
-        account = get_account(session, user_id)
-        items = wallets(session, account, utcnow())
-    return {"userId": user_id, "plan": account.plan_code, "timezone": account.timezone,
-            "created": created, "balance": sum(w["balance"] for w in items if w["is_active"]),
-            "wallets": [wallet_out(w) for w in items]}
+        b = balance(session, user_id, uow.now)
+    return {"userId": user_id, "plan": b.plan, "timezone": b.timezone, "created": created,
+            "balance": b.balance, "wallets": [wallet_out(w) for w in b.wallets]}
 
 
 @router.post("", status_code=201, response_model=Envelope[AccountOut],

@@ -24,7 +24,8 @@ from tokenledger.api.schemas import (
     When,
 )
 from tokenledger.db.uow import unit_of_work
-from tokenledger.ledger.reports import balance_summary, can_afford, get_account, history, wallets
+from tokenledger.ledger.reports import balance as read_balance
+from tokenledger.ledger.reports import balance_summary, can_afford, get_account, history
 from tokenledger.sdk.client import build_event, new_key
 from tokenledger.timeutil import utcnow
 
@@ -91,13 +92,11 @@ def create_wallet(body: CreateWalletIn, api: Api,
     wallet_id = outcome.result.get("wallet_id")
     with unit_of_work(api.settings) as uow:
         session = uow.session
-        account = get_account(session, body.user_id)
-        items = wallets(session, account, utcnow())
-    found = next((w for w in items if w["id"] == wallet_id), None)
+        b = read_balance(session, body.user_id, uow.now)
+    found = next((w for w in b.wallets if w.id == wallet_id), None)
     return JSONResponse({"success": True, "message": "Wallet credited", "data": {
         "key": event.key, "status": "applied",
-        "wallet": wallet_out(found) if found else None,
-        "totalBalance": sum(w["balance"] for w in items if w["is_active"])}},
+        "wallet": wallet_out(found) if found else None, "totalBalance": b.balance}},
         status_code=201)
 
 

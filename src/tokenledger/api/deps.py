@@ -4,20 +4,18 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from datetime import datetime
 from typing import Annotated, Any, NoReturn
 
 from fastapi import Depends, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from sqlalchemy import select
 
 from tokenledger.api.schemas import ErrorBody
 from tokenledger.apikeys.service import KeyCache
 from tokenledger.config import Settings
+from tokenledger.db.sql import statement
 from tokenledger.db.uow import unit_of_work
-from tokenledger.ledger.models import EventOutcome
-from tokenledger.queue.models import DeadLetter
+from tokenledger.results import WalletInfo
 from tokenledger.sdk.client import LedgerClient
 from tokenledger.tokenprocess.pool import StartPool
 
@@ -65,10 +63,11 @@ def wants_async(prefer: str | None) -> bool:
                                 for p in prefer.split(","))
 
 
-def wallet_out(w: dict[str, Any]) -> dict[str, Any]:
-    expires: datetime | None = w["expires_at"]
-    return {"id": w["id"], "balanceTokens": w["balance"], "walletType": w["wallet_type"],
-            "isActive": w["is_active"], "expiresAt": expires.isoformat() if expires else None}
+def wallet_out(w: WalletInfo) -> dict[str, Any]:
+    """A wallet in the seeds' shape."""
+    return {"id": w.id, "balanceTokens": w.balance, "walletType": w.wallet_type,
+            "isActive": w.is_active,
+            "expiresAt": w.expires_at.isoformat() if w.expires_at else None}
 
 
 @dataclass(frozen=True)
@@ -80,22 +79,17 @@ class Outcome:
 
 
 def lookup(settings: Settings, key: str, payload_hash: str | None = None) -> Outcome:
-    """The stored outcome of ``key`` now; ``conflict`` if it was stored for another payload."""
+    """The stored outcome of ``key`` now (``ledger/sql/outcome.sql``); ``conflict`` if it
+    was stored for another payload."""
     with unit_of_work(settings) as uow:
-        session = uow.session
-        row = session.execute(
-            select(EventOutcome.outcome, EventOutcome.reason, EventOutcome.result,
-                   EventOutcome.payload_hash).where(EventOutcome.key == key)).first()
-        if row is not None:
-            if payload_hash is not None and row.payload_hash != payload_hash:
-                return Outcome(key, "conflict",
-                               "key already used with a different payload; not applied")
-            return Outcome(key, row.outcome, row.reason, row.result or {})
-        dead = session.execute(select(DeadLetter.reason).where(DeadLetter.key == key)
-                               .order_by(DeadLetter.id.desc()).limit(1)).first()
-        if dead is not None:
-            return Outcome(key, "dead_lettered", dead.reason)
-    return Outcome(key, "pending")
+        row = uow.session.execute(statement("tokenledger.ledger", "outcome"),
+                                  {"key": key}).first()
+    if row is None:
+        return Outcome(key, "pending")
+    _, outcome, reason, result, stored_hash = row
+    if payload_hash is not None and stored_hash is not None and stored_hash != payload_hash:
+        return Outcome(key, "conflict", "key already used with a different payload; not applied")
+    return Outcome(key, outcome, reason, result or {})
 
 
 def wait_outcome(settings: Settings, key: str, payload_hash: str | None,

@@ -26,8 +26,8 @@ from tokenledger.api.deps import AUTH_ERRORS, Api, invalid, publish_and_wait, re
 from tokenledger.api.schemas import EndIn, EndOut, Envelope, ErrorBody, Key, StartIn, StartOut
 from tokenledger.db.uow import unit_of_work
 from tokenledger.ledger.reports import get_account
+from tokenledger.results import StartResult
 from tokenledger.sdk.client import build_event, new_key
-from tokenledger.tokenprocess.service import StartResult
 
 START_PATH = "/api/token-process/start"
 # A start's body is a few hundred bytes at most; a larger one is not ordinary.

@@ -6,7 +6,7 @@ from typing import Annotated
 
 import typer
 
-from tokenledger.cli import JsonOpt, app, console, print_json, settings
+from tokenledger.cli.base import JsonOpt, app, console, print_json, settings
 
 accounts_app = typer.Typer(no_args_is_help=True, help="Open and inspect accounts.")
 app.add_typer(accounts_app, name="accounts")

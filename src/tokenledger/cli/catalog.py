@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from tokenledger.cli import JsonOpt, app, console, fail, print_json, settings
+from tokenledger.cli.base import JsonOpt, app, console, fail, print_json, settings
 
 catalog_app = typer.Typer(no_args_is_help=True, help="Plans, features and model prices.")
 app.add_typer(catalog_app, name="catalog")

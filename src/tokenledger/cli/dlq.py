@@ -6,7 +6,7 @@ from typing import Annotated
 
 import typer
 
-from tokenledger.cli import JsonOpt, app, console, fail, print_json, settings
+from tokenledger.cli.base import JsonOpt, app, console, fail, print_json, settings
 
 dlq_app = typer.Typer(no_args_is_help=True, help="The dead-letter store.")
 app.add_typer(dlq_app, name="dlq")

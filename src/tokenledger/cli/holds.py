@@ -6,7 +6,7 @@ from typing import Annotated
 
 import typer
 
-from tokenledger.cli import JsonOpt, app, console, fail, print_json, settings
+from tokenledger.cli.base import JsonOpt, app, console, fail, print_json, settings
 
 holds_app = typer.Typer(no_args_is_help=True, help="Token-process holds.")
 app.add_typer(holds_app, name="holds")

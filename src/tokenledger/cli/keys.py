@@ -6,7 +6,7 @@ from typing import Annotated
 
 import typer
 
-from tokenledger.cli import JsonOpt, app, console, fail, print_json, settings
+from tokenledger.cli.base import JsonOpt, app, console, fail, print_json, settings
 
 keys_app = typer.Typer(no_args_is_help=True, help="Server API keys for the HTTP API.")
 app.add_typer(keys_app, name="keys")

@@ -6,7 +6,7 @@ from typing import Annotated
 
 import typer
 
-from tokenledger.cli import JsonOpt, app, console, print_json, settings
+from tokenledger.cli.base import JsonOpt, app, console, print_json, settings
 
 
 @app.command()

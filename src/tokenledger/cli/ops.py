@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from tokenledger.cli import JsonOpt, app, console, print_json, settings
+from tokenledger.cli.base import JsonOpt, app, console, print_json, settings
 
 if TYPE_CHECKING:
     from tokenledger.config import Settings

@@ -7,7 +7,7 @@ from typing import Annotated, Any
 
 import typer
 
-from tokenledger.cli import app, console, settings
+from tokenledger.cli.base import app, console, settings
 
 publish_app = typer.Typer(no_args_is_help=True, help="Publish an event to the workers.")
 app.add_typer(publish_app, name="publish")

@@ -6,7 +6,7 @@ from typing import Annotated, Any
 
 import typer
 
-from tokenledger.cli import JsonOpt, app, console, print_json, settings
+from tokenledger.cli.base import JsonOpt, app, console, print_json, settings
 
 renew_app = typer.Typer(no_args_is_help=True,
                         help="Daily resets, monthly renewals and wallet expiry.")

@@ -10,7 +10,7 @@ from typing import Annotated
 
 import typer
 
-from tokenledger.cli import app, console, fail, print_json, settings
+from tokenledger.cli.base import app, console, fail, print_json, settings
 
 embedded_app = typer.Typer(no_args_is_help=True,
                            help="The embedded PostgreSQL and Redis (the default with nothing "

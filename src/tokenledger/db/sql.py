@@ -12,8 +12,10 @@ from __future__ import annotations
 import re
 from functools import cache
 from importlib import resources
+from typing import TYPE_CHECKING
 
-from sqlalchemy import TextClause, text
+if TYPE_CHECKING:
+    from sqlalchemy import TextClause
 
 # ``:name`` but not ``::type`` casts, and not a time of day ('12:30').
 PLACEHOLDER = re.compile(r"(?<![:\w]):([A-Za-z_]\w*)")
@@ -37,6 +39,8 @@ def load(package: str, name: str) -> str:
 @cache
 def statement(package: str, name: str) -> TextClause:
     """:func:`load` as a SQLAlchemy statement (parsed once per process)."""
+    from sqlalchemy import text
+
     return text(load(package, name))
 
 

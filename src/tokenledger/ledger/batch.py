@@ -16,7 +16,7 @@ through a :class:`Batch`:
 from __future__ import annotations
 
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
@@ -30,6 +30,7 @@ from tokenledger.ledger.models import STANDARD, EventOutcome, LedgerEntry, Walle
 from tokenledger.ledger.models import Account as _Account
 from tokenledger.ledger.wallets import AccountState, WalletState, allocate, draw_order
 from tokenledger.notify.service import BalanceChange
+from tokenledger.results import EventResult
 from tokenledger.timeutil import as_utc, utcnow
 from tokenledger.tokenprocess.models import Hold, HoldState
 
@@ -38,21 +39,6 @@ wallets_t = Wallet.__table__
 entries_t = LedgerEntry.__table__
 outcomes_t = EventOutcome.__table__
 holds_t = Hold.__table__
-
-
-@dataclass(frozen=True, slots=True)
-class EventResult:
-    """What happened to one event: applied / declined / rejected (stored), or
-    duplicate / conflict / dead_lettered / deferred / pending (not stored as an outcome)."""
-
-    key: str
-    status: str
-    reason: str | None = None
-    data: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def final(self) -> bool:
-        return self.status not in ("pending", "deferred")
 
 
 class Rejected(Exception):

@@ -17,8 +17,10 @@ from sqlalchemy import String, case, cast, distinct, func, literal, select
 from sqlalchemy.orm import Session
 
 from tokenledger.catalog.service import Catalog, current_catalog
+from tokenledger.db.sql import statement
 from tokenledger.errors import AccountNotFound, ValidationFailed
 from tokenledger.ledger.models import Account, LedgerEntry, Wallet
+from tokenledger.results import Balance, balance_of
 from tokenledger.timeutil import as_utc
 
 PROJECT_CREATION = "project_creation"
@@ -97,17 +99,12 @@ def history(session: Session, user_id: str, *, limit: int = 50, offset: int = 0,
 # -- balances ------------------------------------------------------------------------------
 
 
-def wallets(session: Session, account: Account, now: datetime) -> list[dict[str, Any]]:
-    """The account's wallets, oldest first; ``is_active`` is false once expired."""
-    rows = session.execute(select(Wallet).where(Wallet.account_id == account.id)
-                           .order_by(Wallet.id)).scalars()
-    out = []
-    for w in rows:
-        expires_at = as_utc(w.expires_at)
-        out.append({"id": w.id, "wallet_type": w.wallet_type, "balance": w.balance,
-                    "expires_at": expires_at,
-                    "is_active": bool(w.is_active) and (expires_at is None or expires_at > now)})
-    return out
+def balance(session: Session, user_id: str, now: datetime) -> Balance:
+    """The account's plan, total over live wallets and each wallet (``sql/balance.sql``,
+    the same read the SDK runs); raises AccountNotFound."""
+    rows = session.execute(statement("tokenledger.ledger", "balance"),
+                           {"user_id": user_id, "now": now}).all()
+    return balance_of(user_id, [tuple(r) for r in rows])
 
 
 def feature_cost(catalog: Catalog, feature: str) -> int | None:
@@ -121,36 +118,32 @@ def feature_cost(catalog: Catalog, feature: str) -> int | None:
 def balance_summary(session: Session, user_id: str, catalog: Catalog,
                     now: datetime) -> dict[str, Any]:
     """Total over live wallets, each wallet, and whether a project can be created."""
-    account = get_account(session, user_id)
-    items = wallets(session, account, now)
-    total = sum(w["balance"] for w in items if w["is_active"])
-    available = sum(max(w["balance"], 0) for w in items if w["is_active"])
+    b = balance(session, user_id, now)
+    available = sum(max(w.balance, 0) for w in b.wallets if w.is_active)
     required = feature_cost(catalog, PROJECT_CREATION) or 0
-    can_create = (catalog.plan_includes(account.plan_code, PROJECT_CREATION)
+    can_create = (catalog.plan_includes(b.plan, PROJECT_CREATION)
                   and PROJECT_CREATION in catalog.features and available >= required)
-    return {"user_id": user_id, "plan": account.plan_code, "timezone": account.timezone,
-            "balance": total, "available": available, "can_create_project": can_create,
-            "required_tokens": required, "wallets": items}
+    return {"user_id": user_id, "plan": b.plan, "timezone": b.timezone,
+            "balance": b.balance, "available": available, "can_create_project": can_create,
+            "required_tokens": required, "wallets": b.wallets}
 
 
 def can_afford(session: Session, user_id: str, feature: str, catalog: Catalog,
                now: datetime) -> dict[str, Any]:
     """Whether the account may use ``feature`` now: cost, balance and the deficit if not."""
-    account = get_account(session, user_id)
+    b = balance(session, user_id, now)
     cost = feature_cost(catalog, feature)
     if cost is None:
         raise ValidationFailed(f"feature: unknown feature {feature!r}")
-    items = wallets(session, account, now)
-    balance = sum(w["balance"] for w in items if w["is_active"])
-    available = sum(max(w["balance"], 0) for w in items if w["is_active"])
-    included = catalog.plan_includes(account.plan_code, feature)
+    available = sum(max(w.balance, 0) for w in b.wallets if w.is_active)
+    included = catalog.plan_includes(b.plan, feature)
     deficit = max(0, cost - available)
     reason = None
     if not included:
         reason = "Feature endpoint is not available in your package"
     elif deficit:
         reason = f"Insufficient tokens (required {cost}, available {available})"
-    return {"user_id": user_id, "feature": feature, "cost": cost, "balance": balance,
+    return {"user_id": user_id, "feature": feature, "cost": cost, "balance": b.balance,
             "available": available, "can_afford": included and deficit == 0,
             "deficit": deficit, "reason": reason}
 
@@ -420,4 +413,4 @@ def monthly_report(session: Session, user_id: str, month: str | None, now: datet
 
 __all__ = ["account_id", "balance_at", "balance_summary", "can_afford", "describe_entry",
            "feature_cost", "get_account", "history", "month_bounds", "monthly_report",
-           "statistics", "wallets"]
+           "statistics", "balance"]

@@ -17,7 +17,7 @@ from sqlalchemy.dialects.postgresql import insert
 
 from tokenledger.db.uow import UnitOfWork
 from tokenledger.errors import InsufficientTokens, RetryableConflict
-from tokenledger.ledger.batch import Batch, Deferred, EventResult, Rejected, accounts_t
+from tokenledger.ledger.batch import Batch, Deferred, Rejected, accounts_t
 from tokenledger.ledger.models import STANDARD, Account, EventConflict
 from tokenledger.ledger.wallets import AccountState
 from tokenledger.messages import (
@@ -31,6 +31,7 @@ from tokenledger.messages import (
 from tokenledger.notify import service as notify
 from tokenledger.notify.service import BalanceChange
 from tokenledger.queue import deadletters
+from tokenledger.results import EventResult
 from tokenledger.timeutil import local_date
 from tokenledger.tokenprocess import service as token_process
 

@@ -6,19 +6,13 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, TypeAdapter, ValidationError
-from sqlalchemy import select
 
 from tokenledger.config import Settings, get_settings
-from tokenledger.db.errors import QUICK
-from tokenledger.db.uow import unit_of_work
-from tokenledger.errors import AccountNotFound, ResultTimeout, ValidationFailed
-from tokenledger.ledger.batch import EventResult
-from tokenledger.ledger.models import Account, EventOutcome, Wallet
+from tokenledger.errors import ResultTimeout, ValidationFailed
 from tokenledger.messages import (
     MAX_BATCH,
     AnyEvent,
@@ -28,32 +22,18 @@ from tokenledger.messages import (
     describe,
     validated,
 )
-from tokenledger.notify.service import BalanceNotice
-from tokenledger.queue.models import DeadLetter
-from tokenledger.queue.producer import Producer
+from tokenledger.results import Balance, EventResult, StartResult, balance_of
 from tokenledger.sdk.process import TokenProcess
-from tokenledger.timeutil import as_utc, utcnow
-from tokenledger.tokenprocess.service import StartResult
+from tokenledger.timeutil import utcnow
 
+if TYPE_CHECKING:
+    from tokenledger.notify.service import BalanceNotice
+    from tokenledger.queue.producer import Producer
+
+# What a client needs for publishing and reading is imported here; the ORM, Celery and
+# the domain's writers load on first use (a CLI read like `tokenledger balance` never
+# needs them).
 _event: TypeAdapter[Any] = TypeAdapter(Event)
-
-
-@dataclass(frozen=True)
-class WalletInfo:
-    id: int
-    wallet_type: str
-    balance: int
-    expires_at: datetime | None
-    is_active: bool
-
-
-@dataclass(frozen=True)
-class Balance:
-    user_id: str
-    plan: str
-    timezone: str
-    balance: int
-    wallets: list[WalletInfo]
 
 
 def new_key() -> str:
@@ -86,6 +66,8 @@ class LedgerClient:
     def producer(self) -> Producer:
         """The client's producer (one connection, made on first publish)."""
         if self._producer is None:
+            from tokenledger.queue.producer import Producer
+
             self._producer = Producer(self.settings)
         return self._producer
 
@@ -153,6 +135,8 @@ class LedgerClient:
         message. With a ``key``, a retried start returns the first answer.
         Raises AccountNotFound for an unknown user, ValidationFailed for bad numbers.
         """
+        from tokenledger.db.errors import QUICK
+        from tokenledger.db.uow import unit_of_work
         from tokenledger.tokenprocess import service as token_process
 
         request = validated(StartRequest, event_fields(
@@ -183,6 +167,8 @@ class LedgerClient:
     def open_account(self, user_id: str, plan: str | None = None, timezone: str | None = None,
                      key: str | None = None) -> str:
         """Open an account now (idempotent per key, default ``open:<user_id>``)."""
+        from tokenledger.db.errors import QUICK
+        from tokenledger.db.uow import unit_of_work
         from tokenledger.ledger.service import apply_events
 
         event = build_event(event_fields(type="open_account", user_id=user_id, plan=plan,
@@ -215,35 +201,21 @@ class LedgerClient:
             delay = min(delay * 2, 0.1)
 
     def _lookup(self, key: str) -> EventResult | None:
-        with unit_of_work(self.settings) as uow:
-            session = uow.session
-            row = session.execute(
-                select(EventOutcome.outcome, EventOutcome.reason, EventOutcome.result)
-                .where(EventOutcome.key == key)).first()
-            if row is not None:
-                return EventResult(key, row.outcome, row.reason, row.result or {})
-            dead = session.execute(select(DeadLetter.reason).where(DeadLetter.key == key)
-                                   .order_by(DeadLetter.id.desc()).limit(1)).first()
-            if dead is not None:
-                return EventResult(key, "dead_lettered", dead.reason)
-        return None
+        from tokenledger.db.direct import fetch
+
+        rows = fetch(self.settings, "tokenledger.ledger", "outcome", {"key": key})
+        if not rows:
+            return None
+        _, outcome, reason, result, _ = rows[0]
+        return EventResult(key, outcome, reason, result or {})
 
     def balance(self, user_id: str) -> Balance:
         """The account's total over live wallets, and each wallet."""
-        now = utcnow()
-        with unit_of_work(self.settings) as uow:
-            session = uow.session
-            account = session.scalar(select(Account).where(Account.user_id == user_id))
-            if account is None:
-                raise AccountNotFound(user_id)
-            wallets = [WalletInfo(w.id, w.wallet_type, w.balance, as_utc(w.expires_at),
-                                  w.is_active and (w.expires_at is None
-                                                   or as_utc(w.expires_at) > now))
-                       for w in session.scalars(select(Wallet)
-                                                .where(Wallet.account_id == account.id)
-                                                .order_by(Wallet.id))]
-            return Balance(user_id, account.plan_code, account.timezone,
-                           sum(w.balance for w in wallets if w.is_active), wallets)
+        from tokenledger.db.direct import fetch
+
+        rows = fetch(self.settings, "tokenledger.ledger", "balance",
+                     {"user_id": user_id, "now": utcnow()})
+        return balance_of(user_id, rows)
 
     # -- balance notifications -------------------------------------------------------------
 

@@ -26,9 +26,8 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from tokenledger.errors import FeatureNotAccessible
 
 if TYPE_CHECKING:
-    from tokenledger.ledger.batch import EventResult
+    from tokenledger.results import EventResult, StartResult
     from tokenledger.sdk.client import LedgerClient
-    from tokenledger.tokenprocess.service import StartResult
 
 log = logging.getLogger("tokenledger.sdk")
 F = TypeVar("F", bound=Callable[..., Any])

@@ -33,9 +33,9 @@ from tokenledger.messages import StartRequest
 from tokenledger.notify import publisher
 from tokenledger.notify.service import BalanceNotice
 from tokenledger.ops.metrics import START_GROUP_SIZE
+from tokenledger.results import StartResult
 from tokenledger.timeutil import utcnow
 from tokenledger.tokenprocess import service
-from tokenledger.tokenprocess.service import StartResult
 
 log = logging.getLogger("tokenledger.tokenprocess.pool")
 

@@ -25,7 +25,7 @@ from __future__ import annotations
 import json
 import uuid
 from collections import defaultdict
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -37,65 +37,21 @@ from tokenledger.catalog.service import Catalog
 from tokenledger.db.sql import load, pyformat
 from tokenledger.db.uow import UnitOfWork
 from tokenledger.errors import AccountNotFound, Conflict
-from tokenledger.ledger.batch import Batch, EventResult, Rejected, holds_t
+from tokenledger.ledger.batch import Batch, Rejected, holds_t
 from tokenledger.ledger.models import STANDARD
 from tokenledger.ledger.wallets import AccountState, WalletState, allocate, draw_order
 from tokenledger.messages import StartRequest, TokenProcessEnd
 from tokenledger.notify import service as notify
+from tokenledger.results import ACCESSIBLE, NOT_ACCESSIBLE, EventResult, StartResult
 from tokenledger.timeutil import as_utc
 from tokenledger.tokenprocess.models import OPEN, HoldState
 
-ACCESSIBLE = "accessible"
-NOT_ACCESSIBLE = "not-accessible"
 RETURNABLE = "returnable"
 NOT_RETURNABLE = "not-returnable"
 # The seed's messages, word for word: clients match on them.
 INSUFFICIENT = "Insufficient tokens"
 NOT_IN_PACKAGE = "Feature endpoint is not available in your package"
 START_EVENT = "token_process_start"
-
-
-@dataclass(frozen=True, slots=True)
-class StartResult:
-    """The answer of a token-process start, in the seed's terms.
-
-    ``token`` is the available balance (after the hold, when one was placed); ``held`` the
-    credits set aside; ``required`` what the start needed when it was refused for tokens.
-    """
-
-    status: str
-    token: int
-    message: str | None = None
-    hold_id: int | None = None
-    user_id: str | None = None
-    feature_endpoint_id: str | None = None
-    held: int = 0
-    required: int | None = None
-    expires_at: datetime | None = None
-
-    @property
-    def accessible(self) -> bool:
-        return self.status == ACCESSIBLE
-
-    @classmethod
-    def from_stored(cls, data: dict[str, Any], available: int) -> StartResult:
-        """A stored start's answer, with the balance available now."""
-        expires = data.get("expires_at")
-        return cls(data["status"], available, data.get("message"), data.get("hold_id"),
-                   data.get("user_id"), data.get("feature_endpoint_id"),
-                   data.get("held", 0), data.get("required"),
-                   datetime.fromisoformat(expires) if expires else None)
-
-    def as_dict(self) -> dict[str, Any]:
-        """JSON-ready, without empty fields."""
-        # Every field is a scalar: no need for asdict's deep copy on the hot path.
-        data = {name: getattr(self, name) for name in _START_FIELDS}
-        if self.expires_at is not None:
-            data["expires_at"] = self.expires_at.isoformat()
-        return {k: v for k, v in data.items() if v is not None}
-
-
-_START_FIELDS = tuple(f.name for f in fields(StartResult))
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,0 +1,103 @@
+"""What callers read back: an event's outcome, a start's answer, a balance.
+
+Plain data, shared by the domain that produces them and the SDK, the CLI and the API that
+hand them out; importing this module costs nothing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from datetime import datetime
+from typing import Any
+
+ACCESSIBLE = "accessible"
+NOT_ACCESSIBLE = "not-accessible"
+
+
+@dataclass(frozen=True, slots=True)
+class EventResult:
+    """What happened to one event: applied / declined / rejected (stored), or
+    duplicate / conflict / dead_lettered / deferred / pending (not stored as an outcome)."""
+
+    key: str
+    status: str
+    reason: str | None = None
+    data: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def final(self) -> bool:
+        return self.status not in ("pending", "deferred")
+
+
+@dataclass(frozen=True, slots=True)
+class StartResult:
+    """The answer of a token-process start, in the seed's terms.
+
+    ``token`` is the available balance (after the hold, when one was placed); ``held`` the
+    credits set aside; ``required`` what the start needed when it was refused for tokens.
+    """
+
+    status: str
+    token: int
+    message: str | None = None
+    hold_id: int | None = None
+    user_id: str | None = None
+    feature_endpoint_id: str | None = None
+    held: int = 0
+    required: int | None = None
+    expires_at: datetime | None = None
+
+    @property
+    def accessible(self) -> bool:
+        return self.status == ACCESSIBLE
+
+    @classmethod
+    def from_stored(cls, data: dict[str, Any], available: int) -> StartResult:
+        """A stored start's answer, with the balance available now."""
+        expires = data.get("expires_at")
+        return cls(data["status"], available, data.get("message"), data.get("hold_id"),
+                   data.get("user_id"), data.get("feature_endpoint_id"),
+                   data.get("held", 0), data.get("required"),
+                   datetime.fromisoformat(expires) if expires else None)
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-ready, without empty fields."""
+        # Every field is a scalar: no need for asdict's deep copy on the hot path.
+        data = {name: getattr(self, name) for name in _START_FIELDS}
+        if self.expires_at is not None:
+            data["expires_at"] = self.expires_at.isoformat()
+        return {k: v for k, v in data.items() if v is not None}
+
+
+_START_FIELDS = tuple(f.name for f in fields(StartResult))
+
+
+@dataclass(frozen=True)
+class WalletInfo:
+    id: int
+    wallet_type: str
+    balance: int
+    expires_at: datetime | None
+    is_active: bool
+
+
+@dataclass(frozen=True)
+class Balance:
+    user_id: str
+    plan: str
+    timezone: str
+    balance: int
+    wallets: list[WalletInfo]
+
+
+def balance_of(user_id: str, rows: list[Any]) -> Balance:
+    """A Balance from the rows of ``ledger/sql/balance.sql`` (AccountNotFound: none)."""
+    from tokenledger.errors import AccountNotFound
+    from tokenledger.timeutil import as_utc
+
+    if not rows:
+        raise AccountNotFound(user_id)
+    wallets = [WalletInfo(r[2], r[3], r[4], as_utc(r[5]), bool(r[6])) for r in rows
+               if r[2] is not None]
+    return Balance(user_id, rows[0][0], rows[0][1],
+                   sum(w.balance for w in wallets if w.is_active), wallets)
