@@ -117,8 +117,7 @@ class KeyCache:
     the cache never holds a key itself. An answer in the last quarter of its life is
     still served, and the first request to see it there is told to look the key up again
     (:meth:`lookup`): a key in steady use is re-read before it expires instead of every
-    request of that moment missing at once and looking it up (measured at ~16 lookups
-    every 2 s under the HTTP start bench, each through the slow path).
+    request of that moment missing at once and looking it up.
     """
 
     def __init__(self, ttl: float = 2.0, max_entries: int = 10_000) -> None:

@@ -232,7 +232,7 @@ def run_bench(*, admin_url: str, broker_url: str, accounts: int = 100_000,
     return report
 
 
-BENCH_DIR = Path(__file__).resolve().parents[2] / "bench"
+BENCH_DIR = Path(__file__).resolve().parents[3] / "bench"
 
 
 def harness(script: str, args: list[str], console: Console) -> dict[str, Any] | None:

@@ -65,8 +65,7 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "task_reject_on_worker_lost": True,
         "worker_prefetch_multiplier": 2,
         # Two processes per core: a worker waits on the database (locks, the commit's
-        # fsync) about as long as it computes. Measured: same throughput, publish ->
-        # committed p99 at half saturation 2.4 s with 2 processes, 0.19 s with 4.
+        # fsync) about as long as it computes (docs/performance.md).
         "worker_concurrency": settings.worker_concurrency or 2 * (os.cpu_count() or 1),
         "worker_send_task_events": True,
         "task_send_sent_event": False,
