@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Install everything and run the whole test suite against the real PostgreSQL and Redis.
+# Install everything and run the whole test suite against the real PostgreSQL, Redis and
+# RabbitMQ.
 # Starts the local servers when they are installed but stopped. Extra arguments go to pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -15,6 +16,11 @@ fi
 if command -v redis-server >/dev/null 2>&1 && ! redis-cli -h 127.0.0.1 ping >/dev/null 2>&1; then
     echo "starting Redis"
     redis-server --daemonize yes --bind 127.0.0.1 --port 6379 --save "" --appendonly no
+fi
+if command -v rabbitmq-server >/dev/null 2>&1 && ! rabbitmq-diagnostics -q ping >/dev/null 2>&1; then
+    echo "starting RabbitMQ"
+    rabbitmq-server -detached || true
+    for _ in $(seq 1 60); do rabbitmq-diagnostics -q ping >/dev/null 2>&1 && break; sleep 1; done
 fi
 for _ in $(seq 1 30); do
     pg_isready -q -h 127.0.0.1 -p 5432 2>/dev/null && break

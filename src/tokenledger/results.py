@@ -16,17 +16,36 @@ NOT_ACCESSIBLE = "not-accessible"
 
 @dataclass(frozen=True, slots=True)
 class EventResult:
-    """What happened to one event: applied / declined / rejected (stored), or
-    duplicate / conflict / dead_lettered / deferred / pending (not stored as an outcome)."""
+    """What happened to one event.
+
+    ``status`` is ``applied``, ``declined`` or ``rejected`` (the stored outcome),
+    ``conflict`` (the key was first used with another payload: this event was never
+    applied, and ``stored`` is what the key did), ``dead_lettered``, ``pending`` (no
+    outcome yet) or, inside a worker's batch, ``duplicate`` / ``deferred``.
+
+    ``replay`` tells, when the reader published the event itself, whether its publish is
+    the one that applied the key (False) or one that found the key already applied and
+    reads its stored outcome (True); None when that cannot be told.
+    """
 
     key: str
     status: str
     reason: str | None = None
     data: dict[str, Any] = field(default_factory=dict)
+    replay: bool | None = None
+    stored: EventResult | None = None
 
     @property
     def final(self) -> bool:
         return self.status not in ("pending", "deferred")
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-ready."""
+        out: dict[str, Any] = {"key": self.key, "status": self.status, "reason": self.reason,
+                               "data": self.data, "replay": self.replay}
+        if self.stored is not None:
+            out["stored"] = self.stored.as_dict()
+        return out
 
 
 @dataclass(frozen=True, slots=True)

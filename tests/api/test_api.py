@@ -596,7 +596,7 @@ def test_end_answers_202_when_no_worker_stores_an_outcome_in_time(
     finally:
         server.stop()
         with LedgerClient(idle) as client:
-            client.producer.app.connection_for_write().default_channel.queue_purge(idle.queue)
+            client.producer.purge()
 
 
 # -- events ----------------------------------------------------------------------------------

@@ -103,7 +103,7 @@ def test_worker_log_lines_parse_as_json_and_carry_event_context(settings, db, tm
             client.open_account(user)
             key = client.charge(user, amount=2)
             assert client.result(key, timeout=30).status == "applied"
-            client.producer.app.send_task(APPLY_EVENTS, args=[["not an event"]], queue=own.queue)
+            client.producer.send(APPLY_EVENTS, [["not an event"]], queue=own.queue)
             deadline = time.monotonic() + 30
             while (b'"outcomes":{"dead_lettered":1}' not in err.read_bytes()
                    and time.monotonic() < deadline):

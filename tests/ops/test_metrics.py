@@ -70,9 +70,8 @@ def test_worker_metrics_move_when_events_are_applied(metered, db):
         again = client.publish({"type": "charge", "key": charged, "user_id": user,
                                 "feature": "project_creation"})
         assert again == charged
-        # A malformed message, published without the SDK (no published_at header).
-        client.producer.app.send_task(APPLY_EVENTS, args=[{"type": "charge", "v": 1}],
-                                 queue=own.queue)
+        # A malformed event.
+        client.producer.send(APPLY_EVENTS, [{"type": "charge", "v": 1}], queue=own.queue)
 
         expected = {
             ("tokenledger_events_total", "applied", "charge", "project_creation"): 1,
@@ -100,11 +99,13 @@ def test_worker_metrics_move_when_events_are_applied(metered, db):
 
     assert grew("tokenledger_credits_charged_total", feature="project_creation") == 1
     assert grew("tokenledger_credits_granted_total", source="credit") == 10
-    assert grew("tokenledger_apply_batch_size_count") == 5
+    # Five messages of one event each, applied in one to five groups (a worker applies
+    # the messages it holds together).
+    groups = grew("tokenledger_apply_batch_size_count")
+    assert 1 <= groups <= 5
     assert grew("tokenledger_apply_batch_size_sum") == 5
-    assert grew("tokenledger_apply_duration_seconds_count") == 5
-    # Four messages carried the SDK's published_at header; the hand-made one did not.
-    assert grew("tokenledger_publish_to_commit_seconds_count") == 4
+    assert grew("tokenledger_apply_duration_seconds_count") == groups
+    assert grew("tokenledger_publish_to_commit_seconds_count") == groups
     assert 0 < grew("tokenledger_publish_to_commit_seconds_sum") < 30
 
 

@@ -86,9 +86,10 @@ def lookup(settings: Settings, key: str, payload_hash: str | None = None) -> Out
                                   {"key": key}).first()
     if row is None:
         return Outcome(key, "pending")
-    _, outcome, reason, result, stored_hash = row
+    _, outcome, reason, result, stored_hash, _message = row
     if payload_hash is not None and stored_hash is not None and stored_hash != payload_hash:
-        return Outcome(key, "conflict", "key already used with a different payload; not applied")
+        return Outcome(key, "conflict", f"key {key!r} was first used with another payload "
+                       f"(stored outcome: {outcome}); this request was not applied")
     return Outcome(key, outcome, reason, result or {})
 
 

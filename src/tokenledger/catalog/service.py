@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 from importlib import resources
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from sqlalchemy import delete, func, select
@@ -204,6 +204,16 @@ def ensure_catalog(session: Session, path: Path | None) -> int | None:
 REFRESH_SECONDS = 1.0
 _cache: dict[str, tuple[Catalog, float]] = {}
 _cache_lock = threading.Lock()
+
+
+def cached_catalog(settings: Any) -> Catalog | None:
+    """The catalog this process read last for ``settings``' database, if any (no I/O)."""
+    from tokenledger.db.engine import get_engine
+
+    engine = get_engine(settings.ledger_url())
+    with _cache_lock:
+        cached = _cache.get(str(engine.url))
+    return cached[0] if cached is not None else None
 
 
 def current_catalog(session: Session) -> Catalog:

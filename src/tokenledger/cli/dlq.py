@@ -48,7 +48,7 @@ def _ids(ids: list[int] | None, all_: bool) -> list[int] | None:
 def dlq_retry(ids: IdsArg = None, all_: AllOpt = False) -> None:
     """Publish dead letters again (the worker re-validates them) and remove them."""
     from tokenledger.db.uow import unit_of_work
-    from tokenledger.queue.deadletters import payload_of, select_ids
+    from tokenledger.queue.deadletters import redrive
     from tokenledger.queue.producer import Producer
 
     wanted = _ids(ids, all_)
@@ -56,14 +56,15 @@ def dlq_retry(ids: IdsArg = None, all_: AllOpt = False) -> None:
     producer = Producer(s)
     try:
         with unit_of_work(s) as uow:
-            letters = select_ids(uow.session, wanted)
-            for letter in letters:
-                # Raw, as it was: the worker validates it again.
-                producer.publish_events(payload_of(letter))
-                uow.session.delete(letter)
+            done = redrive(uow.session, producer, wanted)
     finally:
         producer.close()
-    console().print(f"re-published {len(letters)} dead letter(s)")
+    for letter_id, why in done.kept:
+        console().print(f"kept dead letter {letter_id}: {why}")
+    console().print(f"re-published {len(done.sent)} dead letter(s)")
+    if done.missing:
+        fail(f"no dead letter with id {', '.join(map(str, done.missing))} "
+             "(`tokenledger dlq list` shows them)")
 
 
 @dlq_app.command("drop")

@@ -54,7 +54,7 @@ def _workers(s: Settings, timeout: float) -> tuple[dict[str, Any], set[str], str
 
     producer = Producer(s)
     try:
-        inspect = producer.app.control.inspect(timeout=timeout)
+        inspect = producer.inspect(timeout=timeout)
         replies = inspect.ping() or {}
         queues_by_worker = (inspect.active_queues() or {}) if replies else {}
     except Exception as exc:  # noqa: BLE001 - status reports what it can

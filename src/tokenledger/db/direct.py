@@ -7,6 +7,7 @@ a process that only asks them never loads SQLAlchemy.
 
 from __future__ import annotations
 
+import atexit
 import os
 import threading
 from typing import TYPE_CHECKING, Any
@@ -32,6 +33,8 @@ def _connect(url: str) -> psycopg.Connection[Any]:
         # SQLAlchemy's driver prefix off: the rest is a libpq URL.
         conn = psycopg.connect(url.replace("postgresql+psycopg://", "postgresql://", 1),
                                autocommit=True, connect_timeout=10)
+        if not _connections:
+            atexit.register(close_all)
         _connections[url] = (os.getpid(), conn)  # a forked child makes its own
         return conn
 

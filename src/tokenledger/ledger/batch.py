@@ -209,12 +209,13 @@ class Batch:
         return touched
 
     def store(self, key: str, user_id: str, event_type: str, digest: str,
-              result: EventResult) -> None:
-        """Record ``result`` as the stored outcome of ``key`` (written by ``flush``)."""
+              result: EventResult, message_id: str | None = None) -> None:
+        """Record ``result`` as the stored outcome of ``key`` (written by ``flush``), with
+        the message that carried it."""
         self.outcomes.append({
             "key": key, "payload_hash": digest, "user_id": user_id,
             "event_type": event_type, "outcome": result.status, "reason": result.reason,
-            "result": result.data, "created_at": self.now,
+            "result": result.data, "created_at": self.now, "message_id": message_id,
         })
         self.stored[key] = Stored(digest, result.status, result.reason, result.data)
 

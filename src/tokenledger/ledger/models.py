@@ -116,6 +116,9 @@ class EventOutcome(Base):
     reason: Mapped[str | None] = mapped_column(Text)
     result: Mapped[dict[str, Any] | None] = mapped_column(Json)
     created_at: Mapped[datetime] = mapped_column(Timestamp, server_default=func.now())
+    # The message that first applied the key (its publisher reads "applied", any other
+    # publish of the key a replay).
+    message_id: Mapped[str | None] = mapped_column(String(64, collation="C"))
     __table_args__ = (
         CheckConstraint(one_of("outcome", OUTCOMES), name="outcome_kind"),
     )

@@ -49,13 +49,16 @@ class BatchResult:
         return sum(1 for r in self.results if r.status == status)
 
 
-def apply_events(uow: UnitOfWork, events: list[AnyEvent]) -> BatchResult:
+def apply_events(uow: UnitOfWork, events: list[AnyEvent],
+                 sources: dict[str, str] | None = None) -> BatchResult:
     """Apply validated events in order, each key at most once, in the caller's unit of
-    work; their balance notices are published once it commits.
+    work; their balance notices are published once it commits. ``sources`` names the
+    message that carried each event key (stored with its outcome).
 
     Duplicates return the stored outcome and change nothing; a reused key with another
     payload is recorded as a conflict; events for unknown accounts are dead-lettered.
     """
+    sources = sources or {}
     batch = Batch(uow)
     batch.lock_accounts(user_ids=[e.user_id for e in events])
     originals = {e.original_key for e in events if isinstance(e, Refund)}
@@ -102,7 +105,8 @@ def apply_events(uow: UnitOfWork, events: list[AnyEvent]) -> BatchResult:
                 deferred.append(event)
                 results.append(EventResult(event.key, "deferred", str(exc)))
                 continue
-        batch.store(event.key, event.user_id, event.type, digest, result)
+        batch.store(event.key, event.user_id, event.type, digest, result,
+                    sources.get(event.key))
         results.append(result)
 
     changes = batch.flush()

@@ -191,7 +191,8 @@ def _run(settings: Settings, console: Console, run: str, n_users: int, n_events:
         client.publish({"type": "charge", "key": stream.key(), "user_id": "nobody-here",
                         "amount": 1})
         stream.counts["unknown account"] += 1
-        client._publish({"type": "charge", "user_id": 42, "amount": "lots"})  # malformed
+        # A malformed event: the worker dead-letters it.
+        client.producer.publish_events({"type": "charge", "user_id": 42, "amount": "lots"})
         stream.counts["malformed messages"] += 1
 
         unique = stream.n

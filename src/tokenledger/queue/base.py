@@ -1,4 +1,6 @@
-"""The one base task: units of work, retries, poison-batch bisection and dead letters.
+"""The base of the tasks that are not coalesced (renewals, housekeeping): units of work,
+failures classified once, retries and dead letters (the ledger's own task, which applies
+groups of messages, bisects them: ``ledger.tasks``).
 
 Task bodies stay thin; everything about failure lives here (warehouse's WarehouseTask,
 dramatiq's middleware).
@@ -20,9 +22,12 @@ from tokenledger.db.errors import Failure, classify, is_transient
 from tokenledger.db.uow import UnitOfWork, unit_of_work
 from tokenledger.ops import metrics
 from tokenledger.ops.logs import log_context
-from tokenledger.queue import deadletters
+from tokenledger.queue import deadletters, inflight
 
 log = logging.getLogger("tokenledger.worker")
+# Messages handed back because a retry could not be published, per task id (bounded).
+_REQUEUES: dict[str, int] = {}
+MAX_REQUEUES = 10
 
 
 class LedgerTask(Task):
@@ -43,86 +48,73 @@ class LedgerTask(Task):
             yield uow
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        with log_context(task_id=self.request.id, task=self.name):
+        # The message's in-flight record (queue.inflight): counted as taken now, cleared
+        # once the task is done with it (not when it is retried or handed back).
+        record, task_id = self._record(), self.request.id
+        if record is not None and task_id:
+            _bookkeeping(record.begin, [task_id])
+        with log_context(task_id=task_id, task=self.name):
             try:
-                return super().__call__(*args, **kwargs)
+                result = super().__call__(*args, **kwargs)
             except (Retry, Reject):
                 raise
             except Exception as exc:  # noqa: BLE001 - every failure is routed, none escapes
-                return self._route_failure(exc, args, kwargs)
+                result = self._route_failure(exc, args, kwargs)
+        if record is not None and task_id:
+            _bookkeeping(record.clear, [task_id], [])
+        return result
 
-    # -- observability: metrics and logs --------------------------------------------------
-
-    def record_batch(self, events: list[Any], invalid: int, result: Any, started: float,
-                     features: Any = ()) -> None:
-        """After commit: count outcomes, batch size and latency; log one summary line."""
-        results = result.results if result is not None else []
-        elapsed = time.perf_counter() - started
-        published_at = self.request.get("published_at")
-        if not isinstance(published_at, int | float):
-            published_at = None
-        metrics.record_batch(events, results, features, invalid=invalid, seconds=elapsed,
-                             published_at=published_at)
-        outcomes: dict[str, int] = {}
-        for r in results:
-            outcomes[r.status] = outcomes.get(r.status, 0) + 1
-        if invalid:
-            outcomes["dead_lettered"] = outcomes.get("dead_lettered", 0) + invalid
-        extra: dict[str, Any] = {"events": len(events) + invalid, "outcomes": outcomes,
-                                 "duration_ms": round(elapsed * 1000, 2)}
-        if published_at is not None:
-            extra["latency_ms"] = round(max(0.0, time.time() - published_at) * 1000, 2)
-        if len(events) == 1 and results:
-            extra.update(event_key=events[0].key, user_id=events[0].user_id,
-                         outcome=results[0].status, event_type=events[0].type)
-        log.info("applied %d event(s) in %.1f ms", len(events) + invalid, elapsed * 1000,
-                 extra=extra)
-        for event, r in zip(events, results, strict=False):
-            if r.status in ("conflict", "dead_lettered"):
-                log.warning("event %s: %s", r.status, r.reason, extra={
-                    "event_key": event.key, "user_id": event.user_id, "outcome": r.status,
-                    "event_type": event.type})
-            elif log.isEnabledFor(logging.DEBUG):
-                log.debug("event %s", r.status, extra={
-                    "event_key": event.key, "user_id": event.user_id, "outcome": r.status,
-                    "event_type": event.type, "reason": r.reason})
+    def _record(self) -> Any:
+        if self.request.called_directly:
+            return None
+        queue = (self.request.delivery_info or {}).get("routing_key") or None
+        try:
+            return inflight.record_for(self.settings, queue)
+        except Exception as exc:  # noqa: BLE001 - bookkeeping never stops the work
+            log.warning("no in-flight record for %s: %s", self.name, exc)
+            return None
 
     def _route_failure(self, exc: Exception, args: tuple[Any, ...],
                        kwargs: dict[str, Any]) -> None:
+        """Classified once (``db.errors.classify``): the database away → retried with
+        backoff for as long as it takes; a race → retried ``max_retries`` times; anything
+        else (a bad signature, bad data, a bug) or a race that keeps failing → the
+        message goes to the dead-letter store at once."""
         retries = self.request.retries or 0
         settings = self.settings
-        # The database is unreachable: the message is safe in the broker; wait it out.
-        if classify(exc) is Failure.UNAVAILABLE or retries < settings.max_retries:
+        failure = classify(exc)
+        if failure is Failure.UNAVAILABLE or (failure is Failure.TRANSIENT
+                                              and retries < settings.max_retries):
             countdown = settings.backoff(retries)
             metrics.RETRIES.labels(task=self.name).inc()
             log.warning("retrying %s in %ss after %s: %s", self.name, countdown,
                         type(exc).__name__, exc, extra={"retries": retries})
             self._retry_or_requeue(exc, countdown)
-        # Out of retries: a batch is bisected so one poison event cannot sink the others.
-        payload = args[0] if args else kwargs.get("payload")
-        if isinstance(payload, list) and len(payload) > 1:
-            mid = len(payload) // 2
-            log.error("%s failed %d times; splitting a batch of %d", self.name, retries + 1,
-                      len(payload))
-            for half in (payload[:mid], payload[mid:]):
-                self.apply_async(args=[half], kwargs={k: v for k, v in kwargs.items()
-                                                      if k != "payload"})
-            return
-        reason = f"repeated failure after {retries + 1} attempts: {type(exc).__name__}: {exc}"
-        log.error("dead-lettering a message: %s", reason)
-        self.dead_letter(payload, reason)
+        why = "repeated failure" if failure is Failure.TRANSIENT else "permanent failure"
+        reason = f"{why} after {retries + 1} attempt(s): {type(exc).__name__}: {exc}"
+        log.error("dead-lettering a %s message: %s", self.name, reason)
+        self.dead_letter({"task": self.name, "args": list(args), "kwargs": kwargs}, reason)
 
     def _retry_or_requeue(self, exc: Exception, countdown: int) -> None:
+        """Publish the retry; only if *that* fails (the broker is away) hand the message
+        back, a bounded number of times per worker process."""
         try:
             raise self.retry(exc=exc, countdown=countdown, max_retries=None)
         except Retry:
             raise
-        except Exception:  # noqa: BLE001 - the broker is down too: hand the message back
+        except Exception as publish_error:  # noqa: BLE001 - the broker, not the task
+            task_id = str(self.request.id)
+            requeues = _REQUEUES[task_id] = _REQUEUES.get(task_id, 0) + 1
+            if requeues > MAX_REQUEUES:
+                _REQUEUES.pop(task_id, None)
+                raise RuntimeError(f"cannot publish a retry: {publish_error}") from exc
+            log.warning("cannot publish a retry of %s (%s); handing the message back",
+                        self.name, publish_error)
             time.sleep(1)
             raise Reject(exc, requeue=True) from exc
 
     def dead_letter(self, payload: Any, reason: str, key: str | None = None) -> None:
-        """Store a message in the dead-letter store; if even that fails, requeue it."""
+        """Store a message in the dead-letter store; if the database is away, retry."""
         try:
             with self.unit_of_work() as uow:
                 deadletters.record(uow.session, payload, reason, uow.now, key=key)
@@ -131,3 +123,12 @@ class LedgerTask(Task):
                 self._retry_or_requeue(exc, self.settings.backoff(3))
             raise
         metrics.record_dead_letter(payload)
+
+
+def _bookkeeping(call: Any, *args: Any) -> None:
+    """In-flight bookkeeping never stops the work: the reconciler repairs a missed step
+    (at worst by running a message twice, which every task absorbs)."""
+    try:
+        call(*args)
+    except Exception as exc:  # noqa: BLE001
+        log.warning("in-flight record not updated: %s", exc)

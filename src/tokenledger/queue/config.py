@@ -47,9 +47,24 @@ def redis_redelivery(visibility_timeout: int) -> dict[str, Any]:
     }
 
 
+def task_queue(name: str) -> Any:
+    """A tokenledger queue on RabbitMQ: durable and replicated (a quorum queue, which
+    also counts each message's deliveries: ``x-delivery-count``)."""
+    from kombu import Queue
+
+    return Queue(name, routing_key=name, durable=True,
+                 queue_arguments={"x-queue-type": "quorum"})
+
+
 def celery_config(settings: Settings) -> dict[str, Any]:
     """The Celery settings every tokenledger process uses: JSON only, late acks."""
-    return {
+    amqp = {}
+    if not is_redis(settings.broker()):
+        queues = {settings.queue, settings.renewal_queue or settings.queue}
+        amqp = {"task_queues": [task_queue(q) for q in sorted(queues)],
+                "task_default_queue_type": "quorum", "task_create_missing_queue_type": "quorum",
+                "worker_detect_quorum_queues": True}
+    return amqp | {
         "broker_url": settings.broker(),
         "broker_transport_options": redis_redelivery(settings.visibility_timeout),
         "broker_connection_retry_on_startup": True,
@@ -63,7 +78,11 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "task_default_queue": settings.queue,
         "task_acks_late": True,
         "task_reject_on_worker_lost": True,
-        "worker_prefetch_multiplier": 2,
+        # Messages a worker holds per pool process: the ledger task applies what it holds
+        # as one group (queue.coalesce), so single events need a deep prefetch to batch.
+        "worker_prefetch_multiplier": 64,
+        # Malformed messages go to the dead-letter store (queue.consumer).
+        "worker_consumer": "tokenledger.queue.consumer:Consumer",
         # Two processes per core: a worker waits on the database (locks, the commit's
         # fsync) about as long as it computes (docs/performance.md).
         "worker_concurrency": settings.worker_concurrency or 2 * (os.cpu_count() or 1),

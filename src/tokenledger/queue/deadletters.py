@@ -4,6 +4,7 @@ re-driven (``tokenledger dlq retry``) or dropped."""
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
@@ -43,6 +44,35 @@ def payload_of(letter: DeadLetter) -> Any:
         return letter.payload
 
 
+@dataclass
+class Redrive:
+    """What ``redrive`` did: letters sent again, letters kept (and why), ids not found."""
+
+    sent: list[int] = field(default_factory=list)
+    kept: list[tuple[int, str]] = field(default_factory=list)
+    missing: list[int] = field(default_factory=list)
+
+
+def redrive(session: Session, producer: Any, ids: list[int] | None) -> Redrive:
+    """Publish dead letters again as they were (the worker validates them again) and
+    delete them; a malformed message cannot be published again and is kept."""
+    letters = select_ids(session, ids)
+    out = Redrive(missing=sorted(set(ids or ()) - {letter.id for letter in letters}))
+    for letter in letters:
+        payload = payload_of(letter)
+        if isinstance(payload, dict) and payload.get("malformed"):
+            out.kept.append((letter.id, "a malformed message cannot be published again; "
+                                        "`tokenledger dlq drop` removes it"))
+            continue
+        if isinstance(payload, dict) and {"task", "args"} <= set(payload):
+            producer.send(payload["task"], payload["args"], payload.get("kwargs") or None)
+        else:
+            producer.publish_events(payload)
+        session.delete(letter)
+        out.sent.append(letter.id)
+    return out
+
+
 def drop(session: Session, ids: list[int] | None) -> int:
     """Delete dead letters for good (all when ``ids`` is None)."""
     query = delete(DeadLetter)
@@ -51,16 +81,27 @@ def drop(session: Session, ids: list[int] | None) -> int:
     return session.execute(query).rowcount or 0
 
 
+def _storable(text: str, limit: int) -> str:
+    """``text`` as a text column takes it: NUL escaped, lone surrogates replaced, bounded."""
+    text = text.replace("\x00", "\\u0000")
+    return text.encode("utf-8", "replace").decode("utf-8")[:limit]
+
+
 def record(session: Session, payload: Any, reason: str, now: datetime,
-                       key: str | None = None) -> None:
-    """Keep a message that cannot be applied; a repeat bumps attempts and last_seen."""
+           key: str | None = None) -> None:
+    """Keep a message that cannot be applied; a repeat bumps attempts and last_seen.
+    Whatever the message holds, the letter can be stored: a key the column cannot hold
+    is left out (it stays in the payload), NUL bytes are escaped, sizes bounded."""
     text = payload if isinstance(payload, str) else json.dumps(payload, default=str)
+    if key is not None and (len(key) > 255 or _storable(key, 255) != key):
+        key = None
+    reason = _storable(reason, 2000)
     stmt = insert(DeadLetter).values(
-        fingerprint=fingerprint(payload), key=key, payload=text[:1_000_000],
-        reason=reason[:2000], attempts=1, first_seen=now, last_seen=now)
+        fingerprint=fingerprint(payload), key=key, payload=_storable(text, 1_000_000),
+        reason=reason, attempts=1, first_seen=now, last_seen=now)
     stmt = stmt.on_conflict_do_update(
         index_elements=["fingerprint"],
         set_={"attempts": DeadLetter.__table__.c.attempts + 1, "last_seen": now,
-              "reason": reason[:2000]},
+              "reason": reason},
     )
     session.execute(stmt)

@@ -11,7 +11,7 @@ from tokenledger.queue.app import app
 from tokenledger.queue.base import LedgerTask, log
 from tokenledger.queue.models import DeadLetter
 from tokenledger.queue.names import CHECK_BACKLOG, EXPIRE_WALLETS, RENEW_BATCH, RENEW_CHUNK
-from tokenledger.queue.producer import Producer
+from tokenledger.queue.producer import worker_producer
 from tokenledger.renewals import alerts, runs
 from tokenledger.renewals.service import RunOptions
 
@@ -23,8 +23,9 @@ class RenewalTask(LedgerTask):
     abstract = True
 
     def dead_letter(self, payload: Any, reason: str, key: str | None = None) -> None:
-        if self.name == RENEW_CHUNK and isinstance(payload, int):
-            runs.give_up_chunk(self.settings, payload, reason)
+        args = payload.get("args") if isinstance(payload, dict) else None
+        if self.name == RENEW_CHUNK and args and isinstance(args[0], int):
+            runs.give_up_chunk(self.settings, args[0], reason)
             return
         super().dead_letter(payload, reason, key)
 
@@ -48,7 +49,7 @@ def renew_batch(self: RenewalTask, kind: str, tier: str | None = None,
                          continue_on_error=continue_on_error,
                          chunk_size=self.settings.renewal_chunk_size, trigger=trigger)
     run_id, chunk_ids = runs.start_run(self.settings, options)
-    runs.dispatch(self.settings, chunk_ids, producer=Producer(self.settings, app=self.app))
+    runs.dispatch(self.settings, chunk_ids, producer=worker_producer(self.settings))
     return {"run_id": run_id, "chunks": len(chunk_ids)}
 
 

@@ -3,8 +3,10 @@ balances."""
 
 from __future__ import annotations
 
+import threading
 import time
 import uuid
+from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
@@ -34,6 +36,7 @@ if TYPE_CHECKING:
 # the domain's writers load on first use (a CLI read like `tokenledger balance` never
 # needs them).
 _event: TypeAdapter[Any] = TypeAdapter(Event)
+REMEMBERED = 100_000  # keys a client remembers publishing, to read their results truly
 
 
 def new_key() -> str:
@@ -58,36 +61,58 @@ class LedgerClient:
     and return the event key; ``result(key)`` waits for the stored outcome.
     """
 
-    def __init__(self, settings: Settings | None = None) -> None:
+    def __init__(self, settings: Settings | None = None, *, linger_ms: float = 0) -> None:
         self.settings = settings or get_settings()
+        self.linger_ms = linger_ms
         self._producer: Producer | None = None
+        self._lock = threading.Lock()
+        # What this client published, per key (bounded): the payload hash and the message
+        # that carried it, so result() can tell a conflict or a replay from its own apply.
+        self._sent: OrderedDict[str, tuple[str, str | None]] = OrderedDict()
 
     @property
     def producer(self) -> Producer:
         """The client's producer (one connection, made on first publish)."""
         if self._producer is None:
-            from tokenledger.queue.producer import Producer
+            with self._lock:
+                if self._producer is None:
+                    from tokenledger.queue.producer import Producer
 
-            self._producer = Producer(self.settings)
+                    self._producer = Producer(self.settings, linger_ms=self.linger_ms)
         return self._producer
 
     # -- publishing ----------------------------------------------------------------------
 
-    def _publish(self, payload: dict[str, Any] | list[dict[str, Any]]) -> None:
-        self.producer.publish_events(payload)
+    def _remember(self, models: list[AnyEvent], message_id: str | None) -> None:
+        with self._lock:
+            for model in models:
+                self._sent[model.key] = (model.payload_hash(), message_id)
+                self._sent.move_to_end(model.key)
+            while len(self._sent) > REMEMBERED:
+                self._sent.popitem(last=False)
 
     def publish(self, event: dict[str, Any] | AnyEvent) -> str:
-        """Publish one event; returns its key."""
+        """Publish one event; returns its key once the event is in the broker (with
+        ``linger_ms``: once it is buffered; see ``flush``). Events published at the same
+        moment from several threads share one message."""
         model = build_event(event)
-        self._publish(model.to_message())
+        message_id = self.producer.publish_event(model.to_message())
+        self._remember([model], message_id)
         return model.key
 
     def publish_many(self, events: Iterable[dict[str, Any] | AnyEvent]) -> list[str]:
         """Validate all, then publish in messages of up to 1,000 events; returns the keys."""
         models = [build_event(e) for e in events]
         for start in range(0, len(models), MAX_BATCH):
-            self._publish([m.to_message() for m in models[start:start + MAX_BATCH]])
+            chunk = models[start:start + MAX_BATCH]
+            message_id = self.producer.publish_events([m.to_message() for m in chunk])
+            self._remember(chunk, message_id)
         return [m.key for m in models]
+
+    def flush(self, timeout: float | None = None) -> None:
+        """With ``linger_ms``: wait until every event published so far is in the broker."""
+        if self._producer is not None:
+            self._producer.flush(timeout)
 
     def charge(self, user_id: str, feature: str | None = None, amount: int | None = None,
                key: str | None = None, metadata: dict[str, Any] | None = None,
@@ -206,8 +231,20 @@ class LedgerClient:
         rows = fetch(self.settings, "tokenledger.ledger", "outcome", {"key": key})
         if not rows:
             return None
-        _, outcome, reason, result, _ = rows[0]
-        return EventResult(key, outcome, reason, result or {})
+        _, outcome, reason, result, stored_hash, stored_by = rows[0]
+        stored = EventResult(key, outcome, reason, result or {})
+        with self._lock:
+            sent = self._sent.get(key)
+        if sent is None or stored_hash is None:
+            return stored  # not published by this client (or dead-lettered)
+        sent_hash, sent_by = sent
+        if stored_hash != sent_hash:
+            return EventResult(
+                key, "conflict", f"key {key!r} was first used with another payload; this "
+                "publish was not applied", {}, stored=stored)
+        if stored_by is None or sent_by is None:
+            return stored
+        return EventResult(key, outcome, reason, result or {}, replay=stored_by != sent_by)
 
     def balance(self, user_id: str) -> Balance:
         """The account's total over live wallets, and each wallet."""
@@ -259,6 +296,7 @@ class LedgerClient:
             unsubscribe()
 
     def close(self) -> None:
+        """Flush lingering events, stop listening, close the connection."""
         self._close_notifications()
         if self._producer is not None:
             self._producer.close()
