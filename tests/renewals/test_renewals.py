@@ -35,6 +35,7 @@ from tokenledger.renewals.service import (
     process_chunk,
     run_report,
 )
+from tokenledger.webhooks import relay
 
 pytestmark = pytest.mark.services
 
@@ -372,9 +373,13 @@ def test_failures_above_the_ratio_post_a_critical_alert(settings: Settings, db: 
     with caplog.at_level("CRITICAL", logger="tokenledger.renewals"):
         report = run(alerting, "monthly", T0 + timedelta(days=30), chunk_size=3)
     assert (report["successful"], report["failed"], report["alert"]) == (8, 2, True)
-    assert report["alert_sent_at"] is not None
+    assert report["alert_sent_at"] is None  # recorded in the outbox, not sent yet
+    assert relay.deliver_due(alerting).delivered == 1  # what a worker's relay run does
+    with session_scope(db) as session:
+        assert run_report(session, report["id"])["alert_sent_at"] is not None
     assert len(received) == 1 and received[0]["content_type"] == "application/json"
-    body = received[0]["body"]
+    assert received[0]["body"]["type"] == "renewal_failure_alert"
+    body = received[0]["body"]["data"]
     assert (body["alert"], body["severity"], body["run_id"], body["failed"],
             body["successful"]) == ("renewal_failure_rate", "critical", report["id"], 2, 8)
     assert {e["user_id"] for e in body["errors"]} == {"u01", "u05"}
@@ -390,6 +395,7 @@ def test_failures_within_the_ratio_do_not_alert(settings: Settings, db: Settings
     open_accounts(db, [(f"u{i}", "Gift", "UTC") for i in range(10)], T0)
     _break_wallets(db, ["u1", "u2"])  # 2 failed <= 0.5 × 8
     report = run(alerting, "monthly", T0 + timedelta(days=30))
+    relay.deliver_due(alerting)
     assert (report["failed"], report["alert"], received) == (2, False, [])
 
 
@@ -401,6 +407,7 @@ def test_an_unreachable_webhook_never_breaks_the_run(settings: Settings, db: Set
     _break_wallets(db, ["a"])
     report = run(down, "monthly", T0 + timedelta(days=30))
     assert (report["status"], report["successful"], report["failed"]) == ("completed", 1, 1)
+    assert relay.deliver_due(down).retrying == 1
     with session_scope(db) as session:
         sealed = run_report(session, report["id"])
     assert sealed["alert"] is True and sealed["alert_sent_at"] is None

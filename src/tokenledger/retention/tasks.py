@@ -1,0 +1,1 @@
+"""Retention's task: the scheduled compaction (beat, when TOKENLEDGER_RETENTION_ENABLED)."""
