@@ -212,6 +212,11 @@ class OpenAccountIn(_Strict):
     timezone: Timezone | None = None
 
 
+class ThresholdIn(_Strict):
+    threshold: Annotated[StrictInt, Field(ge=0, le=MAX_BIGINT)] | None = Field(
+        description="Alert at or below this balance; null: the plan's threshold")
+
+
 class AccountOut(_Camel):
     user_id: str
     plan: str

@@ -29,6 +29,7 @@ from tokenledger.timeutil import utcnow
 if TYPE_CHECKING:
     from tokenledger.notify.service import BalanceNotice
     from tokenledger.queue.producer import Producer
+    from tokenledger.retention.erasure import ErasureResult
 
 # What a client needs for publishing and reading is imported here; the ORM, Celery and
 # the domain's writers load on first use (a CLI read like `tokenledger balance` never
@@ -216,6 +217,29 @@ class LedgerClient:
         rows = fetch(self.settings, "tokenledger.ledger", "balance",
                      {"user_id": user_id, "now": utcnow()})
         return balance_of(user_id, rows)
+
+    def erase_account(self, user_id: str, erased_by: str = "sdk") -> ErasureResult:
+        """Erase a person: ``user_id`` becomes a stable pseudonym everywhere, free-text
+        metadata goes, every amount stays (needs TOKENLEDGER_ERASURE_SECRET). Idempotent:
+        erasing again answers the first erasure. Raises AccountNotFound."""
+        from tokenledger.db.errors import QUICK
+        from tokenledger.db.uow import unit_of_work
+        from tokenledger.retention.erasure import erase
+
+        def once() -> ErasureResult:
+            with unit_of_work(self.settings) as uow:
+                return erase(uow, user_id, erased_by)
+
+        return QUICK.run(once)
+
+    def set_low_balance_threshold(self, user_id: str, threshold: int | None) -> None:
+        """Alert (``balance_low``) when this account falls to ``threshold`` or below,
+        instead of its plan's threshold (None: the plan's again)."""
+        from tokenledger.db.uow import unit_of_work
+        from tokenledger.notify.service import set_threshold
+
+        with unit_of_work(self.settings) as uow:
+            set_threshold(uow.session, user_id, threshold, uow.now)
 
     # -- balance notifications -------------------------------------------------------------
 
