@@ -19,10 +19,11 @@ from tokenledger.messages import (
     Event,
     Key,
     StartRequest,
+    When,
     describe,
     validated,
 )
-from tokenledger.results import Balance, EventResult, StartResult, balance_of
+from tokenledger.results import Balance, EventResult, StartResult, balance_at_of, balance_of
 from tokenledger.sdk.process import TokenProcess
 from tokenledger.timeutil import utcnow
 
@@ -210,13 +211,21 @@ class LedgerClient:
         _, outcome, reason, result, _ = rows[0]
         return EventResult(key, outcome, reason, result or {})
 
-    def balance(self, user_id: str) -> Balance:
-        """The account's total over live wallets, and each wallet."""
+    def balance(self, user_id: str, at: datetime | None = None) -> Balance:
+        """The account's total over live wallets, and each wallet; with ``at``, as of that
+        moment (every entry dated before it), answered from the ledger, with what holds
+        open then had taken (``held``, per wallet too). Raises AccountNotFound, and
+        ValidationFailed for an ``at`` before the retention cut-off."""
         from tokenledger.db.direct import fetch
 
-        rows = fetch(self.settings, "tokenledger.ledger", "balance",
-                     {"user_id": user_id, "now": utcnow()})
-        return balance_of(user_id, rows)
+        if at is None:
+            rows = fetch(self.settings, "tokenledger.ledger", "balance",
+                         {"user_id": user_id, "now": utcnow()})
+            return balance_of(user_id, rows)
+        when = validated(_At, {"at": at}).at
+        rows = fetch(self.settings, "tokenledger.ledger", "balance_at",
+                     {"user_id": user_id, "at": when})
+        return balance_at_of(user_id, when, rows)
 
     def erase_account(self, user_id: str, erased_by: str = "sdk") -> ErasureResult:
         """Erase a person: ``user_id`` becomes a stable pseudonym everywhere, free-text
@@ -302,3 +311,7 @@ def event_fields(**fields: Any) -> dict[str, Any]:
 
 class _KeyOnly(BaseModel):
     key: Key
+
+
+class _At(BaseModel):
+    at: When
