@@ -18,7 +18,6 @@ from tokenledger.db.errors import Failure, classify
 from tokenledger.errors import (
     AccountNotFound,
     CatalogError,
-    ConfigurationError,
     Conflict,
     InsufficientTokens,
     ResultTimeout,
@@ -105,9 +104,6 @@ async def _on_ledger(_: Request, exc: TokenLedgerError) -> JSONResponse:
                           f"available {exc.available})")
     if isinstance(exc, ResultTimeout):
         return error(504, str(exc))
-    if isinstance(exc, ConfigurationError):
-        log.error("misconfigured: %s", exc)
-        return error(503, str(exc))
     if isinstance(exc, CatalogError):
         log.error("catalog unavailable: %s", exc)
         return error(503, "The catalog is not loaded; run `tokenledger migrate`")
