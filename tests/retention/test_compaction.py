@@ -261,3 +261,28 @@ def test_balance_at_shows_holds_apart(db: Settings) -> None:
     assert client.balance("di", at=t0 - DAY).wallets == []  # no wallet yet
     with pytest.raises(ValidationFailed, match="^at:"):
         client.balance("di", at=datetime(1900, 1, 1))
+
+
+def test_the_retention_bench_measures_a_compaction_that_changes_no_balance(
+        db: Settings) -> None:
+    """bench/retention.py's own steps on a small ledger (its --small mode, in the test
+    database): the fill verifies clean, the compaction folds and archives, balances as of
+    moments from the cut-off on are unchanged, verify is clean after."""
+    import importlib.util
+
+    from tests.support import ROOT
+
+    spec = importlib.util.spec_from_file_location("bench_retention",
+                                                  ROOT / "bench" / "retention.py")
+    assert spec is not None and spec.loader is not None
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    bench.fill(db.ledger_url(), 40, 25, 500)
+    result = bench.measure(db, 100, 7, ["bench-1", "bench-17", "bench-40"])
+    assert result["verify_before_ok"] and result["verify_after_ok"]
+    assert result["balances_as_of_unchanged"] and result["status"] == "completed"
+    assert result["carry_forwards"] == 40 and result["chunks"] == 6
+    assert result["entries_archived"] == result["archive_rows"] == 40 * 20
+    assert result["entries_left"] == 40 * 25 - result["entries_archived"] + 40
+    # Stored over 130 days ago (older than 100 days + 30 of grace), their entries folded:
+    assert result["outcomes_archived"] == 40 * 19
