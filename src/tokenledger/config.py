@@ -85,8 +85,8 @@ class Settings(BaseSettings):
     # Idempotency outcomes outlive the entries they produced by this many days, so a late
     # redelivery of a compacted event is still recognized as a duplicate.
     retention_key_grace_days: int = Field(default=30, ge=1, le=36_500)
-    # Accounts per compaction transaction: a live write on one of them waits for it.
-    retention_chunk_size: int = Field(default=500, ge=1, le=100_000)
+    # Accounts per compaction transaction (each holds an advisory lock per account).
+    retention_chunk_size: int = Field(default=500, ge=1, le=5_000)
     # Seconds to wait after each failed webhook delivery attempt (the Standard Webhooks
     # schedule, about 27.6 hours in all); after the last, the delivery is marked failed.
     webhook_retry_schedule: str = "5,300,1800,7200,18000,36000,36000"

@@ -286,3 +286,30 @@ def test_the_retention_bench_measures_a_compaction_that_changes_no_balance(
     assert result["entries_left"] == 40 * 25 - result["entries_archived"] + 40
     # Stored over 130 days ago (older than 100 days + 30 of grace), their entries folded:
     assert result["outcomes_archived"] == 40 * 19
+
+
+def test_two_compactions_at_once_fold_each_entry_once(db: Settings) -> None:
+    """Two compactions running together take turns per account (its advisory lock): each
+    old entry is archived once, each wallet gets one carry-forward, verify passes."""
+    now = utcnow()
+    for i in range(12):
+        apply(db, {"type": "open_account", "key": f"open:tw{i}", "user_id": f"tw{i}"},
+              now=now - 50 * DAY)
+        for day in range(40, 10, -5):
+            apply(db, {"type": "charge", "key": f"tw{i}-{day}", "user_id": f"tw{i}",
+                       "amount": 1, "allow_overdraft": True}, now=now - day * DAY)
+    reports = []
+
+    def run() -> None:
+        reports.append(compact(db, 5 * DAY, chunk_size=2, now=now))
+
+    threads = [threading.Thread(target=run) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sum(r.carry_forwards for r in reports) == 12
+    assert sum(r.entries_archived for r in reports) == 12 * 7
+    with session_scope(db) as session:
+        assert session.scalar(text("SELECT count(*) FROM ledger_entries_archive")) == 12 * 7
+    assert_verified(db)

@@ -20,7 +20,7 @@ def retention_compact(
     dry_run: Annotated[bool, typer.Option(
         "--dry-run", help="Count what would be folded; change nothing.")] = False,
     chunk_size: Annotated[int | None, typer.Option(
-        min=1, max=100_000, help="Accounts per transaction (default "
+        min=1, max=5_000, help="Accounts per transaction (default "
                                  "TOKENLEDGER_RETENTION_CHUNK_SIZE).")] = None,
     json_: JsonOpt = False,
 ) -> None:

@@ -2,12 +2,16 @@
 
 A compaction with cut-off C (``--older-than 400d``: C is 400 days ago) goes through the
 accounts in chunks, each its own short unit of work beside live traffic
-(:func:`compact_chunk`): the chunk's accounts are locked like any writer locks them, and
-each wallet's entries dated before C, up to the first that is not, are copied to
-``ledger_entries_archive`` and replaced by their last one rewritten as a carry-forward of
-their sum. Every wallet still equals the sum of its entries and every entry still
-continues the one before, so ``verify`` holds before, during and after; a balance as of
-any moment at or after C is still answered from the ledger.
+(:func:`compact_chunk`): each wallet's entries dated before C, up to the first that is
+not, are copied to ``ledger_entries_archive`` and replaced by their last one rewritten as
+a carry-forward of their sum. Every wallet still equals the sum of its entries and every
+entry still continues the one before, so ``verify`` holds before, during and after; a
+balance as of any moment at or after C is still answered from the ledger.
+
+A compaction changes no balance and touches only entries older than C, while writers
+only append newer entries: it takes no account row lock, so live writes never wait for
+it. What it must not race, another compaction or an erasure of the same account, takes
+the account's advisory lock (:func:`claim_account`) first.
 
 Idempotency outcomes outlive their entries by ``TOKENLEDGER_RETENTION_KEY_GRACE_DAYS``:
 an outcome is archived only once it is older than C minus the grace and no entry carries
@@ -28,7 +32,7 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import func, select, update
+from sqlalchemy import func, select, text, update
 
 from tokenledger.config import Settings
 from tokenledger.db.errors import RetryPolicy
@@ -44,6 +48,8 @@ _PKG = "tokenledger.retention"
 OUTCOME_CHUNK = 10_000  # keys looked at per outcome-pruning transaction
 DELIVERY_CHUNK = 10_000
 MIN_AGE = timedelta(days=1)
+# The first key of the compaction's per-account advisory locks (the second is the id).
+LOCK_SPACE = 190_011
 # A chunk that failed for a transient reason (a lost connection) is tried again.
 CHUNK_RETRY = RetryPolicy(attempts=5, first_delay=0.2, max_delay=5.0)
 
@@ -89,11 +95,26 @@ class ChunkCounts:
 
 def compact_chunk(uow: UnitOfWork, run_id: int, after: int, limit: int, cutoff: datetime,
                   dry_run: bool = False) -> ChunkCounts:
-    """Fold the old entries of the ``limit`` accounts after id ``after`` (``sql/
-    compact.sql``), or only count them when ``dry_run`` (``sql/plan.sql``, no lock)."""
+    """Fold the old entries of the ``limit`` accounts after id ``after`` (``sql/lock.sql``
+    then ``sql/compact.sql``), or only count them when ``dry_run`` (``sql/plan.sql``)."""
+    session = uow.session
     params = {"after": after, "limit": limit, "cutoff": cutoff, "run": run_id, "now": uow.now}
-    row = uow.session.execute(statement(_PKG, "plan" if dry_run else "compact"), params).one()
-    return ChunkCounts(row.upto, row.accounts, row.wallets, row.archived, row.carried)
+    if dry_run:
+        row = session.execute(statement(_PKG, "plan"), params).one()
+        return ChunkCounts(row.upto, row.accounts, row.wallets, row.archived, row.carried)
+    claimed = session.execute(statement(_PKG, "lock"), {**params, "space": LOCK_SPACE}).one()
+    if not claimed.accounts:
+        return ChunkCounts(None, 0, 0, 0, 0)
+    row = session.execute(statement(_PKG, "compact"), {**params, "upto": claimed.upto}).one()
+    return ChunkCounts(claimed.upto, claimed.accounts, row.wallets, row.archived, row.carried)
+
+
+def claim_account(uow: UnitOfWork, account_id: int) -> None:
+    """Take the account's compaction lock (``sql/lock.sql``'s) until ``uow`` ends: no
+    compaction folds its entries meanwhile (an erasure takes it)."""
+    uow.session.execute(text("SELECT pg_advisory_xact_lock(CAST(:space AS integer),"
+                             " CAST(:id % 2147483647 AS integer))"),
+                        {"space": LOCK_SPACE, "id": account_id})
 
 
 def prune_outcomes(uow: UnitOfWork, run_id: int, after: str, limit: int,

@@ -25,6 +25,7 @@ from tokenledger.db.sql import statement
 from tokenledger.db.uow import UnitOfWork
 from tokenledger.errors import AccountNotFound, ConfigurationError, ValidationFailed
 from tokenledger.ledger.models import Account
+from tokenledger.retention.compaction import claim_account
 from tokenledger.retention.models import Erasure
 from tokenledger.timeutil import as_utc
 
@@ -80,6 +81,7 @@ def erase(uow: UnitOfWork, user_id: str, erased_by: str) -> ErasureResult:
             raise AccountNotFound(user_id)
         return ErasureResult(pseudonym, as_utc(done.erased_at), done.erased_by,
                              dict(done.rows), already_erased=True)
+    claim_account(uow, account_id)  # no compaction archives its entries meanwhile
     catalog = uow.catalog
     counted = session.execute(statement(_PKG, "erase"), {
         "aid": account_id, "user_id": user_id, "pseudonym": pseudonym,

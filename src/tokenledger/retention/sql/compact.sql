@@ -1,13 +1,14 @@
--- One chunk of a compaction, in one transaction: the next :limit accounts after :after
--- are locked as every writer locks them (in id order), then each wallet's old entries
--- (fold.sql) are copied to the archive as they were and folded into one CARRY_FORWARD
--- entry: the last of them, rewritten in place to carry their sum from 0, so the wallet
--- still equals the sum of its entries and each entry still continues the one before.
--- The others are deleted; so are all of them when they sum to 0 (no carry-forward).
--- Answers the last account locked and the counts. :after, :limit, :cutoff, :run, :now
+-- A compaction chunk, statement 2 of 2 (after lock.sql claimed accounts (:after, :upto]):
+-- each wallet's old entries (fold.sql) are copied to the archive as they were and folded
+-- into one CARRY_FORWARD entry: the last of them, rewritten in place to carry their sum
+-- from 0, so the wallet still equals the sum of its entries and each entry still
+-- continues the one before. The others are deleted; so are all of them when they sum to
+-- 0 (no carry-forward). Only entries dated before :cutoff are touched: a live writer
+-- appends newer ones and updates wallets, which this leaves alone. Answers the counts.
+-- :after, :upto, :cutoff, :run, :now
 WITH
 acc AS MATERIALIZED (
-  SELECT id FROM accounts WHERE id > :after ORDER BY id LIMIT :limit FOR UPDATE
+  SELECT id FROM accounts WHERE id > :after AND id <= :upto
 ),
 -- include: tokenledger.retention/fold
 ,
@@ -37,9 +38,7 @@ carried AS (
   WHERE e.id = fold.last AND fold.carried <> 0
   RETURNING 1
 )
-SELECT (SELECT max(id) FROM acc) AS upto,
-       (SELECT count(*) FROM acc) AS accounts,
-       (SELECT count(*) FROM fold) AS wallets,
+SELECT (SELECT count(*) FROM fold) AS wallets,
        (SELECT count(*) FROM archived) AS archived,
        (SELECT count(*) FROM removed) AS removed,
        (SELECT count(*) FROM carried) AS carried

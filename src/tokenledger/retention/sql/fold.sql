@@ -4,7 +4,7 @@
 -- interleaved), as "old"; and per wallet ("fold"): the last of them (it becomes the
 -- CARRY_FORWARD, keeping its id and date), how many, their dates, and their sum (its
 -- balance_after). A wallet whose only old entry is already a carry-forward has nothing
--- to fold. Included by compact.sql (accounts locked) and plan.sql (a dry run).
+-- to fold. Included by compact.sql (accounts claimed) and plan.sql (a dry run).
 ordered AS MATERIALIZED (
   SELECT e.id, e.wallet_id, e.type, e.balance_after, e.created_at,
          bool_or(e.created_at >= :cutoff) OVER (PARTITION BY e.wallet_id ORDER BY e.id) AS newer
