@@ -26,22 +26,28 @@ rearm AS (
   WHERE l.user_id = lb.user_id AND (lb.threshold IS NULL OR lb.balance > lb.threshold)
   RETURNING lb.user_id, l.threshold, lb.balance, lb.seq AS ledger_seq
 ),
+-- Each kind is built only when an active endpoint subscribes to it (a one-time check:
+-- without webhooks, a renewal slice builds nothing).
+subscribed AS MATERIALIZED (
+  SELECT DISTINCT CAST(t AS text) AS type
+  FROM webhook_endpoints AS ep, unnest(ep.event_types) AS t WHERE ep.active
+),
 webhook_events (type, subject, data, dedupe) AS (
   SELECT 'balance_changed', user_id,
          jsonb_build_object('user_id', user_id, 'balance', balance, 'ledger_seq', seq),
          'balance_changed:' || seq
-  FROM lb
+  FROM lb WHERE EXISTS (SELECT FROM subscribed WHERE type = 'balance_changed')
   UNION ALL
   SELECT 'balance_low', user_id,
          jsonb_build_object('user_id', user_id, 'balance', balance, 'ledger_seq', ledger_seq,
                             'threshold', threshold),
          'balance_low:' || ledger_seq
-  FROM low
+  FROM low WHERE EXISTS (SELECT FROM subscribed WHERE type = 'balance_low')
   UNION ALL
   SELECT 'balance_recovered', user_id,
          jsonb_build_object('user_id', user_id, 'balance', balance, 'ledger_seq', ledger_seq,
                             'threshold', threshold),
          'balance_recovered:' || ledger_seq
-  FROM rearm
+  FROM rearm WHERE EXISTS (SELECT FROM subscribed WHERE type = 'balance_recovered')
 ),
 -- include: tokenledger.webhooks/fan_out
