@@ -313,3 +313,28 @@ def test_two_compactions_at_once_fold_each_entry_once(db: Settings) -> None:
     with session_scope(db) as session:
         assert session.scalar(text("SELECT count(*) FROM ledger_entries_archive")) == 12 * 7
     assert_verified(db)
+
+
+def test_the_scheduled_compaction_task_runs_on_a_worker(settings: Settings, db: Settings,
+                                                        worker: Worker) -> None:
+    """What beat sends when TOKENLEDGER_RETENTION_ENABLED: tokenledger.compact_ledger."""
+    from tokenledger.queue.producer import Producer
+
+    now = utcnow()
+    apply(db, {"type": "open_account", "key": "open:ev", "user_id": "ev"}, now=now - 9 * DAY)
+    producer = Producer(settings)
+    try:
+        producer.send("tokenledger.compact_ledger", kwargs={"older_than": "5d"})
+    finally:
+        producer.close()
+    deadline = time.monotonic() + 60
+    while True:
+        with session_scope(db) as session:
+            run = session.execute(text("SELECT trigger, status, carry_forwards"
+                                       " FROM retention_runs")).first()
+        if run is not None and run.status != "running":
+            break
+        assert time.monotonic() < deadline, "no compaction ran"
+        time.sleep(0.1)
+    assert tuple(run) == ("beat", "completed", 1)
+    assert entries(db, "ev") == [("CARRY_FORWARD", 5, 0, 5)]
