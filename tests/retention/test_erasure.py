@@ -18,7 +18,7 @@ from tokenledger import LedgerClient, Settings
 from tokenledger.apikeys.service import create_key
 from tokenledger.db.schema import Base
 from tokenledger.db.uow import unit_of_work
-from tokenledger.errors import AccountNotFound, ConfigurationError
+from tokenledger.errors import AccountNotFound, ConfigurationError, ValidationFailed
 from tokenledger.ledger.reports import history, statistics
 from tokenledger.messages import StartRequest
 from tokenledger.notify.service import set_threshold
@@ -135,6 +135,10 @@ def test_an_erased_account_keeps_every_amount_under_a_pseudonym(erasing: Setting
         assert result.results[0].status == "dead_lettered"
         with pytest.raises(AccountNotFound):
             client.erase_account("never-existed")
+        # Opened again under the same id, it cannot take the same pseudonym.
+        apply(erasing, {"type": "open_account", "key": "reopen", "user_id": PERSON})
+        with pytest.raises(ValidationFailed, match="^user_id: .* erased before and opened"):
+            client.erase_account(PERSON)
 
 
 def test_a_dead_letter_and_a_renewal_error_naming_the_person_are_rewritten(

@@ -277,9 +277,15 @@ def test_the_alert_webhook_url_is_an_implicit_endpoint(own: Settings, db: Settin
     relay.deliver_due(alerting)  # (a worker's run may have tried first: then a retry does)
     assert receiver.wait(lambda: len(receiver.accepted) == 1)
     assert [p["type"] for p in receiver.accepted.values()] == ["dead_letter_added"]
-    # Unset, the implicit endpoint is retired with the next alert.
+    # A process without the setting leaves it (others may have it); another URL retires it.
     apply(own, {"type": "charge", "key": uid("lost"), "user_id": uid("nobody"), "amount": 1})
-    assert json.loads(run_cli(own, "webhooks", "list", "--json").stdout) == []
+    assert [e["id"] for e in json.loads(run_cli(own, "webhooks", "list", "--json").stdout)] \
+        == [endpoint["id"]]
+    moved = alerting.model_copy(update={"alert_webhook_url": receiver.url + "/v2"})
+    apply(moved, {"type": "charge", "key": uid("lost"), "user_id": uid("nobody"),
+                  "amount": 1})
+    listed = json.loads(run_cli(own, "webhooks", "list", "--json").stdout)
+    assert [(e["url"], e["implicit"]) for e in listed] == [(receiver.url + "/v2", True)]
 
 
 def test_webhooks_add_list_remove_from_the_command_line(own: Settings, db: Settings) -> None:

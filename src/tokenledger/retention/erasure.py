@@ -81,6 +81,10 @@ def erase(uow: UnitOfWork, user_id: str, erased_by: str) -> ErasureResult:
             raise AccountNotFound(user_id)
         return ErasureResult(pseudonym, as_utc(done.erased_at), done.erased_by,
                              dict(done.rows), already_erased=True)
+    if session.scalar(select(Erasure.id).where(Erasure.pseudonym == pseudonym)) is not None:
+        # Erased, then opened again under the same id: a second person for one pseudonym.
+        raise ValidationFailed(f"user_id: {user_id!r} was erased before and opened again; "
+                               "its pseudonym is taken (close this account instead)")
     claim_account(uow, account_id)  # no compaction archives its entries meanwhile
     catalog = uow.catalog
     counted = session.execute(statement(_PKG, "erase"), {

@@ -53,13 +53,14 @@ _RECORD = text(
     + load(_PKG, "fan_out") + " SELECT count(*) FROM hooks")
 
 # The implicit alert endpoint follows the setting: another URL's is retired, this one's
-# made once (the partial unique index settles a race between two processes).
+# made once, its secret kept from then on (the partial unique index settles a race
+# between two processes).
 _ENSURE_ALERT_ENDPOINT = text(
     "WITH retired AS (UPDATE webhook_endpoints SET active = false, removed_at = :now"
-    " WHERE implicit AND active AND url IS DISTINCT FROM :url RETURNING 1)"
+    " WHERE implicit AND active AND url <> :url RETURNING 1)"
     " INSERT INTO webhook_endpoints (url, event_types, secret, description, implicit, active,"
-    " created_at) SELECT :url, CAST(:types AS varchar[]), :secret,"
-    " 'TOKENLEDGER_ALERT_WEBHOOK_URL', true, true, :now WHERE CAST(:url AS text) IS NOT NULL"
+    " created_at) VALUES (:url, CAST(:types AS varchar[]), :secret,"
+    " 'TOKENLEDGER_ALERT_WEBHOOK_URL', true, true, :now)"
     " ON CONFLICT (url) WHERE implicit AND active DO NOTHING")
 
 
@@ -81,8 +82,9 @@ def record(uow: UnitOfWork, events: Sequence[WebhookEvent]) -> int:
     if not events:
         return 0
     session = uow.session
-    if any(e.type in ALERT_EVENTS for e in events):
-        ensure_alert_endpoint(session, uow.settings.alert_webhook_url, uow.now)
+    url = uow.settings.alert_webhook_url
+    if url and any(e.type in ALERT_EVENTS for e in events):
+        ensure_alert_endpoint(session, url, uow.now)
     written = session.execute(_RECORD, {
         "types": [e.type for e in events], "subjects": [e.subject for e in events],
         "datas": [json.dumps(e.data, default=str) for e in events],
@@ -92,9 +94,10 @@ def record(uow: UnitOfWork, events: Sequence[WebhookEvent]) -> int:
     return int(written)
 
 
-def ensure_alert_endpoint(session: Session, url: str | None, now: datetime) -> None:
-    """Make ``TOKENLEDGER_ALERT_WEBHOOK_URL`` (``url``) the one live implicit endpoint
-    (none when unset)."""
+def ensure_alert_endpoint(session: Session, url: str, now: datetime) -> None:
+    """Make ``TOKENLEDGER_ALERT_WEBHOOK_URL`` (``url``) the one live implicit endpoint. A
+    process without the setting leaves it be (others may have it): `webhooks remove`
+    retires it."""
     session.execute(_ENSURE_ALERT_ENDPOINT, {"url": url, "types": list(ALERT_EVENTS),
                                              "secret": new_secret(), "now": now})
 
