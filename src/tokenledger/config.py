@@ -11,7 +11,7 @@ import os
 from functools import lru_cache
 from pathlib import Path
 
-from pydantic import Field, field_validator
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 POSTGRES_SCHEMES = ("postgres", "postgresql", "postgresql+psycopg")
@@ -75,6 +75,22 @@ class Settings(BaseSettings):
     notify_redis_url: str | None = None
     notify_channel_prefix: str = "tokenledger:"
     notify_enabled: bool = True
+    # The key of the keyed hash that turns an erased user's id into its pseudonym
+    # (`tokenledger accounts erase`): keep it secret and keep it, or the same user erased
+    # again gets another pseudonym.
+    erasure_secret: SecretStr | None = None
+    # Retention (`tokenledger retention compact`): the beat job is off unless enabled.
+    retention_enabled: bool = False
+    retention_older_than: str = "400d"
+    # Idempotency outcomes outlive the entries they produced by this many days, so a late
+    # redelivery of a compacted event is still recognized as a duplicate.
+    retention_key_grace_days: int = Field(default=30, ge=1, le=36_500)
+    # Accounts per compaction transaction (each holds an advisory lock per account).
+    retention_chunk_size: int = Field(default=500, ge=1, le=5_000)
+    # Seconds to wait after each failed webhook delivery attempt (the Standard Webhooks
+    # schedule, about 27.6 hours in all); after the last, the delivery is marked failed.
+    webhook_retry_schedule: str = "5,300,1800,7200,18000,36000,36000"
+    webhook_timeout_seconds: float = Field(default=10.0, gt=0, le=120)
 
     @field_validator("database_url")
     @classmethod
@@ -110,6 +126,24 @@ class Settings(BaseSettings):
                              "redis+socket://, amqp:// or amqps://")
         return url
 
+    @field_validator("retention_older_than")
+    @classmethod
+    def _retention_age(cls, value: str) -> str:
+        from tokenledger.timeutil import parse_age
+
+        parse_age(value)
+        return value
+
+    @field_validator("webhook_retry_schedule")
+    @classmethod
+    def _retry_schedule(cls, value: str) -> str:
+        parse_retry_schedule(value)
+        return value
+
+    def retry_delays(self) -> tuple[float, ...]:
+        """Seconds to wait after each failed webhook attempt, in order."""
+        return parse_retry_schedule(self.webhook_retry_schedule)
+
     @property
     def embedded_database(self) -> bool:
         return self.database_url is None
@@ -138,6 +172,22 @@ class Settings(BaseSettings):
         """Seconds to wait before retry ``attempt`` (0-based): exponential, capped."""
         cap = min(self.retry_backoff_max, max(1, self.visibility_timeout // 4))
         return min(cap, 2**attempt)
+
+
+def parse_retry_schedule(value: str) -> tuple[float, ...]:
+    """``"5,300,1800"`` as seconds; a bad list raises ValueError naming the part."""
+    delays = []
+    for part in value.split(","):
+        try:
+            delay = float(part)
+        except ValueError:
+            raise ValueError(f"{part.strip()!r} is not a number of seconds") from None
+        if not 0 < delay <= 7 * 86400:
+            raise ValueError(f"{part.strip()!r}: each delay must be within (0, 604800] s")
+        delays.append(delay)
+    if not 1 <= len(delays) <= 30:
+        raise ValueError("give between 1 and 30 comma-separated delays in seconds")
+    return tuple(delays)
 
 
 @lru_cache(maxsize=1)

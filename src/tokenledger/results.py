@@ -93,20 +93,29 @@ _START_FIELDS = tuple(f.name for f in fields(StartResult))
 
 @dataclass(frozen=True)
 class WalletInfo:
+    """A wallet's balance (now, or as of a moment) and what open holds had taken from it
+    (``held``: already out of ``balance``, given back if the hold is released)."""
+
     id: int
     wallet_type: str
     balance: int
     expires_at: datetime | None
     is_active: bool
+    held: int = 0
 
 
 @dataclass(frozen=True)
 class Balance:
+    """The total over live wallets and each wallet; ``at`` set when it is a past moment's
+    (then ``held`` is what holds open at that moment had taken)."""
+
     user_id: str
     plan: str
     timezone: str
     balance: int
     wallets: list[WalletInfo]
+    at: datetime | None = None
+    held: int = 0
 
 
 def balance_of(user_id: str, rows: list[Any]) -> Balance:
@@ -120,3 +129,23 @@ def balance_of(user_id: str, rows: list[Any]) -> Balance:
                if r[2] is not None]
     return Balance(user_id, rows[0][0], rows[0][1],
                    sum(w.balance for w in wallets if w.is_active), wallets)
+
+
+def balance_at_of(user_id: str, at: datetime, rows: list[Any]) -> Balance:
+    """A Balance as of ``at`` from the rows of ``ledger/sql/balance_at.sql``
+    (AccountNotFound: none; ValidationFailed: ``at`` is before the retention cut-off)."""
+    from tokenledger.errors import AccountNotFound, ValidationFailed
+    from tokenledger.timeutil import as_utc
+
+    if not rows:
+        raise AccountNotFound(user_id)
+    cutoff = as_utc(rows[0][8])
+    if cutoff is not None and at < cutoff:
+        raise ValidationFailed(f"at: {at.isoformat()} is before the retention cut-off "
+                               f"{cutoff.isoformat()}: the entries before it were compacted "
+                               "(their archive is ledger_entries_archive)")
+    wallets = [WalletInfo(r[2], r[3], r[4], as_utc(r[5]), bool(r[6]), int(r[7]))
+               for r in rows if r[2] is not None]
+    return Balance(user_id, rows[0][0], rows[0][1],
+                   sum(w.balance for w in wallets if w.is_active), wallets, at,
+                   sum(w.held for w in wallets))

@@ -212,6 +212,57 @@ def test_seed_000_balance_has_the_seed_shape(http: httpx.Client, keys: dict) -> 
     assert wallet["isActive"] is True and wallet["expiresAt"] is None
 
 
+def test_balance_at_a_moment_answers_from_the_ledger_with_holds_apart(
+        http: httpx.Client, keys: dict, db: Settings) -> None:
+    """Given an account opened two days ago that held 1 for a start yesterday (still open),
+    its balance as of yesterday after the hold is 4 with 1 held; as of before it opened,
+    no wallet; without ``at`` the seed's shape is unchanged."""
+    from tokenledger.db.uow import unit_of_work
+    from tokenledger.messages import StartRequest
+    from tokenledger.tokenprocess import service as token_process
+
+    t0 = datetime.now(UTC) - timedelta(days=2)
+    apply(db, {"type": "open_account", "key": "open:at", "user_id": "at"}, now=t0)
+    with unit_of_work(db, now=t0 + timedelta(days=1)) as uow:
+        token_process.start(uow, StartRequest(user_id="at", hold=1,
+                                              feature_endpoint_id="project_creation"), "h-at")
+    r = http.get("/api/billing/balance", headers=auth(keys["reader"]), params={
+        "user_id": "at", "at": (t0 + timedelta(days=1, hours=1)).isoformat()})
+    assert r.status_code == 200, r.text
+    data = r.json()["data"]
+    assert (data["balance"], data["heldTokens"]) == (4, 1)
+    assert [(w["walletType"], w["balanceTokens"], w["heldTokens"]) for w in data["wallets"]] \
+        == [("STANDARD", 4, 1)]
+    early = http.get("/api/billing/balance", headers=auth(keys["reader"]), params={
+        "user_id": "at", "at": (t0 - timedelta(days=1)).isoformat()}).json()["data"]
+    assert (early["balance"], early["wallets"]) == (0, [])
+    assert set(balance(http, keys["reader"], "at")) == {
+        "userId", "plan", "balance", "available", "canCreateProject", "requiredTokens",
+        "wallets"}
+    bad = http.get("/api/billing/balance", headers=auth(keys["reader"]),
+                   params={"user_id": "at", "at": "yesterday"})
+    assert bad.status_code == 422 and bad.json()["errors"][0]["field"] == "at"
+
+
+def test_an_account_threshold_overrides_the_plans(http: httpx.Client, keys: dict,
+                                                  db: Settings) -> None:
+    open_account(http, keys["producer"], "thr")
+    r = http.put("/api/accounts/thr/low-balance-threshold", json={"threshold": 4},
+                 headers=auth(keys["admin"]))
+    assert r.status_code == 200 and r.json()["data"] == {"userId": "thr", "threshold": 4}
+    assert http.put("/api/accounts/thr/low-balance-threshold", json={"threshold": 4},
+                    headers=auth(keys["producer"])).status_code == 403
+    apply(db, {"type": "charge", "key": "thr-1", "user_id": "thr", "amount": 1})
+    with session_scope(db) as session:  # 4 <= its own threshold (the plan's is 1)
+        low = session.execute(text("SELECT balance, threshold FROM low_balance_state")).all()
+    assert [tuple(row) for row in low] == [(4, 4)]
+    r = http.put("/api/accounts/thr/low-balance-threshold", json={"threshold": None},
+                 headers=auth(keys["admin"]))
+    assert r.json()["data"]["threshold"] is None
+    assert http.put("/api/accounts/nobody/low-balance-threshold", json={"threshold": 1},
+                    headers=auth(keys["admin"])).status_code == 404
+
+
 def test_seed_000_a_premium_wallet_adds_to_the_balance(http: httpx.Client, keys: dict,
                                                        worker: Worker) -> None:
     """Given 5 STANDARD tokens, when a PREMIUM wallet of 10 is created, the total is 15

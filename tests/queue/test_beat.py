@@ -141,3 +141,19 @@ def test_a_second_beat_waits_while_the_first_holds_the_lock(settings: Settings, 
             _stop(beat2)
         broker.delete(queue)
         broker.close()
+
+
+def test_the_relay_runs_every_30_s_and_compaction_only_when_enabled(settings: Settings) -> None:
+    jobs = beat_schedule(settings)
+    assert jobs["deliver-webhooks"]["task"] == "tokenledger.deliver_webhooks"
+    assert jobs["deliver-webhooks"]["schedule"] == schedule(30.0)
+    assert "compact-ledger" not in jobs  # off by default
+    enabled = beat_schedule(settings.model_copy(update={"retention_enabled": True,
+                                                        "retention_older_than": "90d"}))
+    job = enabled["compact-ledger"]
+    assert (job["task"], job["kwargs"]) == ("tokenledger.compact_ledger", {"older_than": "90d"})
+    assert job["schedule"] == crontab(hour=3, minute=30)
+    from tokenledger.queue.app import app
+
+    app.loader.import_default_modules()
+    assert {"tokenledger.deliver_webhooks", "tokenledger.compact_ledger"} <= set(app.tasks)

@@ -1,4 +1,5 @@
-"""/api/accounts: open an account; its statistics and monthly report (seeds 003, 004)."""
+"""/api/accounts: open an account; its statistics and monthly report (seeds 003, 004);
+erase it, set its low-balance threshold (admin)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, Path, Query
 from fastapi.responses import JSONResponse
 
-from tokenledger.api.auth import PRODUCE, READ, require
+from tokenledger.api.auth import ADMIN, PRODUCE, READ, require
 from tokenledger.api.deps import AUTH_ERRORS, Api, invalid, respond, wallet_out
 from tokenledger.api.schemas import (
     AccountOut,
@@ -17,12 +18,16 @@ from tokenledger.api.schemas import (
     MonthlyReportOut,
     OpenAccountIn,
     StatisticsOut,
+    ThresholdIn,
     When,
 )
+from tokenledger.apikeys.service import KeyInfo
 from tokenledger.db.uow import unit_of_work
 from tokenledger.errors import AccountNotFound
 from tokenledger.ledger.reports import balance, get_account, monthly_report, statistics
 from tokenledger.messages import clean_text
+from tokenledger.notify.service import set_threshold
+from tokenledger.retention.erasure import erase
 from tokenledger.timeutil import utcnow
 
 router = APIRouter(prefix="/api/accounts", tags=["accounts and reports"], responses=AUTH_ERRORS)
@@ -111,3 +116,26 @@ def account_monthly_report(
         data = monthly_report(session, user_id, month, utcnow(),
                               catalog=uow.catalog, credit_value=credit_value)
     return {"success": True, "data": data}
+
+
+@router.post("/{user_id:path}/erase", response_model=Envelope[dict[str, Any]],
+             summary="Erase a person: a pseudonym for the user id everywhere, free text "
+                     "dropped, every amount kept (idempotent)")
+def erase_account(api: Api, user_id: PathUser,
+                  key: Annotated[KeyInfo, Depends(require(*ADMIN))]) -> Any:
+    user_id = _user(user_id)
+    by = f"api-key:{key.prefix}" + (f" ({key.name})" if key.name else "")
+    with unit_of_work(api.settings) as uow:
+        erased = erase(uow, user_id, by)
+    return respond(200, erased.as_dict(),
+                   "Already erased" if erased.already_erased else "Account erased")
+
+
+@router.put("/{user_id:path}/low-balance-threshold", response_model=Envelope[dict[str, Any]],
+            dependencies=[Depends(require(*ADMIN))],
+            summary="The account's own low-balance threshold (null: its plan's)")
+def put_threshold(api: Api, user_id: PathUser, body: ThresholdIn) -> Any:
+    user_id = _user(user_id)
+    with unit_of_work(api.settings) as uow:
+        threshold = set_threshold(uow.session, user_id, body.threshold, uow.now)
+    return {"success": True, "data": {"userId": user_id, "threshold": threshold}}

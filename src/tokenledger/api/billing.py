@@ -10,6 +10,7 @@ from fastapi.responses import JSONResponse
 from tokenledger.api.auth import PRODUCE, READ, require
 from tokenledger.api.deps import AUTH_ERRORS, Api, invalid, publish_and_wait, respond, wallet_out
 from tokenledger.api.schemas import (
+    BalanceAtOut,
     BalanceOut,
     CanAffordOut,
     Code,
@@ -25,7 +26,13 @@ from tokenledger.api.schemas import (
 )
 from tokenledger.db.uow import unit_of_work
 from tokenledger.ledger.reports import balance as read_balance
-from tokenledger.ledger.reports import balance_summary, can_afford, get_account, history
+from tokenledger.ledger.reports import (
+    balance_as_of,
+    balance_summary,
+    can_afford,
+    get_account,
+    history,
+)
 from tokenledger.sdk.client import build_event, new_key
 from tokenledger.timeutil import utcnow
 
@@ -33,10 +40,21 @@ router = APIRouter(prefix="/api/billing", tags=["billing"], responses=AUTH_ERROR
 UserQuery = Annotated[UserId, Query(description="The caller's own user id")]
 
 
-@router.get("/balance", response_model=Envelope[BalanceOut],
+@router.get("/balance", response_model=Envelope[BalanceOut | BalanceAtOut],
             dependencies=[Depends(require(*READ))],
-            summary="Total balance, wallets and whether a project can be created (seed 000)")
-def balance(user_id: UserQuery, api: Api) -> dict[str, Any]:
+            summary="Total balance, wallets and whether a project can be created (seed 000); "
+                    "with `at`, as of that moment, from the ledger, holds shown apart")
+def balance(user_id: UserQuery, api: Api,
+            at: Annotated[When | None, Query(
+                description="As of this moment (ISO 8601): every entry dated before it")]
+            = None) -> dict[str, Any]:
+    if at is not None:
+        with unit_of_work(api.settings) as uow:
+            b = balance_as_of(uow.session, user_id, at)
+        return {"success": True, "data": {
+            "userId": user_id, "plan": b.plan, "at": at.isoformat(), "balance": b.balance,
+            "heldTokens": b.held,
+            "wallets": [{**wallet_out(w), "heldTokens": w.held} for w in b.wallets]}}
     with unit_of_work(api.settings) as uow:
         session = uow.session
         summary = balance_summary(session, user_id, uow.catalog, utcnow())

@@ -99,6 +99,20 @@ class BalanceOut(_Camel):
     wallets: list[WalletOut]
 
 
+class WalletAtOut(WalletOut):
+    held_tokens: int = Field(description="Taken by holds open at that moment (not in "
+                                         "balanceTokens; back if the hold is released)")
+
+
+class BalanceAtOut(_Camel):
+    user_id: str
+    plan: str
+    at: datetime
+    balance: int = Field(description="Total over the wallets live at that moment")
+    held_tokens: int = Field(description="Taken by holds open at that moment, apart")
+    wallets: list[WalletAtOut]
+
+
 class WalletsOut(_Camel):
     user_id: str
     total_balance: int
@@ -210,6 +224,11 @@ class OpenAccountIn(_Strict):
     user_id: UserId
     plan: PlanCode | None = None
     timezone: Timezone | None = None
+
+
+class ThresholdIn(_Strict):
+    threshold: Annotated[StrictInt, Field(ge=0, le=MAX_BIGINT)] | None = Field(
+        description="Alert at or below this balance; null: the plan's threshold")
 
 
 class AccountOut(_Camel):

@@ -18,8 +18,10 @@ from tokenledger.cli import (  # noqa: F401 - each registers its commands on the
     ops,
     publish,
     renew,
+    retention,
     services,
     tokenprocess,
+    webhooks,
 )
 from tokenledger.cli.base import app
 

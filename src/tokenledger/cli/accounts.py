@@ -1,4 +1,5 @@
-"""``accounts``: open accounts and ask when they renew."""
+"""``accounts``: open accounts, ask when they renew, set their low-balance threshold,
+erase them."""
 
 from __future__ import annotations
 
@@ -53,3 +54,54 @@ def accounts_eligibility(user_id: UserArg, json_: JsonOpt = False) -> None:
     out.print(f"  last renewal: {e.last_renewal or 'never'}; STANDARD balance: "
               f"{e.standard_balance if e.standard_balance is not None else '-'}",
               highlight=False)
+
+
+@accounts_app.command("erase")
+def accounts_erase(
+    user_id: UserArg,
+    by: Annotated[str | None, typer.Option(
+        "--by", help="Who erases, for the erasure log (default: cli:<login name>).")] = None,
+    json_: JsonOpt = False,
+) -> None:
+    """Erase a person: their user id becomes a pseudonym everywhere, free-text metadata
+    goes, every amount stays (needs TOKENLEDGER_ERASURE_SECRET). Safe to run twice."""
+    from tokenledger.sdk.client import LedgerClient
+
+    with LedgerClient(settings()) as client:
+        erased = client.erase_account(user_id, erased_by=by or f"cli:{_login()}")
+    if json_:
+        print_json(erased.as_dict())
+        return
+    again = " (already erased)" if erased.already_erased else ""
+    console().print(f"erased{again}: now {erased.pseudonym}, by {erased.erased_by} at "
+                    f"{erased.erased_at.isoformat()}; {sum(erased.rows.values())} row(s) "
+                    "rewritten", highlight=False)
+
+
+def _login() -> str:
+    import getpass
+
+    try:
+        return getpass.getuser()
+    except Exception:  # noqa: BLE001 - no login name (a container): still log the tool
+        return "unknown"
+
+
+@accounts_app.command("threshold")
+def accounts_threshold(
+    user_id: UserArg,
+    threshold: Annotated[int | None, typer.Argument(
+        min=0, help="Alert (balance_low) at or below this balance.")] = None,
+    clear: Annotated[bool, typer.Option("--clear", help="Use the plan's threshold again.")]
+    = False,
+) -> None:
+    """Set the account's own low-balance threshold, overriding its plan's."""
+    from tokenledger.cli.base import fail
+    from tokenledger.sdk.client import LedgerClient
+
+    if (threshold is None) == (not clear):
+        fail("threshold: give a number, or --clear")
+    with LedgerClient(settings()) as client:
+        client.set_low_balance_threshold(user_id, None if clear else threshold)
+    console().print(f"{user_id}: low-balance threshold "
+                    + ("from the plan" if clear else str(threshold)), highlight=False)

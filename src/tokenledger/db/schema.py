@@ -6,10 +6,12 @@ Each domain package declares its tables in its own ``models`` module.
 import tokenledger.apikeys.models  # noqa: F401  (api_keys)
 import tokenledger.catalog.models  # noqa: F401  (plans, features, model_prices, catalog_versions)
 import tokenledger.ledger.models  # noqa: F401  (accounts, wallets, ledger_entries, ...)
-import tokenledger.notify.models  # noqa: F401  (low_balance_state)
+import tokenledger.notify.models  # noqa: F401  (low_balance_state, account_thresholds)
 import tokenledger.queue.models  # noqa: F401  (dead_letters)
 import tokenledger.renewals.models  # noqa: F401  (renewal_runs, renewal_chunks)
+import tokenledger.retention.models  # noqa: F401  (retention_runs, archives, erasures)
 import tokenledger.tokenprocess.models  # noqa: F401  (holds)
+import tokenledger.webhooks.models  # noqa: F401  (webhook_endpoints, _deliveries, _timer)
 from tokenledger.db.base import Base
 
 CATALOG_TABLES = frozenset({"plans", "features", "model_prices", "catalog_versions"})

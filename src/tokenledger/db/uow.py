@@ -36,6 +36,7 @@ class UnitOfWork:
         self.session = session
         self.now = now
         self._after_commit: list[Callable[[], Any]] = []
+        session.info["uow"] = self
 
     @cached_property
     def catalog(self) -> Catalog:
@@ -58,6 +59,12 @@ class UnitOfWork:
                 action()
             except Exception:  # noqa: BLE001 - the committed work stands regardless
                 log.exception("an after-commit action failed")
+
+
+def uow_of(session: Session) -> UnitOfWork | None:
+    """The unit of work ``session`` belongs to (None: a session opened outside one), for
+    the few functions handed only a session that must register after-commit work."""
+    return session.info.get("uow")
 
 
 @contextmanager

@@ -25,9 +25,10 @@ from sqlalchemy.orm import Mapped, mapped_column
 
 from tokenledger.db.base import Base, BigId, Json, Timestamp, one_of
 
+CARRY_FORWARD = "CARRY_FORWARD"
 ENTRY_TYPES = (
     "CHARGE", "REFUND", "CREDIT", "OPEN", "DAILY_RESET", "RENEWAL",
-    "EXPIRY", "HOLD", "HOLD_RELEASE", "ADJUSTMENT",
+    "EXPIRY", "HOLD", "HOLD_RELEASE", "ADJUSTMENT", CARRY_FORWARD,
 )
 OUTCOMES = ("applied", "declined", "rejected")
 STANDARD = "STANDARD"

@@ -20,7 +20,7 @@ from tokenledger.catalog.service import Catalog, current_catalog
 from tokenledger.db.sql import statement
 from tokenledger.errors import AccountNotFound, ValidationFailed
 from tokenledger.ledger.models import Account, LedgerEntry, Wallet
-from tokenledger.results import Balance, balance_of
+from tokenledger.results import Balance, balance_at_of, balance_of
 from tokenledger.timeutil import as_utc
 
 PROJECT_CREATION = "project_creation"
@@ -359,13 +359,18 @@ def month_bounds(month: str, tz: str) -> tuple[datetime, datetime]:
     return as_utc(start), as_utc(end)
 
 
-def balance_at(session: Session, aid: int, when: datetime) -> int:
-    """The account's ledger balance (every wallet) just before ``when``."""
-    e = LedgerEntry
-    last = (select(func.max(e.id)).where(e.account_id == aid, e.created_at < when)
-            .group_by(e.wallet_id))
-    return int(session.scalar(select(func.coalesce(func.sum(e.balance_after), 0))
-                              .where(e.id.in_(last))) or 0)
+def balance_as_of(session: Session, user_id: str, at: datetime) -> Balance:
+    """The account's wallets as of ``at`` (every entry dated before it) and the holds
+    open then, from the ledger (``sql/balance_at.sql``, the SDK's read too). Raises
+    AccountNotFound, and ValidationFailed before the retention cut-off."""
+    rows = session.execute(statement("tokenledger.ledger", "balance_at"),
+                           {"user_id": user_id, "at": at}).all()
+    return balance_at_of(user_id, at, [tuple(r) for r in rows])
+
+
+def balance_at(session: Session, user_id: str, when: datetime) -> int:
+    """The account's ledger balance (every wallet, live or not) just before ``when``."""
+    return sum(w.balance for w in balance_as_of(session, user_id, when).wallets)
 
 
 def monthly_report(session: Session, user_id: str, month: str | None, now: datetime, *,
@@ -379,8 +384,11 @@ def monthly_report(session: Session, user_id: str, month: str | None, now: datet
     start, end = month_bounds(month, tz)
     stats = statistics(session, user_id, start, end, catalog=catalog,
                        credit_value=credit_value)
-    opening = balance_at(session, account.id, start)
-    closing = balance_at(session, account.id, min(end, now + timedelta(seconds=1)))
+    try:
+        opening = balance_at(session, user_id, start)
+    except ValidationFailed as exc:  # before the retention cut-off
+        raise ValidationFailed(f"month: {str(exc).removeprefix('at: ')}") from None
+    closing = balance_at(session, user_id, min(end, now + timedelta(seconds=1)))
     daily: dict[str, dict[str, int]] = {}
     e = LedgerEntry
     zone = ZoneInfo(tz)
@@ -411,6 +419,6 @@ def monthly_report(session: Session, user_id: str, month: str | None, now: datet
     }
 
 
-__all__ = ["account_id", "balance_at", "balance_summary", "can_afford", "describe_entry",
-           "feature_cost", "get_account", "history", "month_bounds", "monthly_report",
-           "statistics", "balance"]
+__all__ = ["account_id", "balance_as_of", "balance_at", "balance_summary", "can_afford",
+           "describe_entry", "feature_cost", "get_account", "history", "month_bounds",
+           "monthly_report", "statistics", "balance"]

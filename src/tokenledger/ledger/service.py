@@ -211,6 +211,10 @@ def _refund(batch: Batch, account: AccountState, event: Refund) -> EventResult:
         stored = batch.stored.get(original)
         if stored is None:
             raise Deferred(f"original charge {original!r} is not applied yet")
+        if stored.outcome == "applied" and (stored.result or {}).get("charged"):
+            # It charged, and its entries are gone: a compaction folded them.
+            raise Rejected(f"original charge {original!r} is older than the retention "
+                           "cut-off (its entries were compacted); nothing to refund")
         raise Rejected(f"original event {original!r} charged nothing to refund "
                       f"(it was {stored.outcome})")
     if batch.charge_owner.get(original) != account.id:

@@ -8,7 +8,7 @@ from typing import Any
 from sqlalchemy import func, select, text
 from sqlalchemy.orm import Session
 
-from tokenledger.ledger.models import Account, EventOutcome, LedgerEntry, Wallet
+from tokenledger.ledger.models import CARRY_FORWARD, Account, EventOutcome, LedgerEntry, Wallet
 
 SYSTEM_ENTRY_TYPES = ("RENEWAL", "DAILY_RESET", "EXPIRY")
 
@@ -22,11 +22,13 @@ class VerifyReport:
     chain_breaks: list[dict[str, Any]] = field(default_factory=list)
     applied_twice: list[dict[str, Any]] = field(default_factory=list)
     entries_without_outcome: list[dict[str, Any]] = field(default_factory=list)
+    carry_forwards: int = 0
+    carry_forward_breaks: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
         return not (self.balance_mismatches or self.chain_breaks or self.applied_twice
-                    or self.entries_without_outcome)
+                    or self.entries_without_outcome or self.carry_forward_breaks)
 
     def as_dict(self) -> dict[str, Any]:
         return {"ok": self.ok, **asdict(self)}
@@ -34,7 +36,8 @@ class VerifyReport:
 
 def verify(session: Session, limit: int = 100) -> VerifyReport:
     """Every wallet's balance equals the sum of its entries, each entry continues the one
-    before it, and no event key was applied twice. Read-only."""
+    before it, no event key was applied twice, and each carry-forward opens its wallet and
+    equals the sum of the archived entries it folded. Read-only."""
     report = VerifyReport()
     report.wallets = session.scalar(select(func.count()).select_from(Wallet)) or 0
     report.entries = session.scalar(select(func.count()).select_from(LedgerEntry)) or 0
@@ -81,4 +84,23 @@ def verify(session: Session, limit: int = 100) -> VerifyReport:
         .limit(limit)
     ):
         report.entries_without_outcome.append(dict(row._mapping))
+
+    # A compaction folds a wallet's oldest entries into one CARRY_FORWARD (from 0, so the
+    # chain check above covers its arithmetic): it must come first in its wallet and carry
+    # exactly what the archive says it folded.
+    report.carry_forwards = session.scalar(
+        select(func.count()).select_from(LedgerEntry)
+        .where(LedgerEntry.type == CARRY_FORWARD)) or 0
+    if report.carry_forwards:
+        for row in session.execute(text(
+            "SELECT * FROM ("
+            " SELECT c.id, c.wallet_id, c.amount, coalesce(sum(a.amount), 0) AS archived,"
+            "  EXISTS (SELECT FROM ledger_entries AS e WHERE e.account_id = c.account_id"
+            "          AND e.wallet_id = c.wallet_id AND e.id < c.id) AS not_first"
+            " FROM ledger_entries AS c"
+            " LEFT JOIN ledger_entries_archive AS a ON a.carried_into = c.id"
+            " WHERE c.type = 'CARRY_FORWARD' GROUP BY c.id) AS f"
+            " WHERE amount <> archived OR not_first LIMIT :limit"), {"limit": limit}
+        ):
+            report.carry_forward_breaks.append(dict(row._mapping))
     return report

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from sqlalchemy import BigInteger, ForeignKey, String, func
+from sqlalchemy import BigInteger, CheckConstraint, ForeignKey, String, func
 from sqlalchemy.orm import Mapped, mapped_column
 
 from tokenledger.db.base import Base, Timestamp
@@ -20,8 +20,25 @@ class LowBalanceState(Base):
 
     __tablename__ = "low_balance_state"
     user_id: Mapped[str] = mapped_column(
-        String(128), ForeignKey("accounts.user_id", ondelete="CASCADE"), primary_key=True)
+        String(128), ForeignKey("accounts.user_id", ondelete="CASCADE", onupdate="CASCADE"),
+        primary_key=True)
     threshold: Mapped[int] = mapped_column(BigInteger)
     balance: Mapped[int] = mapped_column(BigInteger)
     ledger_seq: Mapped[int] = mapped_column(BigInteger)
     since: Mapped[datetime] = mapped_column(Timestamp, server_default=func.now())
+
+
+class AccountThreshold(Base):
+    """An account's own low-balance threshold, overriding its plan's.
+
+    Read inside the low-balance rule (``sql/low_balance.sql``) by every writer of
+    balances; keyed by user_id for the same reason as ``low_balance_state``.
+    """
+
+    __tablename__ = "account_thresholds"
+    user_id: Mapped[str] = mapped_column(
+        String(128), ForeignKey("accounts.user_id", ondelete="CASCADE", onupdate="CASCADE"),
+        primary_key=True)
+    threshold: Mapped[int] = mapped_column(BigInteger)
+    updated_at: Mapped[datetime] = mapped_column(Timestamp, server_default=func.now())
+    __table_args__ = (CheckConstraint("threshold >= 0", name="account_threshold_range"),)

@@ -1,5 +1,6 @@
 """Balance notifications: ``balance_changed`` for every committed change, ``balance_low``
-once per crossing of the plan's threshold — published only after the commit.
+once per crossing of the account's threshold (its own, else its plan's) — published only
+after the commit.
 
 A writer of balances calls :func:`stage` with its balance changes, inside its unit of
 work. That applies the low-balance rule (``sql/low_balance.sql``, the one place it is
@@ -21,6 +22,7 @@ import logging
 import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from datetime import datetime
 from json.encoder import encode_basestring_ascii
 from typing import TYPE_CHECKING, Any
 
@@ -29,6 +31,8 @@ from sqlalchemy import text
 from tokenledger.db.sql import load
 
 if TYPE_CHECKING:
+    from sqlalchemy.orm import Session
+
     from tokenledger.config import Settings
     from tokenledger.db.uow import UnitOfWork
 
@@ -165,9 +169,11 @@ def channel(settings: Settings, event_name: str) -> str:
 
 def low_balance_statement(inputs: str) -> str:
     """A statement applying the low-balance rule to the rows of ``inputs`` (a query of
-    user_id, balance, seq, threshold); it answers the user_id of each crossing."""
-    return f"WITH c AS ({inputs}), {load('tokenledger.notify', 'low_balance')} " \
-           "SELECT user_id FROM low"
+    user_id, balance, seq, threshold); it answers the user_id and threshold of each
+    crossing and, when it wrote webhook deliveries, a row (NULL, how many)."""
+    return (f"WITH c AS ({inputs}), {load('tokenledger.notify', 'low_balance')} "
+            "SELECT user_id, threshold FROM low"
+            " UNION ALL SELECT NULL, count(*) FROM hooks HAVING count(*) > 0")
 
 
 _LOW_BALANCE = text(low_balance_statement(
@@ -187,15 +193,21 @@ def stage(uow: UnitOfWork, changes: Iterable[BalanceChange]) -> list[BalanceNoti
     if not latest:
         return []
     rows = list(latest.values())
-    crossed = set(uow.session.execute(_LOW_BALANCE, {
+    answered = uow.session.execute(_LOW_BALANCE, {
         "users": [c.user_id for c in rows], "balances": [c.balance for c in rows],
         "seqs": [c.ledger_seq for c in rows], "thresholds": [c.threshold for c in rows],
-        "now": uow.now}).scalars())
+        "now": uow.now}).all()
+    crossed = {user: threshold for user, threshold in answered if user is not None}
     notices = [BalanceNotice(BALANCE_CHANGED, c.user_id, c.balance, c.ledger_seq)
                for c in rows]
-    notices += [BalanceNotice(BALANCE_LOW, c.user_id, c.balance, c.ledger_seq, c.threshold)
+    notices += [BalanceNotice(BALANCE_LOW, c.user_id, c.balance, c.ledger_seq,
+                              crossed[c.user_id])
                 for c in rows if c.user_id in crossed]
     publish_after_commit(uow, notices)
+    if len(crossed) < len(answered):  # the rule wrote webhook deliveries
+        from tokenledger.webhooks import service as webhooks
+
+        webhooks.deliver_after_commit(uow)
     return notices
 
 
@@ -220,3 +232,31 @@ def low_notices(users: list[str] | None, balances: list[int] | None, seqs: list[
     return [BalanceNotice(BALANCE_LOW, u, b, s, t)
             for u, b, s, t in zip(users or [], balances or [], seqs or [], thresholds or [],
                                   strict=True) if u in crossed]
+
+
+# -- per-account thresholds ------------------------------------------------------------------
+
+
+def set_threshold(session: Session, user_id: str, threshold: int | None,
+                  now: datetime) -> int | None:
+    """Give the account its own low-balance threshold (None: its plan's again); the rule
+    applies it from the account's next balance change. Returns the threshold set.
+    Raises AccountNotFound."""
+    from sqlalchemy import delete, select
+    from sqlalchemy.dialects.postgresql import insert
+
+    from tokenledger.errors import AccountNotFound, ValidationFailed
+    from tokenledger.ledger.models import Account
+    from tokenledger.notify.models import AccountThreshold
+
+    if threshold is not None and not 0 <= threshold <= 10**15:
+        raise ValidationFailed("threshold: must be between 0 and 10^15")
+    if session.scalar(select(Account.id).where(Account.user_id == user_id)) is None:
+        raise AccountNotFound(user_id)
+    if threshold is None:
+        session.execute(delete(AccountThreshold).where(AccountThreshold.user_id == user_id))
+        return None
+    stmt = insert(AccountThreshold).values(user_id=user_id, threshold=threshold, updated_at=now)
+    session.execute(stmt.on_conflict_do_update(
+        index_elements=["user_id"], set_={"threshold": threshold, "updated_at": now}))
+    return threshold

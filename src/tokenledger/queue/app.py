@@ -1,8 +1,8 @@
 """The Celery application of the workers: ``celery -A tokenledger.queue.app worker``.
 
 Built from the ``TOKENLEDGER_*`` environment when imported; the tasks live in the domain
-packages (``ledger.tasks``, ``tokenprocess.tasks``, ``renewals.tasks``) and are imported
-by the worker at start-up.
+packages (``ledger.tasks``, ``tokenprocess.tasks``, ``renewals.tasks``, ``webhooks.tasks``,
+``retention.tasks``) and are imported by the worker at start-up.
 """
 
 from __future__ import annotations
@@ -22,7 +22,8 @@ from tokenledger.queue import beat
 from tokenledger.queue.config import celery_config
 
 TASK_MODULES = ["tokenledger.ledger.tasks", "tokenledger.tokenprocess.tasks",
-                "tokenledger.renewals.tasks"]
+                "tokenledger.renewals.tasks", "tokenledger.webhooks.tasks",
+                "tokenledger.retention.tasks"]
 
 settings = get_settings()
 if settings.metrics_port and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):

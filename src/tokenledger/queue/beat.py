@@ -28,6 +28,8 @@ from tokenledger.config import Settings, get_settings
 from tokenledger.db.engine import libpq_url
 from tokenledger.queue.names import (
     CHECK_BACKLOG,
+    COMPACT_LEDGER,
+    DELIVER_WEBHOOKS,
     EXPIRE_WALLETS,
     RELEASE_EXPIRED_HOLDS,
     RENEW_BATCH,
@@ -43,10 +45,12 @@ LOCK_KEY = int.from_bytes(hashlib.sha256(b"tokenledger.beat").digest()[:8], "big
                           signed=True)
 
 
-def beat_schedule() -> dict[str, dict[str, Any]]:
-    """The scheduled jobs (SPEC §6). Each message expires before its next window, so a
+def beat_schedule(settings: Settings | None = None) -> dict[str, dict[str, Any]]:
+    """The scheduled jobs (SPEC §6), with retention's only when
+    ``TOKENLEDGER_RETENTION_ENABLED``. Each message expires before its next window, so a
     backlog after an outage never replays the same tick many times over."""
-    return {
+    settings = settings or get_settings()
+    jobs: dict[str, dict[str, Any]] = {
         # Hourly: each account resets at its own local midnight, whatever its UTC offset
         # (whole-hour zones reset on the tick after midnight; :30/:45 zones within the hour).
         "daily-reset-tick": {"task": RENEW_BATCH, "schedule": crontab(minute=0),
@@ -62,7 +66,16 @@ def beat_schedule() -> dict[str, dict[str, Any]]:
         "check-dead-letters": {"task": CHECK_BACKLOG,
                                "schedule": crontab(minute="*/5"),
                                "kwargs": {"window_seconds": 300}, "options": {"expires": 280}},
+        # The webhook relay's safety net: runs normally start on commit and on their timer.
+        "deliver-webhooks": {"task": DELIVER_WEBHOOKS, "schedule": schedule(30.0),
+                             "options": {"expires": 25}},
     }
+    if settings.retention_enabled:
+        jobs["compact-ledger"] = {"task": COMPACT_LEDGER,
+                                  "schedule": crontab(hour=3, minute=30),
+                                  "kwargs": {"older_than": settings.retention_older_than},
+                                  "options": {"expires": 6 * 3600}}
+    return jobs
 
 
 class BeatLock:

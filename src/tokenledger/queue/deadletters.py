@@ -12,9 +12,12 @@ from sqlalchemy import delete, func, select
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
+from tokenledger.db.uow import uow_of
 from tokenledger.messages import fingerprint
 from tokenledger.queue.models import DeadLetter
 from tokenledger.timeutil import as_utc
+from tokenledger.webhooks import service as webhooks
+from tokenledger.webhooks.service import WebhookEvent
 
 
 def depth(session: Session) -> int:
@@ -89,19 +92,27 @@ def _storable(text: str, limit: int) -> str:
 
 def record(session: Session, payload: Any, reason: str, now: datetime,
            key: str | None = None) -> None:
-    """Keep a message that cannot be applied; a repeat bumps attempts and last_seen.
-    Whatever the message holds, the letter can be stored: a key the column cannot hold
-    is left out (it stays in the payload), NUL bytes are escaped, sizes bounded."""
+    """Keep a message that cannot be applied; a repeat bumps attempts and last_seen. A
+    new one is announced (``dead_letter_added``) in the same transaction. Whatever the
+    message holds, the letter can be stored: a key the column cannot hold is left out (it
+    stays in the payload), NUL bytes are escaped, sizes bounded."""
     text = payload if isinstance(payload, str) else json.dumps(payload, default=str)
     if key is not None and (len(key) > 255 or _storable(key, 255) != key):
         key = None
     reason = _storable(reason, 2000)
+    table = DeadLetter.__table__
     stmt = insert(DeadLetter).values(
         fingerprint=fingerprint(payload), key=key, payload=_storable(text, 1_000_000),
         reason=reason, attempts=1, first_seen=now, last_seen=now)
     stmt = stmt.on_conflict_do_update(
         index_elements=["fingerprint"],
-        set_={"attempts": DeadLetter.__table__.c.attempts + 1, "last_seen": now,
-              "reason": reason},
-    )
-    session.execute(stmt)
+        set_={"attempts": table.c.attempts + 1, "last_seen": now, "reason": reason},
+    ).returning(table.c.id, table.c.attempts)
+    letter_id, attempts = session.execute(stmt).one()
+    uow = uow_of(session)
+    if attempts == 1 and uow is not None:
+        # Not the payload: it may carry personal data and unchecked input.
+        webhooks.record(uow, [WebhookEvent(
+            "dead_letter_added", f"dead_letter:{letter_id}",
+            {"dead_letter_id": letter_id, "key": key, "reason": reason,
+             "first_seen": now.isoformat()}, f"dead_letter_added:{letter_id}")])

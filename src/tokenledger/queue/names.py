@@ -10,6 +10,8 @@ RENEW_CHUNK = "tokenledger.renew_chunk"
 EXPIRE_WALLETS = "tokenledger.expire_wallets"
 RELEASE_EXPIRED_HOLDS = "tokenledger.release_expired_holds"
 CHECK_BACKLOG = "tokenledger.check_backlog"
+DELIVER_WEBHOOKS = "tokenledger.deliver_webhooks"
+COMPACT_LEDGER = "tokenledger.compact_ledger"
 
 ALL = (APPLY_EVENTS, RENEW_BATCH, RENEW_CHUNK, EXPIRE_WALLETS, RELEASE_EXPIRED_HOLDS,
-       CHECK_BACKLOG)
+       CHECK_BACKLOG, DELIVER_WEBHOOKS, COMPACT_LEDGER)

@@ -1,8 +1,10 @@
-"""What happens when a run ends: metrics, and a critical alert when too many accounts failed.
+"""What happens when a run ends: metrics, a ``renewal_run_finished`` webhook, and a critical
+``renewal_failure_alert`` when too many accounts failed.
 
-The sealing unit of work judges the run (:func:`run_finished`: the alert flag is written
-with the seal); counting, logging and the webhook happen after it committed, so an alert
-never holds a database lock, and a webhook that is down is logged, never breaks the run.
+The sealing unit of work judges the run (:func:`run_finished`): the alert flag and both
+webhook deliveries are written with the seal, in its transaction (the outbox; the
+workers deliver them, signed and retried, to the endpoints subscribed and to
+``TOKENLEDGER_ALERT_WEBHOOK_URL``); counting and logging happen once it committed.
 """
 
 from __future__ import annotations
@@ -10,14 +12,14 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-import httpx
 from prometheus_client import Counter
 from sqlalchemy import update
 
 from tokenledger.config import Settings
-from tokenledger.db.uow import UnitOfWork, unit_of_work
+from tokenledger.db.uow import UnitOfWork
 from tokenledger.renewals.models import RenewalRun
-from tokenledger.timeutil import utcnow
+from tokenledger.webhooks import service as webhooks
+from tokenledger.webhooks.service import WebhookEvent
 
 log = logging.getLogger("tokenledger.renewals")
 
@@ -28,10 +30,9 @@ ACCOUNTS = Counter("tokenledger_renewal_accounts_total",
                    ["kind", "outcome"])
 ALERTS = Counter("tokenledger_renewal_alerts_total",
                  "Critical failure-rate alerts raised by renewal runs.", ["kind"])
-WEBHOOK_FAILURES = Counter("tokenledger_alert_webhook_failures_total",
-                           "Alert webhook POSTs that failed.")
-
-WEBHOOK_TIMEOUT = 5.0
+FINISHED_FIELDS = ("kind", "trigger", "tier", "status", "dry_run", "total_processed",
+                   "successful", "failed", "skipped", "tokens_granted", "alert", "as_of",
+                   "finished_at")
 
 
 def failure_rate_exceeded(failed: int, successful: int, ratio: float) -> bool:
@@ -40,7 +41,7 @@ def failure_rate_exceeded(failed: int, successful: int, ratio: float) -> bool:
 
 
 def alert_payload(report: dict[str, Any], ratio: float) -> dict[str, Any]:
-    """The JSON body POSTed to the alert webhook."""
+    """The data of the ``renewal_failure_alert`` webhook."""
     processed = report["total_processed"] or 0
     return {
         "alert": "renewal_failure_rate",
@@ -63,21 +64,10 @@ def alert_payload(report: dict[str, Any], ratio: float) -> dict[str, Any]:
     }
 
 
-def post_alert(url: str, payload: dict[str, Any]) -> bool:
-    """POST ``payload`` as JSON; True on a 2xx answer. Never raises."""
-    try:
-        response = httpx.post(url, json=payload, timeout=WEBHOOK_TIMEOUT)
-        response.raise_for_status()
-        return True
-    except httpx.HTTPError as exc:
-        WEBHOOK_FAILURES.inc()
-        log.error("alert webhook POST to %s failed: %s", url, exc)
-        return False
-
-
 def run_finished(uow: UnitOfWork, report: dict[str, Any]) -> None:
     """Judge a run sealed in ``uow`` (``report`` as the seal wrote it): flag the
-    failure-rate alert in the same transaction, and count, log and send it once committed.
+    failure-rate alert and record the run's webhooks in the same transaction; count and
+    log once committed.
 
     Dry runs only warn: they change nothing, so nobody should be paged for them.
     """
@@ -87,19 +77,29 @@ def run_finished(uow: UnitOfWork, report: dict[str, Any]) -> None:
         uow.session.execute(update(RenewalRun).where(RenewalRun.id == report["id"])
                             .values(alert=True))
         report["alert"] = True
+    run_id = report["id"]
+    events = [WebhookEvent("renewal_run_finished", f"run:{run_id}",
+                           {"run_id": run_id, **{k: report[k] for k in FINISHED_FIELDS}},
+                           f"renewal_run_finished:{run_id}")]
+    if alert and not report["dry_run"]:
+        events.append(WebhookEvent("renewal_failure_alert", f"run:{run_id}",
+                                   alert_payload(report, ratio),
+                                   f"renewal_failure_alert:{run_id}"))
+    webhooks.record(uow, events)
     settings = uow.settings
     uow.after_commit(lambda: _announce(settings, report, alert))
 
 
 def _announce(settings: Settings, report: dict[str, Any], alert: bool) -> None:
-    kind, run_id = report["kind"], report["id"]
+    kind = report["kind"]
     RUNS.labels(kind=kind, result=report["status"]).inc()
     for outcome in ("successful", "failed", "skipped"):
         if report[outcome]:
             ACCOUNTS.labels(kind=kind, outcome=outcome).inc(report[outcome])
     log.info("%s run %s %s: %s processed, %s successful, %s failed, %s skipped, %s tokens",
-             kind, run_id, report["status"], report["total_processed"], report["successful"],
-             report["failed"], report["skipped"], report["tokens_granted"])
+             kind, report["id"], report["status"], report["total_processed"],
+             report["successful"], report["failed"], report["skipped"],
+             report["tokens_granted"])
     if not alert:
         return
     payload = alert_payload(report, settings.alert_failure_ratio)
@@ -109,8 +109,3 @@ def _announce(settings: Settings, report: dict[str, Any], alert: bool) -> None:
     log.critical("high failure rate in %s renewal: %s", kind, payload["message"],
                  extra={"alert": payload})
     ALERTS.labels(kind=kind).inc()
-    if settings.alert_webhook_url and post_alert(settings.alert_webhook_url, payload):
-        # The delivery's own record, once the webhook answered.
-        with unit_of_work(settings) as uow:
-            uow.session.execute(update(RenewalRun).where(RenewalRun.id == run_id)
-                                .values(alert_sent_at=utcnow()))

@@ -44,6 +44,8 @@ from tokenledger.notify import service as notify
 from tokenledger.renewals import alerts
 from tokenledger.renewals.models import RUN_KINDS, RenewalChunk, RenewalRun
 from tokenledger.timeutil import as_utc, next_local_midnight
+from tokenledger.webhooks import service as webhooks
+from tokenledger.webhooks.models import WebhookDelivery
 
 accounts_t = Account.__table__
 wallets_t = Wallet.__table__
@@ -222,6 +224,8 @@ def _decide_and_write(uow: UnitOfWork, run: Row[Any], after: int, upto: int,
                                   row.crossed)
         notify.publish_after_commit(uow, notify.BulkNotices.of(row.users, row.balances,
                                                                row.seqs, lows))
+    if row.hooks:
+        webhooks.deliver_after_commit(uow)
     result.successful = row.grants - row.already
     result.skipped += row.already
     result.failed = len(result.errors)
@@ -421,8 +425,19 @@ def fail_chunk(uow: UnitOfWork, chunk_id: int, reason: str) -> ChunkResult | Non
 # -- reading runs --------------------------------------------------------------------------
 
 
+# When the run's failure-rate alert webhook was first delivered (the outbox's record);
+# ``alert_sent_at`` itself holds what releases before the outbox recorded.
+_ALERT_DELIVERED = (
+    select(func.min(WebhookDelivery.delivered_at))
+    .where(WebhookDelivery.event_type == "renewal_failure_alert",
+           WebhookDelivery.subject == func.concat("run:", runs_t.c.id))
+    .scalar_subquery().label("alert_delivered_at"))
+
+
 def _run_dict(run: Row[Any]) -> dict[str, Any]:
     data = dict(run._mapping)
+    delivered = data.pop("alert_delivered_at", None)
+    data["alert_sent_at"] = data["alert_sent_at"] or delivered
     data["limit"] = data.pop("account_limit")
     for k in ("as_of", "created_at", "finished_at", "alert_sent_at"):
         value = as_utc(data.get(k))
@@ -433,7 +448,7 @@ def _run_dict(run: Row[Any]) -> dict[str, Any]:
 
 def run_report(session: Session, run_id: int, changes_limit: int = 1000) -> dict[str, Any]:
     """A run's options, totals, errors and (for dry runs) the changes it would make."""
-    run = session.execute(select(runs_t).where(runs_t.c.id == run_id)).first()
+    run = session.execute(select(runs_t, _ALERT_DELIVERED).where(runs_t.c.id == run_id)).first()
     if run is None:
         raise RunNotFound(run_id)
     data = _run_dict(run)
@@ -458,7 +473,7 @@ def run_report(session: Session, run_id: int, changes_limit: int = 1000) -> dict
 
 def list_runs(session: Session, kind: str | None = None, limit: int = 20) -> list[dict[str, Any]]:
     """The most recent runs, newest first (without per-account detail)."""
-    stmt = select(runs_t).order_by(runs_t.c.id.desc()).limit(limit)
+    stmt = select(runs_t, _ALERT_DELIVERED).order_by(runs_t.c.id.desc()).limit(limit)
     if kind is not None:
         stmt = stmt.where(runs_t.c.kind == kind)
     out = []

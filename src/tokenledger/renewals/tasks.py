@@ -12,7 +12,7 @@ from tokenledger.queue.base import LedgerTask, log
 from tokenledger.queue.models import DeadLetter
 from tokenledger.queue.names import CHECK_BACKLOG, EXPIRE_WALLETS, RENEW_BATCH, RENEW_CHUNK
 from tokenledger.queue.producer import worker_producer
-from tokenledger.renewals import alerts, runs
+from tokenledger.renewals import runs
 from tokenledger.renewals.service import RunOptions
 
 
@@ -74,7 +74,8 @@ def expire_wallets_task(self: RenewalTask, limit: int = 1000,
 
 @app.task(base=RenewalTask, bind=True, name=CHECK_BACKLOG)
 def check_backlog(self: RenewalTask, window_seconds: int = 300) -> dict[str, int]:
-    """Alert (log + webhook) when messages were dead-lettered in the last window."""
+    """Log an error when messages were dead-lettered in the last window (each one also
+    went out as a ``dead_letter_added`` webhook when it was stored)."""
     with self.unit_of_work() as uow:
         cutoff = uow.now - timedelta(seconds=window_seconds)
         total = uow.session.scalar(select(func.count()).select_from(DeadLetter)) or 0
@@ -84,8 +85,4 @@ def check_backlog(self: RenewalTask, window_seconds: int = 300) -> dict[str, int
         message = (f"{recent} message(s) dead-lettered in the last {window_seconds}s "
                    f"({total} in the store): see `tokenledger dlq list`")
         log.error(message)
-        if self.settings.alert_webhook_url:
-            alerts.post_alert(self.settings.alert_webhook_url, {
-                "alert": "dead_letters", "severity": "error", "message": message,
-                "recent": recent, "total": total, "window_seconds": window_seconds})
     return {"recent": recent, "total": total}

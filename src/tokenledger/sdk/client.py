@@ -21,16 +21,18 @@ from tokenledger.messages import (
     Event,
     Key,
     StartRequest,
+    When,
     describe,
     validated,
 )
-from tokenledger.results import Balance, EventResult, StartResult, balance_of
+from tokenledger.results import Balance, EventResult, StartResult, balance_at_of, balance_of
 from tokenledger.sdk.process import TokenProcess
 from tokenledger.timeutil import utcnow
 
 if TYPE_CHECKING:
     from tokenledger.notify.service import BalanceNotice
     from tokenledger.queue.producer import Producer
+    from tokenledger.retention.erasure import ErasureResult
 
 # What a client needs for publishing and reading is imported here; the ORM, Celery and
 # the domain's writers load on first use (a CLI read like `tokenledger balance` never
@@ -246,13 +248,44 @@ class LedgerClient:
             return stored
         return EventResult(key, outcome, reason, result or {}, replay=stored_by != sent_by)
 
-    def balance(self, user_id: str) -> Balance:
-        """The account's total over live wallets, and each wallet."""
+    def balance(self, user_id: str, at: datetime | None = None) -> Balance:
+        """The account's total over live wallets, and each wallet; with ``at``, as of that
+        moment (every entry dated before it), answered from the ledger, with what holds
+        open then had taken (``held``, per wallet too). Raises AccountNotFound, and
+        ValidationFailed for an ``at`` before the retention cut-off."""
         from tokenledger.db.direct import fetch
 
-        rows = fetch(self.settings, "tokenledger.ledger", "balance",
-                     {"user_id": user_id, "now": utcnow()})
-        return balance_of(user_id, rows)
+        if at is None:
+            rows = fetch(self.settings, "tokenledger.ledger", "balance",
+                         {"user_id": user_id, "now": utcnow()})
+            return balance_of(user_id, rows)
+        when = validated(_At, {"at": at}).at
+        rows = fetch(self.settings, "tokenledger.ledger", "balance_at",
+                     {"user_id": user_id, "at": when})
+        return balance_at_of(user_id, when, rows)
+
+    def erase_account(self, user_id: str, erased_by: str = "sdk") -> ErasureResult:
+        """Erase a person: ``user_id`` becomes a stable pseudonym everywhere, free-text
+        metadata goes, every amount stays (needs TOKENLEDGER_ERASURE_SECRET). Idempotent:
+        erasing again answers the first erasure. Raises AccountNotFound."""
+        from tokenledger.db.errors import QUICK
+        from tokenledger.db.uow import unit_of_work
+        from tokenledger.retention.erasure import erase
+
+        def once() -> ErasureResult:
+            with unit_of_work(self.settings) as uow:
+                return erase(uow, user_id, erased_by)
+
+        return QUICK.run(once)
+
+    def set_low_balance_threshold(self, user_id: str, threshold: int | None) -> None:
+        """Alert (``balance_low``) when this account falls to ``threshold`` or below,
+        instead of its plan's threshold (None: the plan's again)."""
+        from tokenledger.db.uow import unit_of_work
+        from tokenledger.notify.service import set_threshold
+
+        with unit_of_work(self.settings) as uow:
+            set_threshold(uow.session, user_id, threshold, uow.now)
 
     # -- balance notifications -------------------------------------------------------------
 
@@ -316,3 +349,7 @@ def event_fields(**fields: Any) -> dict[str, Any]:
 
 class _KeyOnly(BaseModel):
     key: Key
+
+
+class _At(BaseModel):
+    at: When

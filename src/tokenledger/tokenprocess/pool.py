@@ -36,6 +36,7 @@ from tokenledger.ops.metrics import START_GROUP_SIZE
 from tokenledger.results import StartResult
 from tokenledger.timeutil import utcnow
 from tokenledger.tokenprocess import service
+from tokenledger.webhooks import service as webhooks
 
 log = logging.getLogger("tokenledger.tokenprocess.pool")
 
@@ -324,6 +325,8 @@ class StartPool:
             written: list[tuple[Any, ...]] = []
         else:
             written = (await conn.roundtrip([statement, COMMIT]))[0]
+            if service.webhooks_written(written):
+                webhooks.deliver_soon(self.settings)
         answers.extend(zip([p for p, _ in decided], service.finish(decisions, written),
                            strict=True))
         return answers

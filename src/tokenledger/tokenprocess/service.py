@@ -45,6 +45,7 @@ from tokenledger.notify import service as notify
 from tokenledger.results import ACCESSIBLE, NOT_ACCESSIBLE, EventResult, StartResult
 from tokenledger.timeutil import as_utc
 from tokenledger.tokenprocess.models import OPEN, HoldState
+from tokenledger.webhooks import service as webhooks
 
 RETURNABLE = "returnable"
 NOT_RETURNABLE = "not-returnable"
@@ -226,7 +227,7 @@ def finish(decisions: list[Decision], rows: list[tuple[Any, ...]]) -> list[Start
     """(result, notices to publish once committed) of each decision, given the rows
     :func:`write`'s statement answered (none when it was not needed)."""
     seqs = {row[0]: row[1] for row in rows if row[0] is not None}
-    crossed = {row[2] for row in rows if row[2] is not None}
+    crossed = {row[2]: row[1] for row in rows if row[2] is not None}  # user -> threshold
     out: list[Started] = []
     for d in decisions:
         seq = seqs.get(d.account_id) if d.hold is not None else None
@@ -235,11 +236,15 @@ def finish(decisions: list[Decision], rows: list[tuple[Any, ...]]) -> list[Start
             continue
         notices = [notify.BalanceNotice(notify.BALANCE_CHANGED, d.user_id, d.balance, seq)]
         if d.user_id in crossed:
-            assert d.hold is not None
             notices.append(notify.BalanceNotice(notify.BALANCE_LOW, d.user_id, d.balance, seq,
-                                                d.hold["threshold"]))
+                                                crossed[d.user_id]))
         out.append((d.result, notices))
     return out
+
+
+def webhooks_written(rows: list[tuple[Any, ...]]) -> bool:
+    """Whether :func:`write`'s statement (its answered ``rows``) recorded webhook deliveries."""
+    return any(row[0] is None and row[2] is None for row in rows)
 
 
 def start(uow: UnitOfWork, request: StartRequest, key: str | None = None) -> StartResult:
@@ -261,6 +266,8 @@ def start(uow: UnitOfWork, request: StartRequest, key: str | None = None) -> Sta
         if statement is not None else []
     result, notices = finish([decision], written)[0]
     notify.publish_after_commit(uow, notices, soon=False)
+    if webhooks_written(written):
+        webhooks.deliver_after_commit(uow)
     return result
 
 
@@ -431,6 +438,7 @@ def release_expired_holds(uow: UnitOfWork, *, limit: int = 1000,
 
     Safe to run twice or concurrently: accounts are locked in id order before their holds
     are re-read, so a hold that another pass (or an end) resolved meanwhile is skipped.
+    Each expiry is announced (``hold_expired``) in the same transaction.
     Returns fewer than ``limit`` accounts when nothing more is due.
     """
     session, now = uow.session, uow.now
@@ -445,16 +453,25 @@ def release_expired_holds(uow: UnitOfWork, *, limit: int = 1000,
     batch = Batch(uow)
     batch.lock_accounts(account_ids=account_ids)
     by_id = {a.id: a for a in batch.accounts.values()}
+    expired: list[webhooks.WebhookEvent] = []
     for row in session.execute(
         select(holds_t).where(holds_t.c.account_id.in_(account_ids),
                               holds_t.c.status == OPEN, holds_t.c.expires_at <= now)
         .order_by(holds_t.c.account_id, holds_t.c.id)
     ):
         hold = HoldState.from_row(row)
-        returned = release(batch, by_id[hold.account_id], hold, "expired", None)
+        account = by_id[hold.account_id]
+        returned = release(batch, account, hold, "expired", None)
         report.holds += 1
         report.credits += sum(r["amount"] for r in returned)
+        expired.append(webhooks.WebhookEvent(
+            "hold_expired", account.user_id,
+            {"user_id": account.user_id, "hold_id": hold.id, "feature": hold.feature,
+             "amount": hold.amount, "returned": returned,
+             "expires_at": hold.expires_at.isoformat(), "released_at": now.isoformat()},
+            f"hold_expired:{hold.id}"))
     notify.stage(uow, batch.flush())
+    webhooks.record(uow, expired)
     return report
 
 

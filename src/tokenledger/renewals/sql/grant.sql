@@ -9,7 +9,8 @@
 -- period mark was set back by hand) periods granted before are skipped, at the cost of an
 -- index probe per row.
 -- Answers the counts, each granted account's user, balance, entry id (its ledger_seq) and
--- threshold, the low-balance crossings, and the errors.
+-- threshold (its own, else its plan's), the low-balance crossings, the webhook deliveries
+-- written, and the errors.
 WITH
 -- include: tokenledger.renewals/decide
 ,
@@ -65,6 +66,7 @@ SELECT (SELECT count(*) FROM u) AS grants,
        (SELECT count(*) FROM m) AS marked,
        cc.users, cc.balances, cc.seqs, cc.thresholds,
        (SELECT array_agg(user_id) FROM low) AS crossed,
+       (SELECT count(*) FROM hooks) AS hooks,
        (SELECT errors FROM errs) AS errors
 FROM (SELECT array_agg(user_id) AS users, array_agg(balance) AS balances,
-             array_agg(seq) AS seqs, array_agg(threshold) AS thresholds FROM c) AS cc
+             array_agg(seq) AS seqs, array_agg(threshold) AS thresholds FROM lb) AS cc

@@ -5,7 +5,8 @@
 -- state. The draws travel as integer arrays: PostgreSQL plans an array of unknown length
 -- as ten rows (an index scan of wallets), a JSON recordset as a hundred (a scan of the
 -- whole table). Answers one row per account with entries (its id and newest entry id:
--- the change's ledger_seq) and one per low-balance crossing (its user_id).
+-- the change's ledger_seq), one per low-balance crossing (NULL, its threshold, its
+-- user_id) and, when webhook deliveries were written, (NULL, how many, NULL).
 -- :holds json, :draw_accounts/:draw_wallets/:draw_taken/:draw_before bigint[],
 -- :now timestamptz, :event text
 WITH h AS (
@@ -51,4 +52,6 @@ c AS (
 -- include: tokenledger.notify/low_balance
 SELECT account_id, seq, CAST(NULL AS text) FROM seq
 UNION ALL
-SELECT NULL, NULL, user_id FROM low
+SELECT NULL, threshold, user_id FROM low
+UNION ALL
+SELECT NULL, count(*), NULL FROM hooks HAVING count(*) > 0

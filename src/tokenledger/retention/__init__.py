@@ -1,0 +1,1 @@
+"""Data over time: erasing a person, compacting old entries into carry-forwards, archives."""

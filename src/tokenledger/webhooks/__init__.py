@@ -1,0 +1,1 @@
+"""Webhooks that arrive: endpoints, a transactional outbox, signed deliveries with retries."""
