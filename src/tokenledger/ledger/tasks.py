@@ -111,7 +111,12 @@ class ApplyEvents(Coalescing, LedgerTask):
         record = inflight.record_for(settings)
         # Deliveries counted across requeues and crashes: by the in-flight record on
         # Redis, by the broker (x-delivery-count) on a quorum queue.
-        counts = record.begin(ids) if record is not None else [d[5] + 1 for d in deliveries]
+        counts = [d[5] + 1 for d in deliveries]
+        if record is not None:
+            try:
+                counts = record.begin(ids)
+            except Exception as exc:  # noqa: BLE001 - the broker is away: uncounted
+                log.warning("in-flight record not updated: %s", exc)
         messages = [_parse(d, count) for d, count in zip(deliveries, counts, strict=True)]
         try:
             results = self._apply(messages)
@@ -119,7 +124,10 @@ class ApplyEvents(Coalescing, LedgerTask):
             inflight.forget(ids, settings)
             return [REQUEUE] * len(deliveries)
         if record is not None:
-            record.clear(ids, [k for m in messages for k in m.keys])
+            try:
+                record.clear(ids, [k for m in messages for k in m.keys])
+            except Exception as exc:  # noqa: BLE001 - committed; the reconciler clears it
+                log.warning("in-flight record not cleared: %s", exc)
         self._follow_up(messages, results)
         self._record(messages, results, started)
         return [ACK] * len(deliveries)

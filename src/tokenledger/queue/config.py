@@ -77,6 +77,9 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "result_backend": None,
         "task_default_queue": settings.queue,
         "task_acks_late": True,
+        # A task still running when the broker connection is lost is stopped: its message
+        # is delivered again anyway (late ack), and must not run twice at once.
+        "worker_cancel_long_running_tasks_on_connection_loss": True,
         "task_reject_on_worker_lost": True,
         # Messages a worker holds per pool process: the ledger task applies what it holds
         # as one group (queue.coalesce), so single events need a deep prefetch to batch.

@@ -63,6 +63,17 @@ class Consumer(CeleryConsumer):
         log.warning("dead-lettering a message that cannot be executed: %s", reason)
         grouper.refuse(message, reason)
 
+    def on_connection_error_after_connected(self, exc: Exception) -> None:
+        # Celery 5.7 collects the lost connection's transport before closing it; closing
+        # then restores unacknowledged messages through a transport without a client and
+        # raises AttributeError, which stopped the worker ("Unrecoverable error") on a
+        # broker restart. The messages are restored anyway after the visibility timeout.
+        try:
+            super().on_connection_error_after_connected(exc)
+        except AttributeError as err:
+            log.warning("closing the lost broker connection failed (%s); its unacknowledged"
+                        " messages come back after the visibility timeout", err)
+
     def on_decode_error(self, message: Any, exc: Exception) -> None:
         if message.content_type == UNREADABLE:
             self._refuse(message, "a queue entry that is not a kombu message (not a JSON "

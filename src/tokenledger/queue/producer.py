@@ -246,6 +246,21 @@ class Producer:
         self._sender.close()
 
 
+@contextlib.contextmanager
+def _broker_errors(url: str, errors: tuple[type[BaseException], ...]) -> Any:
+    """The broker's own exceptions as tokenledger's BrokerUnavailable (cause chained)."""
+    try:
+        yield
+    except errors as exc:
+        from tokenledger.errors import BrokerUnavailable
+        from tokenledger.ops.logs import mask_url
+
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise BrokerUnavailable(
+            f"the broker at {mask_url(url)} did not take the message ({first}); is it "
+            "running? (TOKENLEDGER_BROKER_URL)") from exc
+
+
 class _RedisSender:
     def __init__(self, broker: str, settings: Settings) -> None:
         import redis
@@ -253,6 +268,7 @@ class _RedisSender:
         from tokenledger.queue.config import redis_py_url
         from tokenledger.queue.inflight import Record
 
+        self.url = broker
         self.client = redis.Redis.from_url(redis_py_url(broker), socket_connect_timeout=5,
                                            socket_timeout=10, health_check_interval=30)
         self.default_queue = settings.queue
@@ -266,33 +282,43 @@ class _RedisSender:
             record = self._records[queue] = Record(self.client, queue)
         return record
 
+    def _errors(self) -> Any:
+        import redis
+
+        return _broker_errors(self.url, (redis.RedisError, OSError))
+
     def send_events(self, payload: dict[str, Any] | list[dict[str, Any]]) -> str:
         queue = self.default_queue
         task_id, message = wire.redis_envelope(APPLY_EVENTS, queue, [payload])
         events = payload if isinstance(payload, list) else [payload]
         keys = [e["key"] for e in events if isinstance(e, dict) and isinstance(e.get("key"), str)]
-        self.record(queue).publish(task_id, message, keys)
+        with self._errors():
+            self.record(queue).publish(task_id, message, keys)
         return task_id
 
     def send(self, name: str, queue: str, args: Sequence[Any], kwargs: dict[str, Any] | None,
              extra: dict[str, Any] | None) -> str:
         task_id, message = wire.redis_envelope(name, queue, args, kwargs, extra_headers=extra)
-        self.record(queue).publish(task_id, message, [])
+        with self._errors():
+            self.record(queue).publish(task_id, message, [])
         return task_id
 
     def send_many(self, name: str, queue: str, argss: Sequence[Sequence[Any]]) -> None:
-        record = self.record(queue)
-        pipe = self.client.pipeline(transaction=False)
-        for args in argss:
-            record.publish(*wire.redis_envelope(name, queue, args), [], client=pipe)
-        pipe.execute()
+        with self._errors():
+            record = self.record(queue)
+            pipe = self.client.pipeline(transaction=False)
+            for args in argss:
+                record.publish(*wire.redis_envelope(name, queue, args), [], client=pipe)
+            pipe.execute()
 
     def pending(self, event_key: str) -> bool:
-        return self.record(self.default_queue).pending(event_key)
+        with self._errors():
+            return self.record(self.default_queue).pending(event_key)
 
     def purge(self, queue: str) -> None:
         n = self.record(queue).names
-        self.client.delete(queue, n.inflight, n.message, n.keys, n.attempts, n.received)
+        with self._errors():
+            self.client.delete(queue, n.inflight, n.message, n.keys, n.attempts, n.received)
 
     def close(self) -> None:
         self.client.close()
@@ -302,6 +328,7 @@ class _AmqpSender:
     def __init__(self, broker: str, settings: Settings) -> None:
         from kombu import Connection
 
+        self.url = broker
         self.connection = Connection(broker, transport_options={"confirm_publish": True},
                                      connect_timeout=5)
         self.default_queue = settings.queue
@@ -311,10 +338,12 @@ class _AmqpSender:
 
     def _publish(self, name: str, queue: str, args: Sequence[Any],
                  kwargs: dict[str, Any] | None, extra: dict[str, Any] | None) -> str:
+        from kombu.exceptions import KombuError, OperationalError
+
         from tokenledger.queue.config import task_queue
 
         task_id = wire.new_id()
-        with self._lock:
+        with self._lock, _broker_errors(self.url, (OperationalError, KombuError, OSError)):
             if self._producer is None:
                 self._producer = self.connection.Producer()
             declare = [] if queue in self._declared else [task_queue(queue)]
