@@ -11,7 +11,7 @@ import os
 from functools import lru_cache
 from pathlib import Path
 
-from pydantic import Field, field_validator
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 POSTGRES_SCHEMES = ("postgres", "postgresql", "postgresql+psycopg")
@@ -75,6 +75,15 @@ class Settings(BaseSettings):
     notify_redis_url: str | None = None
     notify_channel_prefix: str = "tokenledger:"
     notify_enabled: bool = True
+    # The dashboard (``/dashboard``): user links and operator sessions are signed with keys
+    # derived from this secret; unset, neither is served (an admin key still opens the
+    # operator pages). Rotating it ends every link and session.
+    dashboard_secret: SecretStr | None = None
+    # The API's public base URL, for the links the SDK and the CLI mint (the HTTP route
+    # uses the URL it was called at when this is unset).
+    dashboard_url: str | None = None
+    # Where operators find Flower (default: port 5555 of the host serving the dashboard).
+    flower_url: str | None = None
 
     @field_validator("database_url")
     @classmethod
@@ -109,6 +118,16 @@ class Settings(BaseSettings):
             raise ValueError(f"scheme {scheme!r} is not supported: use redis://, rediss://, "
                              "redis+socket://, amqp:// or amqps://")
         return url
+
+    @field_validator("dashboard_secret")
+    @classmethod
+    def _dashboard_secret(cls, secret: SecretStr | None) -> SecretStr | None:
+        if secret is None or not secret.get_secret_value().strip():
+            return None  # an empty variable (compose's ${VAR:-}) means unset
+        if len(secret.get_secret_value()) < 16:
+            raise ValueError("is too short: give at least 16 random characters, e.g. "
+                             "python -c 'import secrets; print(secrets.token_urlsafe(32))'")
+        return secret
 
     @property
     def embedded_database(self) -> bool:
