@@ -156,7 +156,19 @@ def balance_summary(session: Session, user_id: str, catalog: Catalog,
 def can_afford(session: Session, user_id: str, feature: str, catalog: Catalog,
                now: datetime) -> dict[str, Any]:
     """Whether the account may use ``feature`` now: cost, balance and the deficit if not."""
+    return _afford(balance(session, user_id, now), feature, catalog)
+
+
+def affordability(session: Session, user_id: str, catalog: Catalog,
+                  now: datetime) -> list[dict[str, Any]]:
+    """:func:`can_afford` for each feature the account's plan includes (one balance read),
+    in feature order: the seed's "ready / not ready" per feature."""
     b = balance(session, user_id, now)
+    return [_afford(b, feature, catalog) for feature in sorted(catalog.features)
+            if catalog.plan_includes(b.plan, feature)]
+
+
+def _afford(b: Balance, feature: str, catalog: Catalog) -> dict[str, Any]:
     cost = feature_cost(catalog, feature)
     if cost is None:
         raise ValidationFailed(f"feature: unknown feature {feature!r}")
@@ -168,7 +180,7 @@ def can_afford(session: Session, user_id: str, feature: str, catalog: Catalog,
         reason = "Feature endpoint is not available in your package"
     elif deficit:
         reason = f"Insufficient tokens (required {cost}, available {available})"
-    return {"user_id": user_id, "feature": feature, "cost": cost, "balance": b.balance,
+    return {"user_id": b.user_id, "feature": feature, "cost": cost, "balance": b.balance,
             "available": available, "can_afford": included and deficit == 0,
             "deficit": deficit, "reason": reason}
 
@@ -591,6 +603,6 @@ def monthly_report(session: Session, user_id: str, month: str | None, now: datet
     }
 
 
-__all__ = ["account_id", "balance_at", "balance_summary", "can_afford", "describe_entry",
-           "feature_cost", "get_account", "history", "month_bounds", "monthly_report",
-           "statistics", "balance", "usage"]
+__all__ = ["account_id", "affordability", "balance_at", "balance_summary", "can_afford",
+           "describe_entry", "feature_cost", "get_account", "history", "month_bounds",
+           "monthly_report", "statistics", "balance", "usage"]
