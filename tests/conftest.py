@@ -66,7 +66,8 @@ def redis_url() -> str:
 def settings(pg_url: str, redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Settings:
     return Settings(database_url=pg_url, broker_url=redis_url, queue=f"tltest-{RUN_ID}",
                     visibility_timeout=30, retry_backoff_max=2, max_retries=3,
-                    home=tmp_path_factory.mktemp("home"))
+                    home=tmp_path_factory.mktemp("home"),
+                    dashboard_secret="tokenledger-tests-dashboard-secret")
 
 
 @pytest.fixture

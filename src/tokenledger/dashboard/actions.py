@@ -238,8 +238,7 @@ def link_perform(api: ApiState, fields: dict[str, str]) -> Done:
     minutes = _int(fields, "minutes", 1, MAX_TTL // 60)
     _existing(api, user_id)
     with unit_of_work(api.settings) as uow:
-        link = mint(api.settings, user_id, uow.now, minutes * 60,
-                    base_url=fields.get("base_url") or None)
+        link = mint(api.settings, user_id, uow.now, minutes * 60, base_url=fields["base_url"])
     return Done("User link", f"Read-only link to {user_id}'s dashboard, valid until "
                              f"{link.expires_at.isoformat()}.",
                 links=[("open it", link.url), _account_link(user_id)],
@@ -431,6 +430,8 @@ async def act(request: Request, name: str) -> Response:
         raise PageError(404, "No such action", f"unknown action {name!r}")
     preview, perform = action
     api = api_state(request)
+    # Links start with the URL this page was served at (never a URL from the form).
+    fields["base_url"] = api.settings.dashboard_url or str(request.base_url)
     context = {"operator": who, "nav": "", "flower_url": flower_url(request)}
     if preview is not None and fields.get("confirm") != "yes":
         confirm = await run_in_threadpool(preview, api, fields)
