@@ -19,6 +19,7 @@ from tests.support import ROOT, session_scope
 from tokenledger import Settings
 from tokenledger.apikeys.service import create_key
 from tokenledger.dashboard.links import mint
+from tokenledger.db.engine import get_engine
 from tokenledger.timeutil import utcnow
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -117,6 +118,7 @@ WITH cycle AS (
            END,
            created_at
     FROM rows WINDOW w AS (PARTITION BY wallet_id ORDER BY i)
+    ORDER BY i  -- ids in time order, the wallets' entries interleaved, as in a real ledger
     RETURNING event_key, type, created_at
 )
 INSERT INTO event_outcomes (key, payload_hash, user_id, event_type, outcome, result, created_at)
@@ -149,7 +151,11 @@ def seed_large_account(settings: Settings, user_id: str, entries: int = 100_000,
             "types": [c[0] for c in CYCLE], "features": [c[1] for c in CYCLE],
             "amounts": [c[2] for c in CYCLE], "models": [c[3] for c in CYCLE]})
         session.execute(_BALANCES, {"user_id": user_id})
-        session.execute(text("ANALYZE accounts, wallets, ledger_entries, event_outcomes"))
+    # As a ledger at rest: statistics, visibility map and time ranges summarized (what
+    # autovacuum does in the background after a bulk load).
+    with get_engine(settings.ledger_url()).connect().execution_options(
+            isolation_level="AUTOCOMMIT") as conn:
+        conn.execute(text("VACUUM ANALYZE accounts, wallets, ledger_entries, event_outcomes"))
 
 
 @pytest.fixture(scope="module")
@@ -182,15 +188,19 @@ def browser(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
 
 
 def screenshot(driver: object, name: str) -> Path:
-    """Save the whole page as ``<name>.png`` among the artifacts (and in docs/screenshots
-    with TOKENLEDGER_UPDATE_SCREENSHOTS=1)."""
+    """Save the whole page (up to 2,400 px tall) as ``<name>.png`` among the artifacts,
+    and in docs/screenshots with TOKENLEDGER_UPDATE_SCREENSHOTS=1."""
+    import base64
+
     SCREENSHOTS.mkdir(parents=True, exist_ok=True)
-    height = driver.execute_script(  # type: ignore[attr-defined]
-        "return Math.min(document.documentElement.scrollHeight, 2200)")
-    driver.set_window_size(1280, max(int(height), 600))  # type: ignore[attr-defined]
+    size = driver.execute_cdp_cmd(  # type: ignore[attr-defined]
+        "Page.getLayoutMetrics", {})["cssContentSize"]
+    shot = driver.execute_cdp_cmd("Page.captureScreenshot", {  # type: ignore[attr-defined]
+        "format": "png", "captureBeyondViewport": True,
+        "clip": {"x": 0, "y": 0, "width": size["width"],
+                 "height": min(size["height"], 2400), "scale": 1}})
     path = SCREENSHOTS / f"{name}.png"
-    driver.save_screenshot(str(path))  # type: ignore[attr-defined]
-    driver.set_window_size(1280, 900)  # type: ignore[attr-defined]
+    path.write_bytes(base64.b64decode(shot["data"]))
     if os.environ.get("TOKENLEDGER_UPDATE_SCREENSHOTS") == "1":
         DOCS_SCREENSHOTS.mkdir(parents=True, exist_ok=True)
         shutil.copy(path, DOCS_SCREENSHOTS / path.name)

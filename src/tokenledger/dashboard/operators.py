@@ -13,7 +13,7 @@ from decimal import Decimal, InvalidOperation
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Query, Request
-from fastapi.responses import HTMLResponse, RedirectResponse, Response
+from fastapi.responses import RedirectResponse, Response
 from starlette.concurrency import run_in_threadpool
 
 from tokenledger.dashboard import auth, charts, queries
@@ -67,7 +67,7 @@ NOTICES = {
 
 
 def ops_page(request: Request, who: auth.Operator, template: str, context: dict[str, Any],
-             nav: str, status: int = 200) -> HTMLResponse:
+             nav: str, status: int = 200) -> Response:
     notice = NOTICES.get(request.query_params.get("done", ""))
     return page(request, template, {"operator": who, "nav": nav, "notice": notice,
                                     "flower_url": flower_url(request), **context}, status)

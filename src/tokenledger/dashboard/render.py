@@ -13,7 +13,7 @@ from urllib.parse import urlencode
 from zoneinfo import ZoneInfo
 
 from fastapi import Request
-from fastapi.responses import HTMLResponse
+from fastapi.responses import HTMLResponse, Response
 from jinja2 import Environment, PackageLoader, StrictUndefined, select_autoescape
 
 # Pages load nothing from elsewhere and run no inline script; no page may be framed but
@@ -68,11 +68,16 @@ def environment() -> Environment:
 
 
 def page(request: Request, template: str, context: dict[str, Any], status: int = 200,
-         frames: str = "'none'") -> HTMLResponse:
+         frames: str = "'none'") -> Response:
     """Render ``template`` with ``context`` into a response with the dashboard's headers."""
     html = environment().get_template(template).render(**context)
     response = HTMLResponse(html, status_code=status)
     secure(response, frames)
+    return timed(request, response)
+
+
+def timed(request: Request, response: Response) -> Response:
+    """Say in ``Server-Timing`` how long the server spent on this request so far."""
     started = getattr(request.state, TIMING_STATE, None)
     if started is not None:
         elapsed = (time.perf_counter() - started) * 1000

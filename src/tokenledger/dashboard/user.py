@@ -22,7 +22,7 @@ from tokenledger.config import Settings
 from tokenledger.dashboard.access import PageError, api_state, user_claims
 from tokenledger.dashboard.links import LinkClaims, user_path
 from tokenledger.dashboard.queries import open_holds
-from tokenledger.dashboard.render import page, query, secure, start_clock
+from tokenledger.dashboard.render import page, query, secure, start_clock, timed
 from tokenledger.db.uow import unit_of_work
 from tokenledger.errors import AccountNotFound
 from tokenledger.ledger.models import ENTRY_TYPES
@@ -139,7 +139,7 @@ def balance_json(request: Request, claims: Claims) -> Response:
         data = _balance_data(api_state(request).settings, claims.user_id)
     except AccountNotFound:
         return _open_cors(JSONResponse({"error": "account not found"}, status_code=404))
-    return _open_cors(JSONResponse(data))
+    return timed(request, _open_cors(JSONResponse(data)))
 
 
 @router.get("/events")

@@ -295,11 +295,12 @@ def statistics(session: Session, user_id: str, start: datetime | None = None,
     }
 
 
-# Metadata values the server may sum itself: plain decimals of up to 100 characters, which
-# PostgreSQL's numeric and Python's Decimal read alike. Any other value is parsed in
-# Python, by ``_decimal``.
-_PLAIN_NUMBER = r"^-?[0-9]+(\.[0-9]+)?$"
+# The usage values of an event that the server may sum itself: all four plain decimals
+# (or absent, written ``n``; a value reading ``n`` is nothing to ``_decimal`` either), which
+# PostgreSQL's numeric and Python's Decimal read alike. Any other event is parsed in Python.
 _USAGE_FIELDS = ("input_tokens", "output_tokens", "provider_cost", "exact_cost")
+_PLAIN = r"(n|-?[0-9]+(\.[0-9]+)?)"
+_PLAIN_USAGE = rf"^{_PLAIN}\|{_PLAIN}\|{_PLAIN}\|{_PLAIN}$"
 
 
 def _new_model_item() -> dict[str, Any]:
@@ -335,21 +336,23 @@ def _model_usage(session: Session, where: Any, start: datetime | None, end: date
         .group_by(e.event_key), start, end).cte("events").prefix_with("MATERIALIZED")
     c = events.c
 
-    def is_plain(field: str) -> Any:
-        return and_(func.length(c[field]) <= 100, c[field].regexp_match(_PLAIN_NUMBER))
-
-    def number(field: str) -> Any:
-        # NULL unless plain: a CASE, so the cast never sees another value.
-        return case((is_plain(field), cast(c[field], Numeric)))
-
-    # Each value judged and read once (materialized, so the planner does not repeat it).
-    parsed = select(
+    # One pattern match per event (materialized, so the planner does not repeat it).
+    joined = func.concat_ws("|", *(func.coalesce(c[f], "n") for f in _USAGE_FIELDS))
+    judged = select(
         c.model, c.credits, *(c[f] for f in _USAGE_FIELDS),
         (func.width_bucket(c.at, cast(bounds, ARRAY(Timestamp))) if bounds
          else literal(1)).label("bucket"),
-        and_(*(or_(c[f].is_(None), is_plain(f)) for f in _USAGE_FIELDS)).label("plain"),
-        *(number(f).label(f"{f}_n") for f in _USAGE_FIELDS),
-    ).cte("parsed").prefix_with("MATERIALIZED")
+        and_(func.length(joined) <= 400, joined.regexp_match(_PLAIN_USAGE)).label("plain"),
+    ).cte("judged").prefix_with("MATERIALIZED")
+    j = judged.c
+
+    def number(field: str) -> Any:
+        # NULL unless plain: a CASE, so the cast never sees another value.
+        return case((and_(j.plain, j[field] != "n"), cast(j[field], Numeric)))
+
+    parsed = select(j.model, j.credits, j.bucket, j.plain, *(j[f] for f in _USAGE_FIELDS),
+                    *(number(f).label(f"{f}_n") for f in _USAGE_FIELDS)
+                    ).cte("parsed").prefix_with("MATERIALIZED")
     p = parsed.c
 
     def tokens(field: str) -> Any:
