@@ -552,15 +552,15 @@ def _local_days(start: datetime, end: datetime, tz: str) -> tuple[list[str], lis
 
 
 def balance_at(session: Session, aid: int, when: datetime) -> int:
-    """The account's ledger balance (every wallet) just before ``when``."""
+    """The account's ledger balance (every wallet) just before ``when``: what its entries
+    dated before ``when`` add up to, read as its wallets now less every entry since (so
+    a recent instant reads few entries)."""
     e = LedgerEntry
-    # Per wallet, its last entry before ``when`` (read backwards through the account's
-    # entry index, a few wallets per account).
-    last = (select(e.balance_after)
-            .where(e.account_id == aid, e.wallet_id == Wallet.id, e.created_at < when)
-            .order_by(e.id.desc()).limit(1).correlate(Wallet).scalar_subquery())
-    return int(session.scalar(select(func.coalesce(func.sum(last), 0))
-                              .where(Wallet.account_id == aid)) or 0)
+    wallets = (select(func.coalesce(func.sum(Wallet.balance), 0))
+               .where(Wallet.account_id == aid).scalar_subquery())
+    since = (select(func.coalesce(func.sum(e.amount), 0))
+             .where(e.account_id == aid, e.created_at >= when).scalar_subquery())
+    return int(session.scalar(select(wallets - since)) or 0)
 
 
 def monthly_report(session: Session, user_id: str, month: str | None, now: datetime, *,
@@ -575,7 +575,7 @@ def monthly_report(session: Session, user_id: str, month: str | None, now: datet
     stats = statistics(session, user_id, start, end, catalog=catalog,
                        credit_value=credit_value)
     opening = balance_at(session, account.id, start)
-    closing = balance_at(session, account.id, min(end, now + timedelta(seconds=1)))
+    closing = opening + stats["net_change"]
     days, bounds = _local_days(start, end, tz)
     e = LedgerEntry
     # Each entry's local day by its place among the days' first instants (zoneinfo's,
