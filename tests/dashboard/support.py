@@ -187,9 +187,9 @@ def browser(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
         driver.quit()
 
 
-def screenshot(driver: object, name: str) -> Path:
-    """Save the whole page (up to 2,400 px tall) as ``<name>.png`` among the artifacts,
-    and in docs/screenshots with TOKENLEDGER_UPDATE_SCREENSHOTS=1."""
+def screenshot(driver: object, name: str, height: int = 1600) -> Path:
+    """Save the whole page (up to ``height`` px tall) as ``<name>.png`` among the
+    artifacts, and in docs/screenshots with TOKENLEDGER_UPDATE_SCREENSHOTS=1."""
     import base64
 
     SCREENSHOTS.mkdir(parents=True, exist_ok=True)
@@ -198,7 +198,7 @@ def screenshot(driver: object, name: str) -> Path:
     shot = driver.execute_cdp_cmd("Page.captureScreenshot", {  # type: ignore[attr-defined]
         "format": "png", "captureBeyondViewport": True,
         "clip": {"x": 0, "y": 0, "width": size["width"],
-                 "height": min(size["height"], 2400), "scale": 1}})
+                 "height": min(size["height"], height), "scale": 1}})
     path = SCREENSHOTS / f"{name}.png"
     path.write_bytes(base64.b64decode(shot["data"]))
     if os.environ.get("TOKENLEDGER_UPDATE_SCREENSHOTS") == "1":

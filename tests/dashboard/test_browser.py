@@ -42,7 +42,8 @@ def arrange(settings: Settings) -> None:
     model, a purchase, a refund, a conflicting redelivery and a dead letter."""
     now = utcnow()
     users = {"acme-42": ("Professional", "Asia/Bangkok"), "free-1": ("Free", "UTC"),
-             "free-2": ("Free", "Europe/Paris"), "gift-7": ("Gift", "America/New_York")}
+             "free-2": ("Free", "Europe/Paris"), "gift-7": ("Gift", "America/New_York"),
+             "gift-8": ("Gift", "UTC"), "studio-3": ("Business", "Europe/Berlin")}
     for user, (plan, tz) in users.items():
         apply(settings, {"type": "open_account", "key": f"open:{user}", "user_id": user,
                          "plan": plan, "timezone": tz}, now=now - timedelta(days=7))
@@ -65,6 +66,10 @@ def arrange(settings: Settings) -> None:
     apply(settings, {"type": "charge", "key": "order-9", "user_id": "free-1", "amount": 1})
     apply(settings, {"type": "charge", "key": "order-9", "user_id": "free-1", "amount": 2})
     with session_scope(settings) as session:
+        # Two accounts a month past their last renewal: what a dry run would renew.
+        session.execute(Account.__table__.update()
+                        .where(Account.user_id.in_(("gift-7", "gift-8")))
+                        .values(last_renewal_at=now - timedelta(days=31)))
         deadletters.record(session, {"type": "charge", "v": 1, "key": "late-1",
                                      "user_id": "late-user", "amount": 2},
                            "account not found", now, key="late-1")
@@ -208,13 +213,19 @@ def test_a_user_follows_the_link_and_the_badge_follows_each_charge(
 
         # The same badge in the app's own page, on another origin.
         (tmp_path / "app.html").write_text(
-            "<!doctype html><html><body><nav>My app · " + link.badge_html.replace(
-                "<tokenledger-balance ", '<tokenledger-balance id="badge" ') +
-            "</nav></body></html>")
+            '<!doctype html><html><head><meta charset="utf-8"><title>My app</title></head>'
+            '<body style="margin:0;font:15px system-ui,sans-serif">'
+            '<nav style="display:flex;gap:18px;align-items:center;padding:12px 20px;'
+            'border-bottom:1px solid #ddd"><b>My app</b><span>Projects</span>'
+            '<span>Settings</span><span style="margin-left:auto"></span>' +
+            link.badge_html.replace("<tokenledger-balance ",
+                                    '<tokenledger-balance id="badge" ') +
+            "</nav><p style='padding:0 20px'>Your app's own page, on another origin.</p>"
+            "</body></html>")
         browser.get(other_site + "/app.html")
         wait(browser, lambda d: badge_balance(d) == "4")
         client.charge("free-2", feature="project_creation")
         wait(browser, lambda d: badge_balance(d) == "3")
-        screenshot(browser, "badge-embedded")
+        screenshot(browser, "badge-embedded", height=110)
     browser.get("about:blank")  # close the streams before the next test
     time.sleep(0.1)

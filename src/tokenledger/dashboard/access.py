@@ -4,10 +4,10 @@ operator behind an admin key or session; and the error pages when neither holds.
 from __future__ import annotations
 
 from typing import Any
-from urllib.parse import parse_qs
+from urllib.parse import parse_qs, urlencode
 
 from fastapi import Request
-from fastapi.responses import HTMLResponse, RedirectResponse, Response
+from fastapi.responses import RedirectResponse, Response
 
 from tokenledger.api.deps import ApiState
 from tokenledger.dashboard import auth
@@ -118,8 +118,6 @@ async def on_login_needed(request: Request, exc: Exception) -> Response:
 
 
 def _next_query(path: str) -> str:
-    from urllib.parse import urlencode
-
     return urlencode({"next": safe_next(path)})
 
 
@@ -129,5 +127,5 @@ def install(app: Any) -> None:
     app.add_exception_handler(LoginNeeded, on_login_needed)
 
 
-__all__ = ["HTMLResponse", "LoginNeeded", "PageError", "api_state", "check_csrf", "form",
-           "install", "operator", "safe_next", "user_claims"]
+__all__ = ["LoginNeeded", "PageError", "api_state", "check_csrf", "form", "install",
+           "operator", "safe_next", "user_claims"]

@@ -111,21 +111,19 @@ def events_per_minute(session: Session, now: datetime, minutes: int = 60
     return labels, series
 
 
-def workers_seen(settings: Settings, timeout: float = 0.5) -> dict[str, Any]:
-    """The workers answering a ping on the broker within ``timeout`` seconds, and the
-    queues each consumes (or the error that kept them from being asked)."""
+def workers_seen(settings: Settings, timeout: float = 1.0) -> dict[str, Any]:
+    """The workers answering on the broker within ``timeout`` seconds, with the queues
+    each consumes (or the error that kept them from being asked)."""
     from tokenledger.queue.producer import Producer
 
     producer = Producer(settings)
     try:
-        inspect = producer.app.control.inspect(timeout=timeout)
-        replies = inspect.ping() or {}
-        queues = (inspect.active_queues() or {}) if replies else {}
+        replies = producer.app.control.inspect(timeout=timeout).active_queues() or {}
     except Exception as exc:  # noqa: BLE001 - the page says what it could not read
         return {"workers": [], "error": f"cannot ask the workers: {type(exc).__name__}"}
     finally:
         producer.close()
-    return {"workers": [{"name": name, "ok": replies[name].get("ok") == "pong",
-                         "queues": sorted(q.get("name", "") for q in queues.get(name) or [])}
+    return {"workers": [{"name": name,
+                         "queues": sorted(q.get("name", "") for q in replies[name] or [])}
                         for name in sorted(replies)], "error": None}
 
