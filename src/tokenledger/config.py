@@ -129,6 +129,16 @@ class Settings(BaseSettings):
                              "python -c 'import secrets; print(secrets.token_urlsafe(32))'")
         return secret
 
+    @field_validator("dashboard_url", "flower_url")
+    @classmethod
+    def _http_url(cls, url: str | None) -> str | None:
+        if url is None or not url.strip():
+            return None  # an empty variable means unset
+        url = url.strip()
+        if not url.startswith(("http://", "https://")) or len(url) > 2000:
+            raise ValueError(f"{url[:100]!r} is not an http:// or https:// URL")
+        return url
+
     @property
     def embedded_database(self) -> bool:
         return self.database_url is None

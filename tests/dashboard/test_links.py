@@ -144,3 +144,16 @@ def test_the_cli_prints_a_link_and_the_badge_snippet(settings: Settings, db: Set
     assert "TOKENLEDGER_DASHBOARD_SECRET" in off.stderr and "Traceback" not in off.stderr
     missing = run_cli(settings, "dashboard-link", "nobody", TOKENLEDGER_DASHBOARD_SECRET=secret)
     assert missing.exit_code == 2 and "nobody" in missing.stderr
+
+
+def test_the_dashboard_settings_refuse_weak_secrets_and_odd_urls() -> None:
+    from pydantic import ValidationError
+
+    assert Settings(dashboard_secret="", dashboard_url="").dashboard_secret is None
+    assert Settings(dashboard_url=" https://tokens.example ").dashboard_url == \
+        "https://tokens.example"
+    with pytest.raises(ValidationError, match="too short"):
+        Settings(dashboard_secret="short")
+    for name in ("dashboard_url", "flower_url"):
+        with pytest.raises(ValidationError, match="not an http"):
+            Settings(**{name: "javascript:alert(1)"})

@@ -39,6 +39,7 @@ class LoginNeeded(Exception):
 
 
 def api_state(request: Request) -> ApiState:
+    """The API process's state (settings, client), built in its lifespan."""
     return request.app.state.api
 
 
@@ -104,12 +105,14 @@ def safe_next(path: str | None) -> str:
 
 
 async def on_page_error(request: Request, exc: Exception) -> Response:
+    """A PageError as its page, with its status."""
     assert isinstance(exc, PageError)
     return page(request, "error.html", {"title": exc.title, "message": exc.message,
                                         "operator": None}, status=exc.status)
 
 
 async def on_login_needed(request: Request, exc: Exception) -> Response:
+    """To the login form, which comes back here once signed in."""
     assert isinstance(exc, LoginNeeded)
     response = RedirectResponse(f"/dashboard/login?{_next_query(exc.next_path)}",
                                 status_code=303)

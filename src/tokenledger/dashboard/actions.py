@@ -121,7 +121,7 @@ def _open_event(api: ApiState, fields: dict[str, str]) -> Any:
                    **({"timezone": t} if (t := _text(fields, "timezone", False)) else {})})
 
 
-def open_preview(api: ApiState, fields: dict[str, str]) -> Confirm:
+def _open_preview(api: ApiState, fields: dict[str, str]) -> Confirm:
     event = _open_event(api, fields)
     with unit_of_work(api.settings) as uow:
         plans = uow.catalog.plans
@@ -142,7 +142,7 @@ def open_preview(api: ApiState, fields: dict[str, str]) -> Confirm:
         {"user_id": event.user_id, "plan": plan, "timezone": event.timezone or ""})
 
 
-def open_perform(api: ApiState, fields: dict[str, str]) -> Done:
+def _open_perform(api: ApiState, fields: dict[str, str]) -> Done:
     event = _open_event(api, fields)
     try:
         api.client.open_account(event.user_id, plan=event.plan, timezone=event.timezone)
@@ -170,7 +170,7 @@ def _credit_event(fields: dict[str, str]) -> Any:
                    **({"reason": r} if (r := _text(fields, "reason", False)) else {})})
 
 
-def credit_preview(api: ApiState, fields: dict[str, str]) -> Confirm:
+def _credit_preview(api: ApiState, fields: dict[str, str]) -> Confirm:
     event = _credit_event(fields)
     _existing(api, event.user_id)
     return Confirm(f"Credit {event.amount:,} to {event.user_id}?", [
@@ -183,7 +183,7 @@ def credit_preview(api: ApiState, fields: dict[str, str]) -> Confirm:
          "expires_at": event.expires_at.isoformat() if event.expires_at else ""})
 
 
-def credit_perform(api: ApiState, fields: dict[str, str]) -> Done:
+def _credit_perform(api: ApiState, fields: dict[str, str]) -> Done:
     event = _credit_event(fields)
     _existing(api, event.user_id)
     api.client.publish(event)
@@ -205,7 +205,7 @@ def _quote(text: str) -> str:
     return quote(text, safe="")
 
 
-def plan_preview(api: ApiState, fields: dict[str, str]) -> Confirm:
+def _plan_preview(api: ApiState, fields: dict[str, str]) -> Confirm:
     user_id, plan = _text(fields, "user_id"), _text(fields, "plan")
     current = _existing(api, user_id)
     with unit_of_work(api.settings) as uow:
@@ -220,7 +220,7 @@ def plan_preview(api: ApiState, fields: dict[str, str]) -> Confirm:
                 "or renewal; its features from the next charge.")
 
 
-def plan_perform(api: ApiState, fields: dict[str, str]) -> Done:
+def _plan_perform(api: ApiState, fields: dict[str, str]) -> Done:
     user_id, plan = _text(fields, "user_id"), _text(fields, "plan")
     try:
         with unit_of_work(api.settings) as uow:
@@ -233,7 +233,7 @@ def plan_perform(api: ApiState, fields: dict[str, str]) -> Done:
                 redirect=_account_link(user_id)[1])
 
 
-def link_perform(api: ApiState, fields: dict[str, str]) -> Done:
+def _link_perform(api: ApiState, fields: dict[str, str]) -> Done:
     user_id = _text(fields, "user_id")
     minutes = _int(fields, "minutes", 1, MAX_TTL // 60)
     _existing(api, user_id)
@@ -258,7 +258,7 @@ def _run_options(api: ApiState, fields: dict[str, str]) -> RunOptions:
         raise PageError(400, "Cannot do that", str(exc)) from None
 
 
-def dry_run_preview(api: ApiState, fields: dict[str, str]) -> Confirm:
+def _dry_run_preview(api: ApiState, fields: dict[str, str]) -> Confirm:
     options = _run_options(api, fields)
     with unit_of_work(api.settings) as uow:
         try:
@@ -275,7 +275,7 @@ def dry_run_preview(api: ApiState, fields: dict[str, str]) -> Confirm:
         warning="A dry run changes no balance: it records what the run would do.")
 
 
-def dry_run_perform(api: ApiState, fields: dict[str, str]) -> Done:
+def _dry_run_perform(api: ApiState, fields: dict[str, str]) -> Done:
     options = _run_options(api, fields)
     run_id, chunk_ids = runner.start_run(api.settings, options)
     if chunk_ids:
@@ -298,7 +298,7 @@ def _letter(api: ApiState, fields: dict[str, str]) -> dict[str, Any]:
                 "attempts": found.attempts}
 
 
-def retry_letter_preview(api: ApiState, fields: dict[str, str]) -> Confirm:
+def _retry_letter_preview(api: ApiState, fields: dict[str, str]) -> Confirm:
     letter = _letter(api, fields)
     return Confirm(f"Retry dead letter {letter['id']}?", [
         ("key", letter["key"]), ("reason", letter["reason"]),
@@ -306,7 +306,7 @@ def retry_letter_preview(api: ApiState, fields: dict[str, str]) -> Confirm:
         warning="It is published again as it was; the workers validate it again.")
 
 
-def retry_letter_perform(api: ApiState, fields: dict[str, str]) -> Done:
+def _retry_letter_perform(api: ApiState, fields: dict[str, str]) -> Done:
     letter_id = _int(fields, "id")
     with unit_of_work(api.settings) as uow:
         letters = select_ids(uow.session, [letter_id])
@@ -321,14 +321,14 @@ def retry_letter_perform(api: ApiState, fields: dict[str, str]) -> Done:
                 redirect="/dashboard/ops/dead-letters")
 
 
-def drop_letter_preview(api: ApiState, fields: dict[str, str]) -> Confirm:
+def _drop_letter_preview(api: ApiState, fields: dict[str, str]) -> Confirm:
     letter = _letter(api, fields)
     return Confirm(f"Drop dead letter {letter['id']} for good?", [
         ("key", letter["key"]), ("reason", letter["reason"])], {"id": str(letter["id"])},
         warning="Dropped messages are deleted; nothing applies them.")
 
 
-def drop_letter_perform(api: ApiState, fields: dict[str, str]) -> Done:
+def _drop_letter_perform(api: ApiState, fields: dict[str, str]) -> Done:
     letter_id = _int(fields, "id")
     with unit_of_work(api.settings) as uow:
         count = drop(uow.session, [letter_id])
@@ -357,7 +357,7 @@ def _conflict(api: ApiState, fields: dict[str, str]) -> dict[str, Any]:
     return found
 
 
-def retry_conflict_preview(api: ApiState, fields: dict[str, str]) -> Confirm:
+def _retry_conflict_preview(api: ApiState, fields: dict[str, str]) -> Confirm:
     found = _conflict(api, fields)
     new = retry_key(found["key"], found["id"])
     _event({**found["payload"], "key": new})
@@ -368,7 +368,7 @@ def retry_conflict_preview(api: ApiState, fields: dict[str, str]) -> Confirm:
                 "It is published under the new key, and the conflict removed.")
 
 
-def retry_conflict_perform(api: ApiState, fields: dict[str, str]) -> Done:
+def _retry_conflict_perform(api: ApiState, fields: dict[str, str]) -> Done:
     found = _conflict(api, fields)
     event = _event({**found["payload"], "key": retry_key(found["key"], found["id"])})
     api.client.publish(event)
@@ -379,14 +379,14 @@ def retry_conflict_perform(api: ApiState, fields: dict[str, str]) -> Done:
                        ("conflicts", "/dashboard/ops/conflicts")])
 
 
-def drop_conflict_preview(api: ApiState, fields: dict[str, str]) -> Confirm:
+def _drop_conflict_preview(api: ApiState, fields: dict[str, str]) -> Confirm:
     found = _conflict(api, fields)
     return Confirm(f"Drop conflict {found['id']}?", [("key", found["key"])],
                    {"id": str(found["id"])},
                    warning="Only the record goes: the payload was never applied.")
 
 
-def drop_conflict_perform(api: ApiState, fields: dict[str, str]) -> Done:
+def _drop_conflict_perform(api: ApiState, fields: dict[str, str]) -> Done:
     found = _conflict(api, fields)
     with unit_of_work(api.settings) as uow:
         uow.session.execute(delete(EventConflict).where(EventConflict.id == found["id"]))
@@ -395,15 +395,15 @@ def drop_conflict_perform(api: ApiState, fields: dict[str, str]) -> Done:
 
 
 ACTIONS: dict[str, Action] = {
-    "open-account": (open_preview, open_perform),
-    "credit": (credit_preview, credit_perform),
-    "change-plan": (plan_preview, plan_perform),
-    "user-link": (None, link_perform),
-    "dry-run": (dry_run_preview, dry_run_perform),
-    "retry-dead-letter": (retry_letter_preview, retry_letter_perform),
-    "drop-dead-letter": (drop_letter_preview, drop_letter_perform),
-    "retry-conflict": (retry_conflict_preview, retry_conflict_perform),
-    "drop-conflict": (drop_conflict_preview, drop_conflict_perform),
+    "open-account": (_open_preview, _open_perform),
+    "credit": (_credit_preview, _credit_perform),
+    "change-plan": (_plan_preview, _plan_perform),
+    "user-link": (None, _link_perform),
+    "dry-run": (_dry_run_preview, _dry_run_perform),
+    "retry-dead-letter": (_retry_letter_preview, _retry_letter_perform),
+    "drop-dead-letter": (_drop_letter_preview, _drop_letter_perform),
+    "retry-conflict": (_retry_conflict_preview, _retry_conflict_perform),
+    "drop-conflict": (_drop_conflict_preview, _drop_conflict_perform),
 }
 
 

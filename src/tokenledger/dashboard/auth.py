@@ -51,6 +51,7 @@ class Operator:
 
     @property
     def by_header(self) -> bool:
+        """Signed in by the header: no session, no CSRF token (none is needed)."""
         return self.csrf is None
 
 
@@ -139,6 +140,7 @@ def csrf_ok(operator: Operator, token: str | None) -> bool:
 
 
 def login_nonce() -> str:
+    """A fresh nonce for the login form's cookie."""
     return secrets.token_urlsafe(16)
 
 
@@ -149,6 +151,7 @@ def login_token(settings: Settings, nonce: str) -> str:
 
 
 def login_token_ok(settings: Settings, nonce: str | None, token: str | None) -> bool:
+    """Whether a login form's token is the one for the nonce in its cookie."""
     if not nonce or not token or len(nonce) > 64:
         return False
     return hmac.compare_digest(login_token(settings, nonce).encode(), token.encode())

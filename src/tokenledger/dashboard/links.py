@@ -59,6 +59,7 @@ class DashboardLink:
                 f'<tokenledger-balance src="{escape(self.url)}"></tokenledger-balance>')
 
     def as_dict(self) -> dict[str, str]:
+        """JSON-ready, in the API's field names."""
         return {"userId": self.user_id, "url": self.url, "token": self.token,
                 "expiresAt": self.expires_at.isoformat(), "badgeHtml": self.badge_html}
 
@@ -74,10 +75,12 @@ def derived_key(settings: Settings, purpose: str) -> bytes:
 
 
 def b64(data: bytes) -> str:
+    """URL-safe base64 without padding."""
     return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
 
 
 def unb64(text: str) -> bytes:
+    """The inverse of :func:`b64` (ValueError on bad input)."""
     return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
 
 
@@ -107,6 +110,7 @@ def unsign(key: bytes, token: str) -> dict[str, object] | None:
 
 
 def user_path(token: str) -> str:
+    """The path of the user pages a token opens."""
     return f"/dashboard/u/{token}"
 
 
@@ -133,6 +137,7 @@ class LinkClaims:
     expires_at: datetime
 
     def seconds_left(self, now: datetime) -> float:
+        """How long the link still works after ``now`` (negative once expired)."""
         return (self.expires_at - now).total_seconds()
 
 

@@ -88,6 +88,7 @@ class BalanceFeed:
         return queue
 
     def forget(self, user_id: str, queue: asyncio.Queue[BalanceNotice]) -> None:
+        """Stop sending ``user_id``'s notices to ``queue`` (its stream ended)."""
         streams = self._streams.get(user_id)
         if streams is not None:
             streams.discard(queue)

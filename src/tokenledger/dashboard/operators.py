@@ -51,6 +51,7 @@ PAGE_SIZE = 50
 
 
 def flower_url(request: Request) -> str:
+    """Where Flower is: TOKENLEDGER_FLOWER_URL, else port 5555 of this host."""
     configured = api_state(request).settings.flower_url
     return configured or f"{request.url.scheme}://{request.url.hostname}:5555/"
 
@@ -68,6 +69,7 @@ NOTICES = {
 
 def ops_page(request: Request, who: auth.Operator, template: str, context: dict[str, Any],
              nav: str, status: int = 200) -> Response:
+    """An operator page, with the navigation, the operator and any notice."""
     notice = NOTICES.get(request.query_params.get("done", ""))
     return page(request, template, {"operator": who, "nav": nav, "notice": notice,
                                     "flower_url": flower_url(request), **context}, status)
@@ -79,6 +81,7 @@ def ops_page(request: Request, who: auth.Operator, template: str, context: dict[
 @router.get("")
 @router.get("/")
 def home() -> Response:
+    """The dashboard's front door: the accounts (or the login form first)."""
     response = RedirectResponse("/dashboard/ops/accounts", status_code=303)
     secure(response)
     return response
@@ -102,6 +105,7 @@ def _login_page(request: Request, next_path: str, message: str | None,
 @router.get("/login")
 def login_form(request: Request,
                next: Annotated[str | None, Query(max_length=2000)] = None) -> Response:  # noqa: A002
+    """The login form (with its CSRF nonce cookie)."""
     return _login_page(request, safe_next(next), None)
 
 
@@ -117,13 +121,13 @@ async def login(request: Request) -> Response:
                                fields.get("csrf")):
         return _login_page(request, next_path, "The form expired; sign in again.", 403)
 
-    def sign_in() -> tuple[str, auth.Operator]:
+    def _sign_in() -> tuple[str, auth.Operator]:
         with unit_of_work(settings) as uow:
             return auth.open_session(settings, uow.session, fields.get("api_key", ""),
                                      uow.now)
 
     try:
-        cookie, _ = await run_in_threadpool(sign_in)
+        cookie, _ = await run_in_threadpool(_sign_in)
     except auth.NotAdmin as exc:
         return _login_page(request, next_path, str(exc), 403)
     except TokenLedgerError:
@@ -139,6 +143,7 @@ async def login(request: Request) -> Response:
 
 @router.post("/logout")
 async def logout(request: Request) -> Response:
+    """End the session (a CSRF-checked form)."""
     fields = await form(request)
     who = await run_in_threadpool(operator, request)
     check_csrf(who, fields)

@@ -87,6 +87,7 @@ def conflict(session: Session, conflict_id: int) -> dict[str, Any] | None:
 
 
 def count_conflicts(session: Session) -> int:
+    """How many conflicts are recorded."""
     return session.scalar(select(func.count()).select_from(EventConflict)) or 0
 
 

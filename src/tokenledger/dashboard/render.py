@@ -48,6 +48,7 @@ def credits(value: int | float | Decimal | None) -> str:
 
 
 def signed(value: int) -> str:
+    """A number with its sign and thousands separators."""
     return f"{value:+,}"
 
 
@@ -59,6 +60,7 @@ def query(base: str, **params: Any) -> str:
 
 @cache
 def environment() -> Environment:
+    """The templates' environment (once per process): every value escaped."""
     env = Environment(loader=PackageLoader("tokenledger.dashboard", "templates"),
                       autoescape=select_autoescape(["html", "svg"], default=True),
                       undefined=StrictUndefined, trim_blocks=True, lstrip_blocks=True)

@@ -151,7 +151,7 @@ async def balance_events(request: Request, claims: Claims) -> Response:
     live = await feed.start()
     queue = feed.listen(claims.user_id)
 
-    async def stream() -> AsyncIterator[str]:
+    async def _stream() -> AsyncIterator[str]:
         deadline = time.monotonic() + min(STREAM_SECONDS, claims.seconds_left(utcnow()))
         last: int | None = None
         try:
@@ -179,7 +179,7 @@ async def balance_events(request: Request, claims: Claims) -> Response:
         finally:
             feed.forget(claims.user_id, queue)
 
-    response = StreamingResponse(stream(), media_type="text/event-stream")
+    response = StreamingResponse(_stream(), media_type="text/event-stream")
     response.headers["X-Accel-Buffering"] = "no"
     return _open_cors(response)
 
