@@ -361,12 +361,16 @@ def usage_page(request: Request, who: Who,
     labels = [d[5:] for d in data["days"]]
     provider = [sum(v[i] for v in data["provider_cost_by_model"].values())
                 for i in range(len(labels))]
+    every = max(1, len(labels) // 12)
     chart = charts.bars(labels, data["credits_by_feature"], unit="credits",
                         line=("provider cost", provider), line_unit="provider cost",
-                        every=max(1, len(labels) // 12),
+                        every=every,
                         title="Credits charged per feature and provider cost, per day (UTC)")
+    models = charts.bars(labels, data["provider_cost_by_model"], unit="provider cost",
+                         every=every, height=200,
+                         title="Provider cost per model, per day (UTC)")
     return ops_page(request, who, "ops/usage.html", {
-        "data": data, "chart": chart, "report": report, "days": days,
+        "data": data, "chart": chart, "models_chart": models, "report": report, "days": days,
         "user_id": user_id or "", "month": month or "", "credit_value": credit_value or "",
         "bounds": month_bounds(report["month"], report["period"]["timezone"])
         if report else None}, "usage")
