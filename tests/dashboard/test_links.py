@@ -157,3 +157,11 @@ def test_the_dashboard_settings_refuse_weak_secrets_and_odd_urls() -> None:
     for name in ("dashboard_url", "flower_url"):
         with pytest.raises(ValidationError, match="not an http"):
             Settings(**{name: "javascript:alert(1)"})
+
+
+def test_a_links_token_is_masked_in_the_logs(settings: Settings) -> None:
+    from tokenledger.ops.logs import scrub
+
+    token = mint(settings, "alice", utcnow()).token
+    line = f'127.0.0.1:5 - "GET /dashboard/u/{token}/history?type=CHARGE HTTP/1.1" 200'
+    assert scrub(line) == '127.0.0.1:5 - "GET /dashboard/u/***/history?type=CHARGE HTTP/1.1" 200'
