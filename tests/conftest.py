@@ -19,6 +19,7 @@ from sqlalchemy import text
 
 from tests.support import IN_CI, Worker, session_scope
 from tokenledger import LedgerClient, Settings
+from tokenledger.db.direct import close_all
 from tokenledger.db.engine import dispose_engines
 from tokenledger.db.migrate import migrate
 from tokenledger.db.schema import ledger_tables
@@ -49,6 +50,7 @@ def pg_url() -> Iterator[str]:
     migrate(url)
     yield url
     dispose_engines(close=True)
+    close_all()  # the SDK's and the CLI's quick-read connections
     admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
     admin.close()
 

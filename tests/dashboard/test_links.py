@@ -4,7 +4,6 @@ the SDK and the CLI)."""
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from datetime import timedelta
 
 import httpx
@@ -22,19 +21,11 @@ from tokenledger.dashboard.links import (
     unb64,
     verify,
 )
-from tokenledger.db.direct import close_all
 from tokenledger.errors import AccountNotFound, ValidationFailed
 from tokenledger.timeutil import utcnow
 
 pytestmark = pytest.mark.services
 __all__ = ["api_server", "http", "keys"]  # fixtures used by name
-
-
-@pytest.fixture(autouse=True)
-def _quick_reads_closed() -> Iterator[None]:
-    """The SDK's and the CLI's quick-read connection ends with each test."""
-    yield
-    close_all()
 
 
 def open_account(settings: Settings, user_id: str, plan: str = "Free") -> None:
