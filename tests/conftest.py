@@ -8,6 +8,7 @@ skip on a laptop; under ``CI=true`` they fail instead.
 from __future__ import annotations
 
 import os
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,9 +17,11 @@ import psycopg
 import pytest
 import redis
 from sqlalchemy import text
+from sqlalchemy.exc import DBAPIError
 
 from tests.support import IN_CI, Worker, session_scope
 from tokenledger import LedgerClient, Settings
+from tokenledger.db.direct import close_all
 from tokenledger.db.engine import dispose_engines
 from tokenledger.db.migrate import migrate
 from tokenledger.db.schema import ledger_tables
@@ -49,6 +52,7 @@ def pg_url() -> Iterator[str]:
     migrate(url)
     yield url
     dispose_engines(close=True)
+    close_all()  # the SDK's and the CLI's quick-read connections
     admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
     admin.close()
 
@@ -66,15 +70,26 @@ def redis_url() -> str:
 def settings(pg_url: str, redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Settings:
     return Settings(database_url=pg_url, broker_url=redis_url, queue=f"tltest-{RUN_ID}",
                     visibility_timeout=30, retry_backoff_max=2, max_retries=3,
-                    home=tmp_path_factory.mktemp("home"))
+                    home=tmp_path_factory.mktemp("home"),
+                    dashboard_secret="tokenledger-tests-dashboard-secret")
 
 
 @pytest.fixture
 def db(settings: Settings) -> Iterator[Settings]:
     """An empty ledger (catalog kept) before the test; the settings to reach it."""
-    with session_scope(settings) as session:
-        tables = ", ".join(ledger_tables())
-        session.execute(text(f"TRUNCATE {tables} RESTART IDENTITY CASCADE"))
+    tables = ", ".join(ledger_tables())
+    for attempt in range(5):
+        try:
+            with session_scope(settings) as session:
+                # Wait for locks rather than abort: a worker may still be finishing the
+                # previous test's work (TRUNCATE takes its locks table by table).
+                session.execute(text("SET LOCAL deadlock_timeout = '5s'"))
+                session.execute(text(f"TRUNCATE {tables} RESTART IDENTITY CASCADE"))
+            break
+        except DBAPIError as exc:
+            if "deadlock" not in str(exc) or attempt == 4:
+                raise
+            time.sleep(0.2)
     yield settings
 
 

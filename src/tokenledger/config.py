@@ -91,6 +91,15 @@ class Settings(BaseSettings):
     # schedule, about 27.6 hours in all); after the last, the delivery is marked failed.
     webhook_retry_schedule: str = "5,300,1800,7200,18000,36000,36000"
     webhook_timeout_seconds: float = Field(default=10.0, gt=0, le=120)
+    # The dashboard (``/dashboard``): user links and operator sessions are signed with keys
+    # derived from this secret; unset, neither is served (an admin key still opens the
+    # operator pages). Rotating it ends every link and session.
+    dashboard_secret: SecretStr | None = None
+    # The API's public base URL, for the links the SDK and the CLI mint (the HTTP route
+    # uses the URL it was called at when this is unset).
+    dashboard_url: str | None = None
+    # Where operators find Flower (default: port 5555 of the host serving the dashboard).
+    flower_url: str | None = None
 
     @field_validator("database_url")
     @classmethod
@@ -143,6 +152,25 @@ class Settings(BaseSettings):
     def retry_delays(self) -> tuple[float, ...]:
         """Seconds to wait after each failed webhook attempt, in order."""
         return parse_retry_schedule(self.webhook_retry_schedule)
+    @field_validator("dashboard_secret")
+    @classmethod
+    def _dashboard_secret(cls, secret: SecretStr | None) -> SecretStr | None:
+        if secret is None or not secret.get_secret_value().strip():
+            return None  # an empty variable (compose's ${VAR:-}) means unset
+        if len(secret.get_secret_value()) < 16:
+            raise ValueError("is too short: give at least 16 random characters, e.g. "
+                             "python -c 'import secrets; print(secrets.token_urlsafe(32))'")
+        return secret
+
+    @field_validator("dashboard_url", "flower_url")
+    @classmethod
+    def _http_url(cls, url: str | None) -> str | None:
+        if url is None or not url.strip():
+            return None  # an empty variable means unset
+        url = url.strip()
+        if not url.startswith(("http://", "https://")) or len(url) > 2000:
+            raise ValueError(f"{url[:100]!r} is not an http:// or https:// URL")
+        return url
 
     @property
     def embedded_database(self) -> bool:

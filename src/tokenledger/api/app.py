@@ -10,6 +10,7 @@ from typing import Any
 from fastapi import FastAPI
 from starlette.types import Receive, Scope, Send
 
+from tokenledger import dashboard
 from tokenledger.api import errors
 from tokenledger.api.deps import ApiState
 from tokenledger.api.schemas import ErrorBody
@@ -55,9 +56,11 @@ def create_app(settings: Settings | None = None, *, key_cache_seconds: float = 2
         pool = StartPool(settings, settings.start_connections)
         app.state.api = ApiState(settings, client, KeyCache(key_cache_seconds),
                                  end_wait_seconds, pool)
+        dashboard.open_feed(app, settings)
         try:
             yield
         finally:
+            dashboard.close(app)
             await pool.close()
             client.close()
 
@@ -75,10 +78,20 @@ def create_app(settings: Settings | None = None, *, key_cache_seconds: float = 2
     )
     errors.install(app)
 
-    from tokenledger.api import accounts, billing, events, operations, renewals, tokenprocess
+    from tokenledger.api import (
+        accounts,
+        billing,
+        dashboard_links,
+        events,
+        operations,
+        renewals,
+        tokenprocess,
+    )
 
-    for module in (billing, tokenprocess, events, accounts, renewals, operations):
+    for module in (billing, tokenprocess, events, accounts, renewals, operations,
+                   dashboard_links):
         app.include_router(module.router)
+    dashboard.mount(app)
 
     generate = app.openapi
 

@@ -17,10 +17,12 @@ from tokenledger.api.auth import HEADER, AuthError, current_key
 from tokenledger.db.errors import Failure, classify
 from tokenledger.errors import (
     AccountNotFound,
+    BrokerUnavailable,
     CatalogError,
     Conflict,
     InsufficientTokens,
     ResultTimeout,
+    ServiceUnavailable,
     TokenLedgerError,
     ValidationFailed,
 )
@@ -107,6 +109,11 @@ async def _on_ledger(_: Request, exc: TokenLedgerError) -> JSONResponse:
     if isinstance(exc, CatalogError):
         log.error("catalog unavailable: %s", exc)
         return error(503, "The catalog is not loaded; run `tokenledger migrate`")
+    if isinstance(exc, ServiceUnavailable):
+        log.error("%s", exc)
+        what = "broker" if isinstance(exc, BrokerUnavailable) else "database"
+        return error(503, f"The {what} is unavailable; retry shortly",
+                     headers={"Retry-After": "1"})
     return error(400, str(exc))
 
 

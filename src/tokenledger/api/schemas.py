@@ -330,5 +330,21 @@ class RenewalRunIn(RunIn):
     kind: Literal["monthly", "daily"] = "monthly"
 
 
+# -- dashboard links ----------------------------------------------------------------------
+
+
+class DashboardLinkIn(_Strict):
+    user_id: UserId
+    ttl_seconds: Annotated[StrictInt, Field(ge=1, le=7 * 86400)] = 900
+
+
+class DashboardLinkOut(_Camel):
+    user_id: str
+    url: str
+    token: str
+    expires_at: datetime
+    badge_html: str
+
+
 def batch_limit() -> int:
     return MAX_BATCH

@@ -169,29 +169,36 @@ def demo(
 
 @app.command()
 def bench(
-    accounts: Annotated[int, typer.Option(min=1)] = 100_000,
-    events: Annotated[int, typer.Option(min=1000)] = 200_000,
-    baseline_events: Annotated[int, typer.Option(min=100)] = 5_000,
-    naive_events: Annotated[int, typer.Option(min=100)] = 5_000,
-    latency_seconds: Annotated[float, typer.Option(min=1)] = 10.0,
-    concurrency: Annotated[int, typer.Option(min=1)] = 4,
+    accounts: Annotated[int, typer.Option(min=1, help="Accounts seeded for the run.")]
+    = 100_000,
+    single: Annotated[int, typer.Option(min=1000, help="Single events per phase.")] = 20_000,
+    batch_events: Annotated[int, typer.Option(min=1000, help="Events published with "
+                                              "publish_many.")] = 300_000,
+    baseline_events: Annotated[int, typer.Option(min=100, help="Events of the lean SQL "
+                                                 "baseline.")] = 10_000,
+    latency_seconds: Annotated[float, typer.Option(min=1, help="Length of the latency "
+                                                   "phase.")] = 15.0,
+    sweep: Annotated[bool, typer.Option(help="Events/s against producer threads (the "
+                                        "plot).")] = True,
     http_seconds: Annotated[float, typer.Option(help="Token-process start over HTTP; 0 skips.")]
     = 10.0,
     renewal_accounts: Annotated[int, typer.Option(help="Accounts in the renewal run; 0 skips.")]
     = 1_000_000,
     pg_admin_url: Annotated[str, typer.Option(help="Server to create tokenledger_bench on.")]
     = "postgresql://postgres@127.0.0.1:5432/postgres",
-    broker_url: Annotated[str, typer.Option()] = "redis://127.0.0.1:6379/0",
-    json_out: Annotated[Path | None, typer.Option("--json", help="Also write JSON here.")]
-    = Path("bench/results/latest.json"),
+    broker_url: Annotated[str, typer.Option(help="Redis broker for the run.")]
+    = "redis://127.0.0.1:6379/0",
+    out: Annotated[Path | None, typer.Option(help="Directory for the JSON and the plots.")]
+    = Path("bench/results"),
 ) -> None:
-    """Measure the pipeline on PostgreSQL + Redis beside the baselines; prints table + JSON."""
+    """Measure the pipeline beside a lean SQL baseline; one table with the targets, JSON
+    and two plots under bench/results/."""
     from tokenledger.ops.bench import print_report, run_bench, run_harnesses
 
     report = run_bench(admin_url=pg_admin_url, broker_url=broker_url, accounts=accounts,
-                       events=events, baseline_events=baseline_events,
-                       naive_events=naive_events, latency_seconds=latency_seconds,
-                       concurrency=concurrency, console=console())
+                       single=single, batch_events=batch_events,
+                       baseline_events=baseline_events, latency_seconds=latency_seconds,
+                       sweep=sweep, console=console())
     run_harnesses(report, http_seconds=http_seconds, renewal_accounts=renewal_accounts,
                   console=console())
-    print_report(report, console(), json_out)
+    print_report(report, console(), out)

@@ -13,10 +13,24 @@ from decimal import Decimal, InvalidOperation
 from typing import Any
 from zoneinfo import ZoneInfo
 
-from sqlalchemy import String, case, cast, distinct, func, literal, select
+from sqlalchemy import (
+    ARRAY,
+    Numeric,
+    String,
+    and_,
+    case,
+    cast,
+    distinct,
+    func,
+    literal,
+    or_,
+    select,
+    true,
+)
 from sqlalchemy.orm import Session
 
 from tokenledger.catalog.service import Catalog, current_catalog
+from tokenledger.db.base import Timestamp
 from tokenledger.db.sql import statement
 from tokenledger.errors import AccountNotFound, ValidationFailed
 from tokenledger.ledger.models import Account, LedgerEntry, Wallet
@@ -72,8 +86,11 @@ def describe_entry(type_: str, feature: str | None, reference: str | None,
 
 def history(session: Session, user_id: str, *, limit: int = 50, offset: int = 0,
             type_: str | None = None, feature: str | None = None,
-            start: datetime | None = None, end: datetime | None = None) -> list[dict[str, Any]]:
-    """The account's ledger entries, newest first, filtered and paginated."""
+            start: datetime | None = None, end: datetime | None = None,
+            before: int | None = None, after: int | None = None) -> list[dict[str, Any]]:
+    """The account's ledger entries, newest first, filtered and paginated: by ``offset``,
+    or by keyset (entries older than id ``before`` / newer than id ``after``), which reads
+    only the page through the account's entry index however deep it is."""
     query = (select(LedgerEntry, Wallet.wallet_type)
              .join(Wallet, Wallet.id == LedgerEntry.wallet_id)
              .where(LedgerEntry.account_id == account_id(session, user_id)))
@@ -85,7 +102,15 @@ def history(session: Session, user_id: str, *, limit: int = 50, offset: int = 0,
         query = query.where(LedgerEntry.created_at >= start)
     if end:
         query = query.where(LedgerEntry.created_at < end)
-    rows = session.execute(query.order_by(LedgerEntry.id.desc()).limit(limit).offset(offset))
+    if before is not None:
+        query = query.where(LedgerEntry.id < before)
+    if after is not None:
+        # The page just newer than ``after``: read upwards, then newest first.
+        query = query.where(LedgerEntry.id > after).order_by(LedgerEntry.id.asc())
+        rows = list(session.execute(query.limit(limit).offset(offset)))[::-1]
+    else:
+        rows = list(session.execute(query.order_by(LedgerEntry.id.desc())
+                                    .limit(limit).offset(offset)))
     return [{
         "id": e.id, "user_id": user_id, "wallet_id": e.wallet_id, "wallet_type": wallet_type,
         "amount": e.amount, "balance_before": e.balance_before, "balance_after": e.balance_after,
@@ -131,7 +156,19 @@ def balance_summary(session: Session, user_id: str, catalog: Catalog,
 def can_afford(session: Session, user_id: str, feature: str, catalog: Catalog,
                now: datetime) -> dict[str, Any]:
     """Whether the account may use ``feature`` now: cost, balance and the deficit if not."""
+    return _afford(balance(session, user_id, now), feature, catalog)
+
+
+def affordability(session: Session, user_id: str, catalog: Catalog,
+                  now: datetime) -> list[dict[str, Any]]:
+    """:func:`can_afford` for each feature the account's plan includes (one balance read),
+    in feature order: the seed's "ready / not ready" per feature."""
     b = balance(session, user_id, now)
+    return [_afford(b, feature, catalog) for feature in sorted(catalog.features)
+            if catalog.plan_includes(b.plan, feature)]
+
+
+def _afford(b: Balance, feature: str, catalog: Catalog) -> dict[str, Any]:
     cost = feature_cost(catalog, feature)
     if cost is None:
         raise ValidationFailed(f"feature: unknown feature {feature!r}")
@@ -143,7 +180,7 @@ def can_afford(session: Session, user_id: str, feature: str, catalog: Catalog,
         reason = "Feature endpoint is not available in your package"
     elif deficit:
         reason = f"Insufficient tokens (required {cost}, available {available})"
-    return {"user_id": user_id, "feature": feature, "cost": cost, "balance": b.balance,
+    return {"user_id": b.user_id, "feature": feature, "cost": cost, "balance": b.balance,
             "available": available, "can_afford": included and deficit == 0,
             "deficit": deficit, "reason": reason}
 
@@ -194,17 +231,17 @@ def statistics(session: Session, user_id: str, start: datetime | None = None,
     aid = account_id(session, user_id)
     e = LedgerEntry
     mine = e.account_id == aid
+
     op_key = func.coalesce(e.event_key, literal("#") + cast(e.id, String))
 
     by_type: dict[str, dict[str, int]] = {}
     for row in session.execute(_period(
         select(e.type, func.sum(e.amount).label("net"),
                func.sum(case((e.amount > 0, e.amount), else_=0)).label("plus"),
-               func.sum(case((e.amount < 0, -e.amount), else_=0)).label("minus"),
-               func.count(distinct(op_key)).label("ops"))
+               func.sum(case((e.amount < 0, -e.amount), else_=0)).label("minus"))
         .where(mine).group_by(e.type), start, end)):
         by_type[row.type] = {"net": int(row.net or 0), "plus": int(row.plus or 0),
-                             "minus": int(row.minus or 0), "operations": int(row.ops)}
+                             "minus": int(row.minus or 0)}
 
     def total(types: tuple[str, ...], part: str) -> int:
         return sum(by_type.get(t, {}).get(part, 0) for t in types)
@@ -222,8 +259,12 @@ def statistics(session: Session, user_id: str, start: datetime | None = None,
         item = features[row.feature or "(amount)"]
         item["operations"] += int(row.ops)
         item["spent"] += int(row.spent or 0)
+    # Refunds in the period, by the feature of the charge each one names (read through the
+    # event-key index: only the charges those refunds name).
+    refunds = _period(select(e.reference).where(mine, e.type == "REFUND"), start, end)
     charges = (select(e.event_key, func.max(e.feature).label("feature"))
-               .where(mine, e.type == "CHARGE").group_by(e.event_key).subquery())
+               .where(mine, e.type == "CHARGE", e.event_key.in_(refunds))
+               .group_by(e.event_key).subquery())
     for row in session.execute(_period(
         select(charges.c.feature, func.sum(e.amount).label("refunded"))
         .join(charges, charges.c.event_key == e.reference)
@@ -254,48 +295,139 @@ def statistics(session: Session, user_id: str, start: datetime | None = None,
     }
 
 
-def _by_model(session: Session, mine: Any, start: datetime | None, end: datetime | None,
-              catalog: Catalog) -> dict[str, dict[str, Any]]:
+# The usage values of an event that the server may sum itself: all four plain decimals
+# (or absent, written ``n``; a value reading ``n`` is nothing to ``_decimal`` either), which
+# PostgreSQL's numeric and Python's Decimal read alike. Any other event is parsed in Python.
+_USAGE_FIELDS = ("input_tokens", "output_tokens", "provider_cost", "exact_cost")
+_PLAIN = r"(n|-?[0-9]+(\.[0-9]+)?)"
+_PLAIN_USAGE = rf"^{_PLAIN}\|{_PLAIN}\|{_PLAIN}\|{_PLAIN}$"
+
+
+def _new_model_item() -> dict[str, Any]:
+    return {"operations": 0, "input_tokens": 0, "output_tokens": 0, "credits_charged": 0,
+            "exact_cost": Decimal(0), "provider_cost": Decimal(0), "priced": 0,
+            "exact_credits": Decimal(0), "base_credits": Decimal(0)}
+
+
+def _markup(catalog: Catalog, model: str) -> Decimal:
+    """``1 + profit%`` of ``model`` in the current catalog (1 for an unknown model)."""
+    spec = catalog.models.get(model)
+    return 1 + (Decimal(spec.profit_percent) / 100 if spec is not None else Decimal(0))
+
+
+def _model_usage(session: Session, where: Any, start: datetime | None, end: datetime | None,
+                 bounds: list[datetime] | None = None) -> dict[tuple[str, int], dict[str, Any]]:
+    """Usage per (model, bucket) of the charge events matching ``where``; the bucket is the
+    event's place among ``bounds`` (1 without them). ``base_credits`` still lacks the
+    exact costs' share (``exact_credits``), which :func:`_priced` divides by the markup.
+
+    One row per charge event (a charge spanning wallets has one entry per wallet, all with
+    the same metadata). Metadata is producer-written: the server sums the events whose
+    values are all plain numbers, and the rest come back one by one to be parsed here, so
+    a hostile value never fails the report nor is read differently.
+    """
     e = LedgerEntry
     meta = e.metadata_
-    # One row per charge event (a charge spanning wallets has one entry per wallet, all
-    # with the same metadata). Values are read as text and parsed here: metadata can be
-    # producer-written, and a SQL cast of a hostile value would fail the whole report.
-    rows = session.execute(_period(
-        select(e.event_key,
-               func.max(meta["model"].as_string()).label("model"),
-               func.max(meta["input_tokens"].as_string()).label("input_tokens"),
-               func.max(meta["output_tokens"].as_string()).label("output_tokens"),
-               func.max(meta["provider_cost"].as_string()).label("provider_cost"),
-               func.max(meta["exact_cost"].as_string()).label("exact_cost"),
-               func.sum(-e.amount).label("credits"))
-        .where(mine, e.type == "CHARGE", meta["model"].as_string().is_not(None))
-        .group_by(e.event_key), start, end))
-    models: dict[str, dict[str, Any]] = {}
-    for r in rows:
-        item = models.setdefault(r.model, {
-            "operations": 0, "input_tokens": 0, "output_tokens": 0, "credits_charged": 0,
-            "exact_cost": Decimal(0), "provider_cost": Decimal(0), "priced": 0,
-            "base_credits": Decimal(0)})
-        item["operations"] += 1
-        item["input_tokens"] += _int(r.input_tokens)
-        item["output_tokens"] += _int(r.output_tokens)
+    events = _period(
+        select(e.event_key, func.max(meta["model"].as_string()).label("model"),
+               *(func.max(meta[f].as_string()).label(f) for f in _USAGE_FIELDS),
+               func.sum(-e.amount).label("credits"), func.min(e.created_at).label("at"))
+        .where(where, e.type == "CHARGE", meta["model"].as_string().is_not(None))
+        .group_by(e.event_key), start, end).cte("events").prefix_with("MATERIALIZED")
+    c = events.c
+
+    # One pattern match per event (materialized, so the planner does not repeat it).
+    joined = func.concat_ws("|", *(func.coalesce(c[f], "n") for f in _USAGE_FIELDS))
+    judged = select(
+        c.model, c.credits, *(c[f] for f in _USAGE_FIELDS),
+        (func.width_bucket(c.at, cast(bounds, ARRAY(Timestamp))) if bounds
+         else literal(1)).label("bucket"),
+        and_(func.length(joined) <= 400, joined.regexp_match(_PLAIN_USAGE)).label("plain"),
+    ).cte("judged").prefix_with("MATERIALIZED")
+    j = judged.c
+
+    def number(field: str) -> Any:
+        # NULL unless plain: a CASE, so the cast never sees another value.
+        return case((and_(j.plain, j[field] != "n"), cast(j[field], Numeric)))
+
+    parsed = select(j.model, j.credits, j.bucket, j.plain, *(j[f] for f in _USAGE_FIELDS),
+                    *(number(f).label(f"{f}_n") for f in _USAGE_FIELDS)
+                    ).cte("parsed").prefix_with("MATERIALIZED")
+    p = parsed.c
+
+    def tokens(field: str) -> Any:
+        n = p[f"{field}_n"]
+        return func.sum(case((and_(n >= 0, n <= 10**15), func.trunc(n)), else_=0))
+
+    nothing = literal(None, Numeric)
+    provider, exact = p.provider_cost_n, p.exact_cost_n
+    summed = (select(literal(False).label("raw"), p.model, p.bucket,
+                     func.count().label("operations"),
+                     tokens("input_tokens").label("input_tokens_n"),
+                     tokens("output_tokens").label("output_tokens_n"),
+                     func.sum(p.credits).label("credits"),
+                     func.sum(provider).filter(provider >= 0).label("provider_cost_n"),
+                     func.count(provider).filter(provider >= 0).label("priced"),
+                     func.sum(exact).filter(exact >= 0).label("exact_cost_n"),
+                     func.sum(p.credits).filter(or_(exact.is_(None), exact < 0))
+                     .label("unpriced"),
+                     *(literal(None, String).label(f) for f in _USAGE_FIELDS))
+              .where(p.plain).group_by(p.model, p.bucket))
+    one_by_one = (select(literal(True), p.model, p.bucket, literal(1), nothing, nothing,
+                         p.credits, nothing, literal(0), nothing, nothing,
+                         *(p[f] for f in _USAGE_FIELDS))
+                  .where(~p.plain))
+    out: dict[tuple[str, int], dict[str, Any]] = {}
+    for r in session.execute(summed.union_all(one_by_one)):
+        item = out.setdefault((r.model, int(r.bucket)), _new_model_item())
+        item["operations"] += int(r.operations)
         credits = int(r.credits or 0)
         item["credits_charged"] += credits
+        if not r.raw:
+            item["input_tokens"] += int(r.input_tokens_n or 0)
+            item["output_tokens"] += int(r.output_tokens_n or 0)
+            item["provider_cost"] += Decimal(r.provider_cost_n or 0)
+            item["priced"] += int(r.priced or 0)
+            item["exact_cost"] += Decimal(r.exact_cost_n or 0)
+            item["exact_credits"] += Decimal(r.exact_cost_n or 0)
+            item["base_credits"] += int(r.unpriced or 0)
+            continue
+        item["input_tokens"] += _int(r.input_tokens)
+        item["output_tokens"] += _int(r.output_tokens)
         cost = _decimal(r.provider_cost)
         if cost is not None and cost >= 0:
             item["provider_cost"] += cost
             item["priced"] += 1
-        exact = _decimal(r.exact_cost)
-        spec = catalog.models.get(r.model)
-        if exact is not None and exact >= 0:
-            item["exact_cost"] += exact
-            # What the usage costs before the profit markup (current catalog's percent).
-            markup = 1 + (spec.profit_percent / 100 if spec is not None else Decimal(0))
-            item["base_credits"] += exact / markup
+        exact_cost = _decimal(r.exact_cost)
+        if exact_cost is not None and exact_cost >= 0:
+            item["exact_cost"] += exact_cost
+            item["exact_credits"] += exact_cost
         else:
             item["base_credits"] += credits
-    return models
+    return out
+
+
+def _priced(items: dict[tuple[str, int], dict[str, Any]], catalog: Catalog) -> None:
+    """Add each item's exact costs before the profit markup (the current catalog's percent)
+    to its ``base_credits``: what the usage cost before the markup."""
+    for (model, _), item in items.items():
+        item["base_credits"] += item.pop("exact_credits") / _markup(catalog, model)
+
+
+def _merge(items: list[dict[str, Any]]) -> dict[str, Any]:
+    total = _new_model_item()
+    del total["exact_credits"]
+    for item in items:
+        for k in total:
+            total[k] += item[k]
+    return total
+
+
+def _by_model(session: Session, mine: Any, start: datetime | None, end: datetime | None,
+              catalog: Catalog) -> dict[str, dict[str, Any]]:
+    items = _model_usage(session, mine, start, end)
+    _priced(items, catalog)
+    return {model: item for (model, _), item in items.items()}
 
 
 def _model_out(item: dict[str, Any]) -> dict[str, Any]:
@@ -340,6 +472,50 @@ def _margin(models: dict[str, dict[str, Any]],
     return out
 
 
+# -- usage over time -----------------------------------------------------------------------
+
+
+def usage(session: Session, start: datetime, end: datetime, catalog: Catalog, *,
+          tz: str = "UTC", user_id: str | None = None,
+          credit_value: Decimal | None = None) -> dict[str, Any]:
+    """Credits charged per feature, and per model what they cost at the provider, for each
+    local day (in ``tz``) of ``[start, end)``, over every account or ``user_id``'s; with
+    the period's totals per feature and model and the margin, by the same rules as
+    :func:`statistics`."""
+    if end <= start:
+        raise ValidationFailed("end: must be after start")
+    days, bounds = _local_days(start, end, tz)
+    e = LedgerEntry
+    where = true() if user_id is None else e.account_id == account_id(session, user_id)
+    bucket = func.width_bucket(e.created_at, cast(bounds, ARRAY(Timestamp)))
+    credits: dict[str, list[int]] = {}
+    for row in session.execute(
+        select(e.feature, bucket.label("bucket"), func.sum(-e.amount).label("credits"))
+        .where(where, e.type == "CHARGE", e.created_at >= start, e.created_at < end)
+        .group_by(e.feature, bucket)
+    ):
+        series = credits.setdefault(row.feature or "(amount)", [0] * len(days))
+        series[row.bucket - 1] += int(row.credits or 0)
+    items = _model_usage(session, where, start, end, bounds)
+    _priced(items, catalog)
+    provider: dict[str, list[float]] = {}
+    per_model: dict[str, list[dict[str, Any]]] = {}
+    for (model, day), item in sorted(items.items()):
+        provider.setdefault(model, [0.0] * len(days))[day - 1] = _round(
+            item["provider_cost"], 8)
+        per_model.setdefault(model, []).append(item)
+    models = {model: _merge(parts) for model, parts in per_model.items()}
+    return {
+        "start": start.isoformat(), "end": end.isoformat(), "timezone": tz,
+        "user_id": user_id, "days": days,
+        "credits_by_feature": dict(sorted(credits.items())),
+        "provider_cost_by_model": provider,
+        "by_feature": {f: sum(v) for f, v in sorted(credits.items())},
+        "by_model": {m: _model_out(v) for m, v in sorted(models.items())},
+        "margin": _margin(models, credit_value),
+    }
+
+
 # -- monthly report ------------------------------------------------------------------------
 
 
@@ -357,6 +533,22 @@ def month_bounds(month: str, tz: str) -> tuple[datetime, datetime]:
     start = datetime.combine(first.date(), time(0), tzinfo=zone)
     end = datetime.combine(nxt.date(), time(0), tzinfo=zone)
     return as_utc(start), as_utc(end)
+
+
+def _local_days(start: datetime, end: datetime, tz: str) -> tuple[list[str], list[datetime]]:
+    """The local dates in ``[start, end)`` in ``tz`` and the UTC instant each one begins
+    (the first at ``start``)."""
+    zone = ZoneInfo(tz)
+    day = start.astimezone(zone).date()
+    days, bounds = [], []
+    while True:
+        begins = start if not bounds else as_utc(datetime.combine(day, time(0), tzinfo=zone))
+        assert begins is not None
+        if begins >= end:
+            return days, bounds
+        days.append(day.isoformat())
+        bounds.append(begins)
+        day += timedelta(days=1)
 
 
 def balance_as_of(session: Session, user_id: str, at: datetime) -> Balance:
@@ -388,21 +580,21 @@ def monthly_report(session: Session, user_id: str, month: str | None, now: datet
         opening = balance_at(session, user_id, start)
     except ValidationFailed as exc:  # before the retention cut-off
         raise ValidationFailed(f"month: {str(exc).removeprefix('at: ')}") from None
-    closing = balance_at(session, user_id, min(end, now + timedelta(seconds=1)))
-    daily: dict[str, dict[str, int]] = {}
+    closing = opening + stats["net_change"]
+    days, bounds = _local_days(start, end, tz)
     e = LedgerEntry
-    zone = ZoneInfo(tz)
-    for row in session.execute(
-        select(e.created_at, e.amount, e.type)
-        .where(e.account_id == account.id, e.created_at >= start, e.created_at < end,
-               e.type.in_(("CHARGE", "REFUND")))
-    ):
-        day = as_utc(row.created_at).astimezone(zone).date().isoformat()
-        item = daily.setdefault(day, {"spent": 0, "refunded": 0})
-        if row.type == "CHARGE":
-            item["spent"] -= row.amount
-        else:
-            item["refunded"] += row.amount
+    # Each entry's local day by its place among the days' first instants (zoneinfo's,
+    # DST-safe), counted on the server.
+    bucket = func.width_bucket(e.created_at, cast(bounds, ARRAY(Timestamp)))
+    daily = {days[row.bucket - 1]: {"spent": int(row.spent), "refunded": int(row.refunded)}
+             for row in session.execute(
+                 select(bucket.label("bucket"),
+                        func.sum(case((e.type == "CHARGE", -e.amount), else_=0)).label("spent"),
+                        func.sum(case((e.type == "REFUND", e.amount), else_=0))
+                        .label("refunded"))
+                 .where(e.account_id == account.id, e.created_at >= start, e.created_at < end,
+                        e.type.in_(("CHARGE", "REFUND")))
+                 .group_by(bucket))}
     return {
         "user_id": user_id,
         "month": month,
@@ -419,6 +611,6 @@ def monthly_report(session: Session, user_id: str, month: str | None, now: datet
     }
 
 
-__all__ = ["account_id", "balance_as_of", "balance_at", "balance_summary", "can_afford",
-           "describe_entry", "feature_cost", "get_account", "history", "month_bounds",
-           "monthly_report", "statistics", "balance"]
+__all__ = ["account_id", "affordability", "balance_as_of", "balance_at", "balance_summary",
+           "can_afford", "describe_entry", "feature_cost", "get_account", "history",
+           "month_bounds", "monthly_report", "statistics", "balance", "usage"]

@@ -42,6 +42,10 @@ _KEY_VALUE = re.compile(
     re.IGNORECASE,
 )
 
+# A dashboard link's token in a path (an access log line): whoever reads it could open the
+# page until the link expires.
+_LINK_TOKEN = re.compile(r"(?P<path>/dashboard/u/)v1\.[A-Za-z0-9_\-]+\.[A-Za-z0-9_\-]+")
+
 _context: ContextVar[Mapping[str, Any]] = ContextVar("tokenledger_log_context",
                                                  default=MappingProxyType({}))
 
@@ -67,9 +71,12 @@ def mask_url(url: str | None) -> str | None:
 
 
 def scrub(text: str) -> str:
-    """Mask passwords in URLs and obvious ``key: value`` secrets inside free text."""
+    """Mask passwords in URLs, dashboard link tokens and obvious ``key: value`` secrets
+    inside free text."""
     if "://" in text:
         text = _URL_PASSWORD.sub(lambda m: f"{m['scheme']}{m['user']}:{MASK}@", text)
+    if "/dashboard/u/" in text:
+        text = _LINK_TOKEN.sub(lambda m: f"{m['path']}{MASK}", text)
     return _KEY_VALUE.sub(lambda m: f"{m['k']}{m['sep']}{MASK}", text)
 
 

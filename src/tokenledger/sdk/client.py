@@ -30,6 +30,7 @@ from tokenledger.sdk.process import TokenProcess
 from tokenledger.timeutil import utcnow
 
 if TYPE_CHECKING:
+    from tokenledger.dashboard.links import DashboardLink
     from tokenledger.notify.service import BalanceNotice
     from tokenledger.queue.producer import Producer
     from tokenledger.retention.erasure import ErasureResult
@@ -286,6 +287,18 @@ class LedgerClient:
 
         with unit_of_work(self.settings) as uow:
             set_threshold(uow.session, user_id, threshold, uow.now)
+
+    def dashboard_link(self, user_id: str, ttl_seconds: int = 900,
+                       base_url: str | None = None) -> DashboardLink:
+        """A signed link to ``user_id``'s read-only dashboard, valid for ``ttl_seconds``
+        (at most 7 days), with ``.url``, ``.expires_at`` and ``.badge_html``. Signed here
+        with ``TOKENLEDGER_DASHBOARD_SECRET`` (the API's own); the URL starts with
+        ``base_url``, else ``TOKENLEDGER_DASHBOARD_URL``. AccountNotFound for an unknown
+        user; DashboardDisabled without the secret."""
+        from tokenledger.dashboard.links import mint
+
+        self.balance(user_id)  # the account must exist
+        return mint(self.settings, user_id, utcnow(), ttl_seconds, base_url)
 
     # -- balance notifications -------------------------------------------------------------
 
