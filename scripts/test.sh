@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Install everything and run the whole test suite against the real PostgreSQL, Redis and
 # RabbitMQ.
-# Starts the local servers when they are installed but stopped. Extra arguments go to pytest.
+# Starts the local servers when they are installed but stopped. Extra arguments go to both
+# pytest runs (the main suite, then the crash and chaos tests).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -28,4 +29,10 @@ for _ in $(seq 1 30); do
 done
 
 uv sync --frozen --quiet --compile-bytecode
-exec uv run pytest "$@"
+# The main suite, then the crash tests and the chaos suite (CI-sized; `-m long` runs the
+# long variants). Naming tests or passing a value (-k EXPR) runs only the first.
+uv run pytest "$@"
+for arg in "$@"; do
+    case "$arg" in -*) ;; *) exit 0 ;; esac
+done
+exec uv run pytest -m "(chaos or slow) and not long" "$@"

@@ -54,9 +54,10 @@ class Settings(BaseSettings):
     visibility_timeout: int = Field(default=300, gt=0)
     retry_backoff_max: int = Field(default=30, gt=0)
     max_retries: int = Field(default=8, ge=0)
+    # The ledger queue (events); every other task travels on ``<queue>.tasks``.
     queue: str = "tokenledger"
     # Renewal chunks go here when set, so dedicated workers can take them and live
-    # charges never queue behind a million-account run; default: the main queue.
+    # charges never queue behind a million-account run; default: ``<queue>.tasks``.
     renewal_queue: str | None = None
     # Accounts per chunk task; each chunk still commits every renewal_slice_size accounts.
     renewal_chunk_size: int = Field(default=25_000, ge=1, le=100_000)
@@ -195,6 +196,12 @@ class Settings(BaseSettings):
         from tokenledger.queue import embedded
 
         return embedded.redis_url(self.home)
+
+    @property
+    def tasks_queue(self) -> str:
+        """The queue of every task but the ledger's events (renewals, sweeps, deferred
+        refunds): ``<queue>.tasks``."""
+        return f"{self.queue}.tasks"
 
     def backoff(self, attempt: int) -> int:
         """Seconds to wait before retry ``attempt`` (0-based): exponential, capped."""

@@ -138,7 +138,7 @@ def test_poison_among_good_events_is_dead_lettered_and_good_ones_flow(
                                          "user_id": users[0], "amount": 2**70})
                 producer.publish_events({"type": "charge", "key": f"ghost-{i}",
                                          "user_id": f"nobody-{i}", "amount": 1})
-                raw.lpush(chaos.queue, "not json {")
+                raw.lpush(chaos.queue, f"not json {i} {{")
                 _, envelope = wire.redis_envelope(APPLY_EVENTS, chaos.queue, [[]])
                 message = json.loads(envelope)
                 message["content-type"] = "application/x-python-serialize"

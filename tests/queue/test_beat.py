@@ -129,7 +129,7 @@ def test_a_second_beat_waits_while_the_first_holds_the_lock(settings: Settings, 
         _wait_for(log2, "another beat holds the beat lock")
         time.sleep(3)
         assert "Sending due task" not in log2.read_text(errors="replace")
-        sent_by_first = broker.llen(queue)
+        sent_by_first = broker.llen(f"{queue}.tasks")  # beat sends to <queue>.tasks
         assert sent_by_first >= 2
 
         _stop(beat1)
@@ -139,7 +139,7 @@ def test_a_second_beat_waits_while_the_first_holds_the_lock(settings: Settings, 
         _stop(beat1)
         if beat2 is not None:
             _stop(beat2)
-        broker.delete(queue)
+        broker.delete(queue, f"{queue}.tasks")
         broker.close()
 
 

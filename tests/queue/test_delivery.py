@@ -77,7 +77,7 @@ def test_messages_that_cannot_be_executed_are_dead_lettered_with_their_raw_body(
     joined = " | ".join(reasons)
     assert "body is not a JSON task message" in joined
     assert "'application/x-python-serialize' refused" in joined
-    assert "unknown task name 'evil.task'" in joined
+    assert "'evil.task' does not run from the ledger queue" in joined
     assert "no task header" in joined
     assert joined.count("not a kombu message") == 2
     assert any("not json at all" in p["body"] for p in payloads)
@@ -145,15 +145,16 @@ def test_a_message_delivered_too_often_goes_to_the_dead_letter_store_whole(worke
     assert client.balance("often").balance == 5
 
 
-def test_an_event_taken_by_a_worker_that_died_at_once_is_queued_again(worker, client):
-    """The kombu window: a message popped from the queue but never recorded as unacked
-    (the worker died in between) is found by the reconciler and applied exactly once."""
+def test_a_message_taken_by_kombu_and_lost_with_its_worker_is_queued_again(worker, client):
+    """The kombu window (``<queue>.tasks``, consumed by Celery's Redis transport): a message
+    popped from the queue but never recorded as unacked (the worker died in between) is
+    found by the reconciler and applied exactly once."""
     s = client.settings
     client.open_account("lost")
-    record = inflight.record_for(s)
+    record = inflight.record_for(s, s.tasks_queue)
     event = {"type": "charge", "key": f"lost-{uuid.uuid4().hex[:6]}", "user_id": "lost",
              "amount": 2}
-    task_id, raw = wire.redis_envelope(APPLY_EVENTS, s.queue, [event])
+    task_id, raw = wire.redis_envelope(APPLY_EVENTS, s.tasks_queue, [event])
     # Recorded, then taken by a "worker" that dies before kombu's unacked bookkeeping.
     n = record.names
     pipe = record.client.pipeline()
@@ -162,9 +163,11 @@ def test_an_event_taken_by_a_worker_that_died_at_once_is_queued_again(worker, cl
     pipe.hset(n.keys, event["key"], task_id)
     pipe.execute()
     assert record.pending(event["key"])
-    # Newer work is taken meanwhile, so the record knows the lost one left the queue.
-    newer = client.charge("lost", amount=1)
-    assert client.result(newer, timeout=30).status == "applied"
+    # Newer work is taken from that queue meanwhile, so the record knows the lost one left.
+    newer = {"type": "charge", "key": f"newer-{uuid.uuid4().hex[:6]}", "user_id": "lost",
+             "amount": 1}
+    client.producer.send(APPLY_EVENTS, [newer], queue=s.tasks_queue)
+    assert client.result(newer["key"], timeout=30).status == "applied"
 
     def final(keys):
         with session_scope(s) as session:
@@ -255,3 +258,30 @@ def test_linger_packs_publishes_and_flush_waits_for_the_broker(worker, client):
                             .select_from(text("event_outcomes"))
                             .where(text("key = ANY(:k)")), {"k": keys})
     assert messages < 20
+
+
+def test_messages_a_killed_worker_held_go_back_to_the_queue_and_apply_once(worker, client):
+    """The intake: what a worker took sits in its own hash until committed; when its
+    heartbeat expires (killed, even kill -9) the reconciler gives them back."""
+    from tokenledger.queue import intake
+
+    s = client.settings
+    client.open_account("rescued")
+    names = intake.Names(s.queue)
+    rd = redis.Redis.from_url(s.broker())
+    events = [{"type": "charge", "key": f"held-{i}-{uuid.uuid4().hex[:6]}",
+               "user_id": "rescued", "amount": 1} for i in range(3)]
+    taken = {}
+    for e in events:
+        task_id, raw = wire.redis_envelope(APPLY_EVENTS, s.queue, [e])
+        taken[task_id] = raw
+    ghost = "ghost-worker"
+    rd.hset(names.taken(ghost), mapping=taken)  # taken, and never acknowledged
+    rd.sadd(names.workers, ghost)  # and no heartbeat: that worker is gone
+    moved = intake.rescue_dead_workers(rd, s.queue)
+    assert moved == 3
+    results = wait_for(client, [e["key"] for e in events])
+    assert {r.status for r in results.values()} == {"applied"}
+    assert not rd.exists(names.taken(ghost)) and not rd.sismember(names.workers, ghost)
+    assert intake.rescue_dead_workers(rd, s.queue) == 0
+    assert client.balance("rescued").balance == 2

@@ -19,6 +19,7 @@ store whole, with its raw body and the reason.
 
 from __future__ import annotations
 
+import base64
 import json
 import time
 from dataclasses import dataclass, field
@@ -31,10 +32,11 @@ from tokenledger.ledger import service as ledger
 from tokenledger.ledger.service import BatchResult
 from tokenledger.messages import AnyEvent, parse_batch
 from tokenledger.ops.logs import log_context
-from tokenledger.queue import deadletters, inflight
+from tokenledger.queue import deadletters, inflight, intake
 from tokenledger.queue.app import app
 from tokenledger.queue.base import LedgerTask, log
-from tokenledger.queue.coalesce import ACK, REQUEUE, Coalescing, Wire
+from tokenledger.queue.coalesce import ACK, ENVELOPE, REQUEUE, Coalescing, Wire
+from tokenledger.queue.consumer import UNREADABLE
 from tokenledger.queue.names import APPLY_EVENTS
 from tokenledger.queue.producer import worker_producer
 from tokenledger.results import EventResult
@@ -79,11 +81,18 @@ class ApplyEvents(Coalescing, LedgerTask):
                 return set(uow.session.scalars(statement("tokenledger.ledger", "final"),
                                                {"keys": keys}))
 
-        for queue in sorted({settings.queue, settings.renewal_queue or settings.queue}):
+        queues = {settings.queue, settings.tasks_queue, settings.renewal_queue
+                  or settings.tasks_queue}
+        for queue in sorted(queues):
             record = inflight.record_for(settings, queue)
             if record is None:
                 return
-            report = inflight.reconcile(record, final_keys,
+            # The ledger queue is taken atomically (queue.intake): a message is in the
+            # queue, in a worker's hands, or final; a stopped worker's are rescued.
+            atomic = queue == settings.queue
+            if atomic:
+                intake.rescue_dead_workers(record.client, queue)
+            report = inflight.reconcile(record, final_keys, atomic=atomic,
                                         visibility_timeout=settings.visibility_timeout)
             if report.requeued or report.cleared:
                 log.info("reconciled the in-flight record", extra={
@@ -111,10 +120,14 @@ class ApplyEvents(Coalescing, LedgerTask):
         record = inflight.record_for(settings)
         # Deliveries counted across requeues and crashes: by the in-flight record on
         # Redis, by the broker (x-delivery-count) on a quorum queue.
+        # (the intake's take script counted its own, which arrive as ENVELOPE).
         counts = [d[5] + 1 for d in deliveries]
-        if record is not None:
+        kombu = [i for i, d in enumerate(deliveries) if d[2] != ENVELOPE]
+        if record is not None and kombu:
             try:
-                counts = record.begin(ids)
+                for i, count in zip(kombu, record.begin([ids[i] for i in kombu]),
+                                    strict=True):
+                    counts[i] = count
             except Exception as exc:  # noqa: BLE001 - the broker is away: uncounted
                 log.warning("in-flight record not updated: %s", exc)
         messages = [_parse(d, count) for d, count in zip(deliveries, counts, strict=True)]
@@ -256,10 +269,37 @@ class ApplyEvents(Coalescing, LedgerTask):
         return catalog.features if catalog is not None else ()
 
 
+def _open_envelope(raw: bytes) -> tuple[bytes, str, float | None, str | None]:
+    """A kombu envelope taken whole by the intake: (body, content type, published_at,
+    why it is refused or None)."""
+    try:
+        envelope = json.loads(raw)
+        headers = envelope.get("headers") or {}
+        content_type = str(envelope.get("content-type") or "")
+        body = envelope["body"]
+        if (envelope.get("properties") or {}).get("body_encoding") == "base64":
+            body = base64.b64decode(body)
+        body = body if isinstance(body, bytes) else str(body).encode()
+    except (ValueError, TypeError, KeyError, AttributeError) as exc:
+        return raw, UNREADABLE, None, ("a queue entry that is not a kombu message (not a "
+                                       f"JSON envelope with a body): {exc}")
+    if not isinstance(headers, dict) or "task" not in headers:
+        return body, content_type, None, "not a Celery task message (no task header)"
+    if headers["task"] != APPLY_EVENTS:
+        return body, content_type, None, (
+            f"task {headers['task']!r} does not run from the ledger queue: it takes "
+            f"{APPLY_EVENTS} only (other tasks go to <queue>.tasks)")
+    published_at = headers.get("published_at")
+    return body, content_type, published_at if isinstance(published_at, int | float) \
+        else None, None
+
+
 def _parse(delivery: Wire, count: int) -> _Message:
     """One message as the group sees it: its events, its invalid ones, or why it is
     refused whole."""
     message_id, body, content_type, published_at, refused, _ = delivery
+    if content_type == ENVELOPE and refused is None:
+        body, content_type, published_at, refused = _open_envelope(body)
     m = _Message(message_id, published_at)
     text = body.decode("utf-8", "replace") if isinstance(body, bytes) else str(body)
     # A malformed message is kept as it came (bounded); `dlq retry` cannot re-publish it.

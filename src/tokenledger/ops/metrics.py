@@ -143,7 +143,7 @@ def queue_depths(settings: Settings, queues: Iterable[str] | None = None) -> dic
     """Messages waiting (not yet delivered) in each queue of the configured broker."""
     from tokenledger.queue.config import is_redis, redis_client
 
-    names = sorted(set(queues or ()) | {settings.queue})
+    names = sorted(set(queues or ()) | {settings.queue, settings.tasks_queue})
     broker = settings.broker()
     if is_redis(broker):
         client = redis_client(broker)

@@ -20,6 +20,7 @@ from tokenledger.db.engine import dispose_engines
 from tokenledger.ops.logs import configure_logging, mask_url
 from tokenledger.queue import beat
 from tokenledger.queue.config import celery_config
+from tokenledger.queue.consumer import IntakeStep
 
 TASK_MODULES = ["tokenledger.ledger.tasks", "tokenledger.tokenprocess.tasks",
                 "tokenledger.renewals.tasks", "tokenledger.webhooks.tasks",
@@ -39,6 +40,7 @@ app = Celery("tokenledger", set_as_current=True)
 app.conf.update(celery_config(settings))
 app.conf.update(imports=TASK_MODULES)
 beat.configure(app)  # the beat schedule and its single-scheduler lock
+app.steps["consumer"].add(IntakeStep)  # both queues; the ledger's in bulk on Redis
 
 
 @worker_process_init.connect

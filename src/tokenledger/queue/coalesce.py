@@ -33,6 +33,9 @@ ACK, REQUEUE = "ack", "requeue"
 #: A message as a pool process gets it: (id, body, content type, published_at, refused,
 #: deliveries the broker counted before this one).
 Wire = tuple[str, bytes, str, float | None, str | None, int]
+#: The content type of a message taken whole from a Redis list (``queue.intake``): its
+#: body is the kombu envelope, which the pool process decodes.
+ENVELOPE = "application/x-tokenledger-envelope"
 
 
 @dataclass(slots=True)
@@ -48,8 +51,11 @@ class Delivery:
     reject: Callable[..., Any]
     #: Why the consumer refused it whole (not decodable, unknown task), else None.
     refused: str | None = None
-    #: Deliveries before this one, as the broker counts them (quorum queues).
+    #: Deliveries before this one, as the broker counts them (quorum queues) or the
+    #: intake's take script does.
     redelivered: int = 0
+    #: The intake the message was taken by (acknowledged per group), else None (kombu).
+    intake: Any = None
     received: float = field(default_factory=time.monotonic)
 
     def wire(self) -> Wire:
@@ -121,6 +127,7 @@ class _Grouper:
         self.task = task
         self.consumer = consumer
         self.buffer: list[Delivery] = []
+        self.buffered_events = 0
         self.in_flight = 0
         self.timer_entry: Any = None
         pool = consumer.pool
@@ -158,10 +165,35 @@ class _Grouper:
             lambda *a, **k: self.consumer.call_soon_ack(message.reject_log_error, *a, **k),
             refused=reason, redelivered=_redelivered(message)))
 
+    # -- the intake (queue.intake): messages taken in bulk ---------------------------------
+
+    def wanted(self) -> int:
+        """How many more messages the intake should take now: a group for every free
+        pool process, and one in reserve; none while that much is buffered."""
+        free = self.slots - self.in_flight
+        return max(0, (free + 1) * self.task.max_group_events - self.buffered_events)
+
+    def take(self, message_id: str, item: Any, events: int, count: int, ack: Any,
+             requeue: Any) -> None:
+        """A message the intake took (dispatched by the next ``flush``)."""
+        body = item if isinstance(item, bytes) else str(item).encode()
+        delivery = Delivery(message_id, body, ENVELOPE, None, events, ack, requeue,
+                            redelivered=count - 1, intake=True)
+        self.buffer.append(delivery)
+        self.buffered_events += events
+
+    def release_buffer(self) -> list[str]:
+        """Drop the intake's messages from the buffer (shutting down): their ids."""
+        mine = [d for d in self.buffer if d.intake]
+        self.buffer = [d for d in self.buffer if not d.intake]
+        self.buffered_events = sum(d.events for d in self.buffer)
+        return [d.message_id for d in mine]
+
     def close(self) -> None:
         """Replaced after a connection restart: the buffered messages belong to the old
         channel (the broker delivers them again), so they are dropped here."""
         self.buffer.clear()
+        self.buffered_events = 0
         for entry in self.chores:
             entry.cancel()
         if self.timer_entry is not None:
@@ -184,13 +216,14 @@ class _Grouper:
 
     def _add(self, delivery: Delivery) -> None:
         self.buffer.append(delivery)
+        self.buffered_events += delivery.events
         if self.in_flight < self.slots and self._enough():
             self.flush()
         elif self.timer_entry is None:
             self.timer_entry = self.consumer.timer.call_after(self.task.max_wait, self._tick)
 
     def _enough(self) -> bool:
-        return sum(d.events for d in self.buffer) >= self.task.max_group_events
+        return self.buffered_events >= self.task.max_group_events
 
     def _tick(self) -> None:
         self.timer_entry = None
@@ -211,6 +244,7 @@ class _Grouper:
                 events += delivery.events
                 size += len(delivery.body)
             del self.buffer[:len(group)]
+            self.buffered_events -= events
             self._dispatch(group)
 
     def _event(self, kind: str, **fields: Any) -> None:
@@ -232,13 +266,29 @@ class _Grouper:
             self._event("task-started", uuid=group_id)
         errors = self.consumer.connection_errors
 
-        def done(answers: list[str]) -> None:
-            self.in_flight -= 1
+        def settle(answers: list[str]) -> None:
+            # kombu's messages one by one; the intake's in one round trip per group.
+            acked: list[Delivery] = []
+            requeued: list[Delivery] = []
             for delivery, answer in zip(group, answers, strict=True):
-                if answer == ACK:
+                if delivery.intake:
+                    (acked if answer == ACK else requeued).append(delivery)
+                elif answer == ACK:
                     delivery.ack(log, errors)
                 else:
                     delivery.reject(log, errors, requeue=True)
+            try:
+                if acked:
+                    acked[0].ack([d.message_id for d in acked])
+                if requeued:
+                    requeued[0].reject([d.message_id for d in requeued])
+            except Exception as exc:  # noqa: BLE001 - the reconciler settles them later
+                log.warning("could not settle %d message(s) with the queue: %s",
+                            len(acked) + len(requeued), exc)
+
+        def done(answers: list[str]) -> None:
+            self.in_flight -= 1
+            settle(answers)
             self._event("task-succeeded", uuid=group_id,
                         result=f"{answers.count(ACK)} acknowledged",
                         runtime=time.monotonic() - started)
@@ -246,11 +296,10 @@ class _Grouper:
 
         def failed(exc: Any) -> None:
             # The pool process died (or the group runner itself broke): every message
-            # goes back to the broker, and counts a delivery against its limit.
+            # goes back to the queue, and counts a delivery against its limit.
             self.in_flight -= 1
             log.error("a group of %d message(s) failed in the pool: %r", len(group), exc)
-            for delivery in group:
-                delivery.reject(log, errors, requeue=True)
+            settle([REQUEUE] * len(group))
             self._event("task-failed", uuid=group_id, exception=repr(exc), traceback="")
             self.flush()
 

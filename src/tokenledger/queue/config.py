@@ -6,6 +6,7 @@ import os
 from typing import Any
 
 from tokenledger.config import Settings
+from tokenledger.queue.names import APPLY_EVENTS
 
 REDIS_SCHEMES = ("redis://", "rediss://", "redis+socket://")
 
@@ -60,7 +61,8 @@ def celery_config(settings: Settings) -> dict[str, Any]:
     """The Celery settings every tokenledger process uses: JSON only, late acks."""
     amqp = {}
     if not is_redis(settings.broker()):
-        queues = {settings.queue, settings.renewal_queue or settings.queue}
+        queues = {settings.queue, settings.tasks_queue,
+                  settings.renewal_queue or settings.tasks_queue}
         amqp = {"task_queues": [task_queue(q) for q in sorted(queues)],
                 "task_default_queue_type": "quorum", "task_create_missing_queue_type": "quorum",
                 "worker_detect_quorum_queues": True}
@@ -75,7 +77,9 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "result_accept_content": ["json"],
         "task_ignore_result": True,
         "result_backend": None,
-        "task_default_queue": settings.queue,
+        # Events on the ledger queue; every other task (beat's too) on <queue>.tasks.
+        "task_default_queue": settings.tasks_queue,
+        "task_routes": {APPLY_EVENTS: {"queue": settings.queue}},
         "task_acks_late": True,
         # A task still running when the broker connection is lost is stopped: its message
         # is delivered again anyway (late ack), and must not run twice at once.

@@ -21,6 +21,7 @@ import uuid
 from typing import Any
 
 import kombu.transport.redis
+from celery import bootsteps
 from celery.worker.consumer import Consumer as CeleryConsumer
 from kombu.utils.json import loads as kombu_loads
 
@@ -93,3 +94,48 @@ class Consumer(CeleryConsumer):
 
     def on_invalid_task(self, body: Any, message: Any, exc: Exception) -> None:
         self._refuse(message, f"invalid task message: {type(exc).__name__}: {exc}")
+
+
+class IntakeStep(bootsteps.StartStopStep):
+    """Makes a worker consume both of tokenledger's queues: on Redis the ledger queue
+    through the intake (``queue.intake``) instead of kombu's per-message consumer, and
+    ``<queue>.tasks`` through Celery's."""
+
+    requires = ("celery.worker.consumer.tasks:Tasks",)
+
+    def __init__(self, c: Any, **kwargs: Any) -> None:
+        self.intake: Any = None
+        super().__init__(c, **kwargs)
+
+    def start(self, c: Any) -> None:
+        from tokenledger.config import get_settings
+        from tokenledger.queue.config import is_redis, redis_client
+        from tokenledger.queue.intake import Intake
+
+        self.stop(c)
+        settings = get_settings()
+        ledger, tasks = settings.queue, settings.tasks_queue
+        consumed = {q.name for q in c.task_consumer.queues}
+        if not consumed & {ledger, tasks}:
+            return  # a worker of other queues only (say, renewal chunks)
+        if tasks not in consumed:
+            c.add_task_queue(tasks)
+        grouper = getattr(c, "tokenledger_grouper", None)
+        if not is_redis(settings.broker()) or grouper is None:
+            if ledger not in consumed:
+                c.add_task_queue(ledger)
+            return
+        if ledger in consumed:
+            c.cancel_task_queue(ledger)
+        self.intake = Intake(redis_client(settings.broker(), timeout=10), ledger, grouper,
+                             c.timer)
+        self.intake.start()
+        log.info("taking %s in bulk (the intake); other tasks from %s", ledger, tasks)
+
+    def stop(self, c: Any) -> None:
+        if self.intake is not None:
+            self.intake.stop()
+            self.intake = None
+
+    def shutdown(self, c: Any) -> None:
+        self.stop(c)

@@ -172,13 +172,14 @@ class ReconcileReport:
 
 def reconcile(record: Record, final_keys: Any, *, stale_after: float = STALE_AFTER_SECONDS,
               visibility_timeout: float = 300, limit: int = RECONCILE_BATCH,
-              interval: float = RECONCILE_SECONDS) -> ReconcileReport:
+              interval: float = RECONCILE_SECONDS, atomic: bool = False) -> ReconcileReport:
     """Clear the final, queue again the lost, among records older than ``stale_after``.
 
     ``final_keys(keys)`` answers which of ``keys`` have a stored outcome or a dead letter.
     One pass per ``interval`` across every process (a Redis lock); two at once would still
     be safe: clearing is idempotent, and a message queued twice is a duplicate delivery,
-    which idempotency absorbs.
+    which idempotency absorbs. ``atomic``: the queue is taken by the intake, which never
+    loses a message between the queue and a worker; only final records are cleared.
     """
     from tokenledger.queue.message import events_of
 
@@ -213,6 +214,9 @@ def reconcile(record: Record, final_keys: Any, *, stale_after: float = STALE_AFT
         if keys and all(k in done for k in keys):
             record.clear([message_id], keys)
             report.cleared += 1
+            continue
+        if atomic:
+            report.waiting += 1  # in the queue or a worker's hands (queue.intake)
             continue
         tag = json.loads(raw).get("properties", {}).get("delivery_tag")
         held = tag is not None and client.hexists("unacked", tag)

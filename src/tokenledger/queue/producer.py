@@ -209,16 +209,21 @@ class Producer:
 
     def send(self, name: str, args: Sequence[Any] = (), kwargs: dict[str, Any] | None = None,
              *, queue: str | None = None, countdown: float | None = None) -> str:
-        """Publish task ``name`` (returns once the broker has the message); its id."""
+        """Publish task ``name`` (returns once the broker has the message); its id. Events
+        go to the ledger queue, anything else (a deferred message too) to ``<queue>.tasks``."""
         extra = None
         if countdown:
             extra = {"eta": (datetime.now(UTC) + timedelta(seconds=countdown)).isoformat()}
-        return self._sender.send(name, queue or self.queue, args, kwargs, extra)
+        if queue is None:
+            queue = self.queue if name == APPLY_EVENTS and not countdown \
+                else self.settings.tasks_queue
+        return self._sender.send(name, queue, args, kwargs, extra)
 
     def send_many(self, name: str, argss: Sequence[Sequence[Any]],
                   queue: str | None = None) -> None:
         """Publish one task per argument list (pipelined on Redis)."""
-        self._sender.send_many(name, queue or self.queue, argss)
+        self._sender.send_many(name, queue or (
+            self.queue if name == APPLY_EVENTS else self.settings.tasks_queue), argss)
 
     def inspect(self, timeout: float = 1.0) -> Any:
         """Celery's remote-control inspector on this broker (workers answering pings)."""
@@ -289,8 +294,9 @@ class _RedisSender:
 
     def send_events(self, payload: dict[str, Any] | list[dict[str, Any]]) -> str:
         queue = self.default_queue
-        task_id, message = wire.redis_envelope(APPLY_EVENTS, queue, [payload])
         events = payload if isinstance(payload, list) else [payload]
+        task_id, message = wire.redis_envelope(APPLY_EVENTS, queue, [payload],
+                                               extra_headers={"events": len(events) or 1})
         keys = [e["key"] for e in events if isinstance(e, dict) and isinstance(e.get("key"), str)]
         with self._errors():
             self.record(queue).publish(task_id, message, keys)
@@ -357,7 +363,9 @@ class _AmqpSender:
         return task_id
 
     def send_events(self, payload: dict[str, Any] | list[dict[str, Any]]) -> str:
-        return self._publish(APPLY_EVENTS, self.default_queue, [payload], None, None)
+        events = len(payload) if isinstance(payload, list) else 1
+        return self._publish(APPLY_EVENTS, self.default_queue, [payload], None,
+                             {"events": events or 1})
 
     def send(self, name: str, queue: str, args: Sequence[Any], kwargs: dict[str, Any] | None,
              extra: dict[str, Any] | None) -> str:

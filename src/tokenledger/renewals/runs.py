@@ -93,7 +93,7 @@ def dispatch(settings: Settings, chunk_ids: list[int], producer: Producer | None
     producer = producer or Producer(settings)
     try:
         producer.send_many(RENEW_CHUNK, [[chunk_id] for chunk_id in chunk_ids],
-                           queue=settings.renewal_queue or settings.queue)
+                           queue=settings.renewal_queue or settings.tasks_queue)
     finally:
         if own:
             producer.close()
