@@ -126,7 +126,7 @@ def test_scrape_time_gauges_read_the_dlq_the_queue_and_holds(settings, db):
         assert value(samples, "tokenledger_scrape_error", source="broker") == 0
         if metrics.holds_open(idle) is not None:
             assert value(samples, "tokenledger_holds_open") == metrics.holds_open(idle)
-        assert metrics.queue_depths(idle) == {idle.queue: 4}
+        assert metrics.queue_depths(idle) == {idle.queue: 4, idle.tasks_queue: 0}
     finally:
         redis.Redis.from_url(idle.broker_url).delete(idle.queue)
 

@@ -77,7 +77,7 @@ def test_flower_requires_credentials_and_lists_the_workers_with_them(flower, set
                           timeout=30)
         assert reply.status_code == 200
         ours = [name for name, info in reply.json().items()
-                if any(q.get("name") == settings.queue
+                if any(q.get("name") == settings.tasks_queue
                        for q in (info or {}).get("active_queues") or [])]
         if ours or time.monotonic() > deadline:
             break

@@ -50,24 +50,9 @@ def _safe(produce: Any) -> Any:
 
 def _workers(s: Settings, timeout: float) -> tuple[dict[str, Any], set[str], str | None]:
     """Workers answering a ping, and the queues they consume."""
-    from tokenledger.queue.producer import Producer
+    from tokenledger.queue import workers
 
-    producer = Producer(s)
-    try:
-        inspect = producer.inspect(timeout=timeout)
-        replies = inspect.ping() or {}
-        queues_by_worker = (inspect.active_queues() or {}) if replies else {}
-    except Exception as exc:  # noqa: BLE001 - status reports what it can
-        return {}, set(), f"cannot inspect workers on this broker: {exc}"
-    finally:
-        producer.close()
-    workers: dict[str, Any] = {}
-    queues: set[str] = set()
-    for name in sorted(replies):
-        consumed = sorted(q.get("name", "") for q in queues_by_worker.get(name) or [])
-        queues.update(consumed)
-        workers[name] = {"ok": replies[name].get("ok") == "pong", "queues": consumed}
-    return workers, queues, None
+    return workers.as_status(workers.ask(s, timeout))
 
 
 def _last_runs(s: Settings, limit: int = 5) -> list[dict[str, Any]] | None:

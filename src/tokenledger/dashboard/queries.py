@@ -115,16 +115,11 @@ def events_per_minute(session: Session, now: datetime, minutes: int = 60
 def workers_seen(settings: Settings, timeout: float = 1.0) -> dict[str, Any]:
     """The workers answering on the broker within ``timeout`` seconds, with the queues
     each consumes (or the error that kept them from being asked)."""
-    from tokenledger.queue.producer import Producer
+    from tokenledger.queue import workers
 
-    producer = Producer(settings)
-    try:
-        replies = producer.inspect(timeout=timeout).active_queues() or {}
-    except Exception as exc:  # noqa: BLE001 - the page says what it could not read
-        return {"workers": [], "error": f"cannot ask the workers: {type(exc).__name__}"}
-    finally:
-        producer.close()
-    return {"workers": [{"name": name,
-                         "queues": sorted(q.get("name", "") for q in replies[name] or [])}
-                        for name in sorted(replies)], "error": None}
+    seen = workers.ask(settings, timeout)
+    if seen.error:
+        return {"workers": [], "error": seen.error}
+    return {"workers": [{"name": name, "queues": seen.queues[name]} for name in seen.queues],
+            "error": None}
 

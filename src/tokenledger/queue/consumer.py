@@ -128,7 +128,7 @@ class IntakeStep(bootsteps.StartStopStep):
         if ledger in consumed:
             c.cancel_task_queue(ledger)
         self.intake = Intake(redis_client(settings.broker(), timeout=10), ledger, grouper,
-                             c.timer)
+                             c.timer, node=c.hostname)
         self.intake.start()
         log.info("taking %s in bulk (the intake); other tasks from %s", ledger, tasks)
 

@@ -113,12 +113,15 @@ class Names:
 class Intake:
     """One worker's bulk consumer of the ledger queue (runs in the worker's event loop)."""
 
-    def __init__(self, client: Any, queue: str, grouper: Any, timer: Any) -> None:
+    def __init__(self, client: Any, queue: str, grouper: Any, timer: Any,
+                 node: str | None = None) -> None:
         self.client = client
         self.names = Names(queue)
         self.grouper = grouper
         self.timer = timer
-        self.worker = f"{socket.gethostname()}:{os.getpid()}:{os.urandom(3).hex()}"
+        # The Celery node name first (``tokenledger status`` matches workers by it).
+        node = node or socket.gethostname()
+        self.worker = f"{node}|{os.getpid()}|{os.urandom(3).hex()}"
         self.taken_key = self.names.taken(self.worker)
         self._take = client.register_script(_TAKE)
         self._requeue = client.register_script(_REQUEUE)
@@ -220,3 +223,13 @@ def rescue_dead_workers(client: Any, queue: str) -> int:
 def held(client: Any, queue: str, message_id: str) -> bool:
     """Whether a worker holds the message now."""
     return bool(client.hexists(Names(queue).owner, message_id))
+
+
+def live_nodes(client: Any, queue: str) -> set[str]:
+    """The Celery node names of the workers whose intake takes ``queue`` now."""
+    n = Names(queue)
+    workers = [_text(w) for w in client.smembers(n.workers)]
+    if not workers:
+        return set()
+    alive = client.mget([n.alive(w) for w in workers])
+    return {w.split("|", 1)[0] for w, a in zip(workers, alive, strict=True) if a}
