@@ -1,0 +1,83 @@
+"""What the API tells its callers beyond the seed shapes: a valid /metrics exposition, /docs
+that works offline, summaries that name each route's scope, clear errors for bad bodies,
+unknown event keys, the conflicts route, and expired holds that stop counting at once."""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from datetime import UTC, datetime, timedelta
+
+import httpx
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.api.support import api_server, auth, http, keys
+from tests.support import Worker, apply
+from tokenledger import Settings
+from tokenledger.queue.names import RENEW_BATCH
+from tokenledger.queue.producer import Producer
+from tokenledger.renewals import runs
+from tokenledger.renewals.service import RunOptions
+
+pytestmark = pytest.mark.services
+__all__ = ["api_server", "http", "keys"]  # fixtures used by name
+
+
+def _open(http: httpx.Client, key: str, user_id: str, **fields: str) -> None:
+    r = http.post("/api/accounts", json={"user_id": user_id, **fields}, headers=auth(key))
+    assert r.status_code == 201, r.text
+
+
+def _wait_run(settings: Settings, trigger: str, timeout: float = 60) -> None:
+    """Wait until a run with ``trigger`` is sealed."""
+    from sqlalchemy import text
+
+    from tests.support import session_scope
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with session_scope(settings) as session:
+            if session.scalar(text("SELECT count(*) FROM renewal_runs WHERE trigger = :t "
+                                   "AND finished_at IS NOT NULL"), {"t": trigger}):
+                return
+        time.sleep(0.1)
+    raise AssertionError(f"no {trigger} run finished")
+
+
+# -- /metrics ---------------------------------------------------------------------------------
+
+
+def test_metrics_is_a_valid_exposition_after_charges_starts_and_renewals(
+        http: httpx.Client, keys: dict, worker: Worker, db: Settings) -> None:
+    """Each family name appears once, whichever process counted what."""
+    long_ago = datetime.now(UTC) - timedelta(days=31)
+    apply(db, {"type": "open_account", "key": "o", "user_id": "gift", "plan": "Gift"},
+          now=long_ago)
+    producer, admin = auth(keys["producer"]), auth(keys["admin"])
+    _open(http, keys["producer"], "m1", plan="Professional")
+    for i in range(3):
+        r = http.post("/api/events", headers=producer,
+                      json={"type": "charge", "user_id": "m1", "amount": 1, "key": f"m{i}"})
+        assert r.status_code == 202, r.text
+        r = http.post("/api/token-process/start", headers=producer, json={
+            "user_id": "m1", "feature_endpoint_id": "code_generation"})
+        assert r.json()["data"]["status"] == "accessible", r.text
+    # Beat's path: the renew_batch task by name, taken by the worker ...
+    beat = Producer(db)
+    try:
+        beat.send(RENEW_BATCH, kwargs={"kind": "monthly", "trigger": "beat"})
+    finally:
+        beat.close()
+    _wait_run(db, "beat")
+    # ... the same run finished in this (the API's) process, and one from the API.
+    run_id, chunks = runs.start_run(db, RunOptions(kind="daily", trigger="cli"))
+    runs.execute_inline(db, chunks)
+    r = http.post("/api/renewals/run", headers=admin, params={"wait": 30},
+                  json={"kind": "monthly"})
+    assert r.status_code == 200, r.text
+
+    exposition = http.get("/metrics").text
+    names = Counter(f.name for f in text_string_to_metric_families(exposition))
+    assert [n for n, count in names.items() if count > 1] == []
+    assert "tokenledger_renewal_runs_recorded" in names
