@@ -4,9 +4,13 @@ unknown event keys, the conflicts route, and expired holds that stop counting at
 
 from __future__ import annotations
 
+import re
+import subprocess
 import time
+import zipfile
 from collections import Counter
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import httpx
 import pytest
@@ -22,6 +26,7 @@ from tokenledger.renewals.service import RunOptions
 
 pytestmark = pytest.mark.services
 __all__ = ["api_server", "http", "keys"]  # fixtures used by name
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _open(http: httpx.Client, key: str, user_id: str, **fields: str) -> None:
@@ -81,3 +86,28 @@ def test_metrics_is_a_valid_exposition_after_charges_starts_and_renewals(
     names = Counter(f.name for f in text_string_to_metric_families(exposition))
     assert [n for n, count in names.items() if count > 1] == []
     assert "tokenledger_renewal_runs_recorded" in names
+
+
+# -- /docs --------------------------------------------------------------------------------------
+
+
+def test_docs_load_swagger_from_the_package_not_a_cdn(http: httpx.Client) -> None:
+    page = http.get("/docs")
+    assert page.status_code == 200 and "SwaggerUIBundle" in page.text
+    assert re.findall(r"https?://[^\s\"']+", page.text) == []
+    assets = re.findall(r"""(?:src|href)=["']([^"']+)["']""", page.text)
+    assert {"/docs/static/swagger-ui-bundle.js", "/docs/static/swagger-ui.css"} <= set(assets)
+    for asset in assets:
+        r = http.get(asset)
+        assert r.status_code == 200 and r.content, asset
+    assert http.get("/redoc").status_code == 404
+
+
+def test_the_wheel_ships_the_swagger_assets(tmp_path) -> None:
+    wheel_dir = tmp_path / "dist"
+    subprocess.run(["uv", "build", "--wheel", "--out-dir", str(wheel_dir), "--quiet"],
+                   cwd=ROOT, check=True, timeout=300)
+    (wheel,) = wheel_dir.glob("tokenledger-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    for asset in ("swagger-ui-bundle.js", "swagger-ui.css", "favicon-32x32.png"):
+        assert f"tokenledger/api/static/{asset}" in names

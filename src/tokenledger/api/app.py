@@ -74,6 +74,8 @@ def create_app(settings: Settings | None = None, *, key_cache_seconds: float = 2
             "are `{\"success\": false, \"status\", \"message\"}`, with `errors[]` naming "
             "each bad field on 422."),
         lifespan=lifespan,
+        docs_url=None,  # served by api.docs from bundled assets
+        redoc_url=None,  # ReDoc would load its script from a CDN
         responses={422: {"model": ErrorBody, "description": "A field failed validation"}},
     )
     errors.install(app)
@@ -82,6 +84,7 @@ def create_app(settings: Settings | None = None, *, key_cache_seconds: float = 2
         accounts,
         billing,
         dashboard_links,
+        docs,
         events,
         operations,
         renewals,
@@ -92,6 +95,7 @@ def create_app(settings: Settings | None = None, *, key_cache_seconds: float = 2
                    dashboard_links):
         app.include_router(module.router)
     dashboard.mount(app)
+    docs.install(app)
 
     generate = app.openapi
 
