@@ -111,3 +111,24 @@ def test_the_wheel_ships_the_swagger_assets(tmp_path) -> None:
     names = set(zipfile.ZipFile(wheel).namelist())
     for asset in ("swagger-ui-bundle.js", "swagger-ui.css", "favicon-32x32.png"):
         assert f"tokenledger/api/static/{asset}" in names
+
+
+# -- summaries --------------------------------------------------------------------------------
+
+
+def test_every_operation_says_what_it_does_and_which_scope_it_needs(http: httpx.Client) -> None:
+    schema = http.get("/openapi.json").json()
+    for path, operations in schema["paths"].items():
+        for method, operation in operations.items():
+            summary = operation.get("summary", "")
+            assert not re.search(r"seed \d", summary, re.I), (method, path, summary)
+            scopes = operation["x-scopes"]
+            if path.startswith("/api/"):
+                assert scopes and scopes[-1] == "admin", (method, path)
+                assert summary.endswith(f"(scope: {' or '.join(scopes)})"), (method, path)
+            else:
+                assert scopes == [] and summary.endswith("(public, no key)"), (method, path)
+    paths = schema["paths"]
+    assert paths["/api/token-process/start"]["post"]["x-scopes"] == ["producer", "admin"]
+    assert paths["/api/billing/balance"]["get"]["x-scopes"] == ["reader", "admin"]
+    assert paths["/api/renewals/run"]["post"]["x-scopes"] == ["admin"]

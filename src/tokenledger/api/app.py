@@ -12,6 +12,7 @@ from starlette.types import Receive, Scope, Send
 
 from tokenledger import dashboard
 from tokenledger.api import errors
+from tokenledger.api.auth import label_scopes
 from tokenledger.api.deps import ApiState
 from tokenledger.api.schemas import ErrorBody
 from tokenledger.api.tokenprocess import START_PATH, StartFastPath
@@ -105,6 +106,7 @@ def create_app(settings: Settings | None = None, *, key_cache_seconds: float = 2
             schema = generate()
             schema.setdefault("components", {}).setdefault("schemas", {}).update(
                 events.openapi_components())
+            label_scopes(schema, app.routes)
         return app.openapi_schema  # type: ignore[return-value]
 
     app.openapi = openapi  # type: ignore[method-assign]

@@ -92,7 +92,7 @@ class WalletOut(_Camel):
 class BalanceOut(_Camel):
     user_id: str
     plan: str
-    balance: int = Field(description="Total over live wallets (seed 000)")
+    balance: int = Field(description="Total over live wallets")
     available: int = Field(description="What a charge may draw now without overdraft")
     can_create_project: bool
     required_tokens: int = Field(description="The `project_creation` feature's cost")
