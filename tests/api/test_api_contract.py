@@ -132,3 +132,43 @@ def test_every_operation_says_what_it_does_and_which_scope_it_needs(http: httpx.
     assert paths["/api/token-process/start"]["post"]["x-scopes"] == ["producer", "admin"]
     assert paths["/api/billing/balance"]["get"]["x-scopes"] == ["reader", "admin"]
     assert paths["/api/renewals/run"]["post"]["x-scopes"] == ["admin"]
+
+
+# -- malformed bodies -------------------------------------------------------------------------
+
+BODY_ROUTES = ("/api/accounts", "/api/events", "/api/token-process/start",
+               "/api/token-process/end", "/api/billing/wallets")
+
+
+@pytest.mark.parametrize("path", BODY_ROUTES)
+def test_a_body_that_is_not_json_is_named_as_such(http: httpx.Client, keys: dict,
+                                                  path: str) -> None:
+    headers = auth(keys["admin"], **{"content-type": "application/json"})
+    for body, words in ((b"not json", "not valid JSON (Expecting value at character 0)"),
+                        (b'{"user_id": "u"', "not valid JSON (Expecting ',' delimiter")):
+        r = http.post(path, content=body, headers=headers)
+        assert r.status_code == 422, r.text
+        (error,) = r.json()["errors"]
+        assert error["field"] == "body" and words in error["message"], r.text
+        assert r.json()["message"].startswith("Invalid request: body: the request body is "
+                                              "not valid JSON")
+    for body in (b"", b"[1]", b'"text"'):
+        r = http.post(path, content=body, headers=headers)
+        assert r.status_code == 422, r.text
+        if path != "/api/events" or body != b"[1]":
+            assert r.json()["errors"][0]["field"] == "body", r.text
+            assert "the request body " in r.json()["message"], r.text
+
+
+def test_validation_errors_name_each_field(http: httpx.Client, keys: dict) -> None:
+    headers = auth(keys["admin"])
+    r = http.post("/api/token-process/start", headers=headers,
+                  json={"user_id": 5, "max_output_tokens": -1})
+    fields = {e["field"] for e in r.json()["errors"]}
+    assert r.status_code == 422 and {"user_id", "feature_endpoint_id"} <= fields, r.text
+    r = http.post("/api/events", headers=headers, json={"user_id": "u", "amount": 1})
+    (error,) = r.json()["errors"]
+    assert error["field"] == "type" and "charge" in error["message"], r.text
+    r = http.post("/api/events", headers=headers,
+                  json=[{"type": "charge", "user_id": "u", "amount": 1}, {"type": "charge"}])
+    assert {e["field"] for e in r.json()["errors"]} == {"1.user_id"}, r.text

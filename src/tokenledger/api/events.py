@@ -45,8 +45,9 @@ def _validate(raw: Any) -> list[Any]:
                 "loc": ("body",), "type": "too_long" if raw else "too_short",
                 "msg": f"a batch holds 1 to {MAX_BATCH} events, got {len(raw)}"}])
     else:
-        raise RequestValidationError([{"loc": ("body",), "type": "model_type",
-                                       "msg": "expected an event object or a list of them"}])
+        raise RequestValidationError([{
+            "loc": ("body",), "type": "model_type",
+            "msg": "the request body must be an event object or a list of them"}])
     events, errors = [], []
     for i, item in enumerate(items):
         where: tuple[Any, ...] = ("body", i) if batch else ("body",)
@@ -67,9 +68,12 @@ def _validate(raw: Any) -> list[Any]:
         except ValidationError as exc:
             for e in exc.errors(include_url=False):
                 loc = [p for p in e["loc"] if p not in _TAGS]
+                msg = e["msg"]
                 if e["type"] in ("union_tag_invalid", "union_tag_not_found"):
                     loc = ["type"]
-                errors.append({"loc": (*where, *loc), "type": e["type"], "msg": e["msg"]})
+                if e["type"] == "union_tag_not_found":
+                    msg = f"Field required: one of {', '.join(_TAGS)}"
+                errors.append({"loc": (*where, *loc), "type": e["type"], "msg": msg})
     if errors:
         raise RequestValidationError(errors)
     return events
