@@ -16,7 +16,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.api.support import api_server, auth, http, keys
+from tests.api.support import ServerThread, api_server, auth, http, keys
 from tests.support import Worker, apply
 from tokenledger import Settings
 from tokenledger.queue.names import RENEW_BATCH
@@ -172,3 +172,75 @@ def test_validation_errors_name_each_field(http: httpx.Client, keys: dict) -> No
     r = http.post("/api/events", headers=headers,
                   json=[{"type": "charge", "user_id": "u", "amount": 1}, {"type": "charge"}])
     assert {e["field"] for e in r.json()["errors"]} == {"1.user_id"}, r.text
+
+
+# -- events: unknown keys and conflicts -----------------------------------------------------
+
+
+def test_an_event_key_never_published_is_404_one_in_flight_is_pending(
+        settings: Settings, keys: dict, http: httpx.Client, db: Settings) -> None:
+    reader = auth(keys["reader"])
+    r = http.get("/api/events/never-published", headers=reader)
+    assert r.status_code == 404, r.text
+    assert r.json()["success"] is False and "never published" in r.json()["message"]
+    # A queue no worker takes: what the API accepts stays in flight.
+    idle = settings.model_copy(update={"queue": f"{settings.queue}-idle"})
+    server = ServerThread(idle).start()
+    try:
+        with httpx.Client(base_url=server.url, timeout=30) as c:
+            r = c.post("/api/events", headers=auth(keys["producer"]),
+                       json={"type": "charge", "user_id": "u", "amount": 1, "key": "on-way"})
+            assert r.status_code == 202, r.text
+            r = c.get("/api/events/on-way", headers=reader)
+            assert r.status_code == 200 and r.json()["data"]["status"] == "pending", r.text
+    finally:
+        server.stop()
+        purger = Producer(idle)
+        purger.purge()
+        purger.close()
+
+
+def test_conflicts_are_listed_for_admins_newest_first_and_paged(
+        http: httpx.Client, keys: dict, worker: Worker, db: Settings) -> None:
+    producer = auth(keys["producer"])
+    _open(http, keys["producer"], "cf")
+    for amount in (1, 2, 3):
+        r = http.post("/api/events", headers=producer, json={
+            "type": "charge", "user_id": "cf", "amount": amount, "key": "cf-1"})
+        assert r.status_code == 202
+        if amount == 1:
+            assert _outcome(http, keys["reader"], "cf-1")["status"] == "applied"
+        else:  # one at a time, so the conflicts' order is the publishing order
+            assert _wait_conflicts(http, keys["admin"], amount - 1)
+    assert http.get("/api/conflicts", headers=auth(keys["reader"])).status_code == 403
+    first = http.get("/api/conflicts", headers=auth(keys["admin"]), params={"limit": 1})
+    assert first.status_code == 200, first.text
+    data = first.json()["data"]
+    assert data["total"] == 2 and len(data["conflicts"]) == 1
+    newest = data["conflicts"][0]
+    assert newest["key"] == "cf-1" and newest["payload"]["amount"] == 3
+    assert newest["stored"]["outcome"] == "applied" and "seenAt" in newest
+    older = http.get("/api/conflicts", headers=auth(keys["admin"]),
+                     params={"before": data["nextBefore"]}).json()["data"]
+    assert [c["payload"]["amount"] for c in older["conflicts"]] == [2]
+    assert older["nextBefore"] is None
+
+
+def _outcome(http: httpx.Client, key: str, event_key: str, timeout: float = 30) -> dict:
+    deadline = time.monotonic() + timeout
+    while True:
+        r = http.get(f"/api/events/{event_key}", headers=auth(key))
+        data = r.json().get("data") or {}
+        if data.get("status") not in (None, "pending") or time.monotonic() > deadline:
+            return data
+        time.sleep(0.05)
+
+
+def _wait_conflicts(http: httpx.Client, key: str, count: int, timeout: float = 30) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        r = http.get("/api/conflicts", headers=auth(key))
+        if r.status_code == 200 and r.json()["data"]["total"] >= count:
+            return True
+        time.sleep(0.1)
+    return False

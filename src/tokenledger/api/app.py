@@ -84,6 +84,7 @@ def create_app(settings: Settings | None = None, *, key_cache_seconds: float = 2
     from tokenledger.api import (
         accounts,
         billing,
+        conflicts,
         dashboard_links,
         docs,
         events,
@@ -92,7 +93,7 @@ def create_app(settings: Settings | None = None, *, key_cache_seconds: float = 2
         tokenprocess,
     )
 
-    for module in (billing, tokenprocess, events, accounts, renewals, operations,
+    for module in (billing, tokenprocess, events, conflicts, accounts, renewals, operations,
                    dashboard_links):
         app.include_router(module.router)
     dashboard.mount(app)

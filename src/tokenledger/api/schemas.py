@@ -217,6 +217,33 @@ class EventOutcomeOut(BaseModel):
     result: dict[str, Any] = {}
 
 
+class StoredOutcomeOut(_Camel):
+    """What the key's first payload did."""
+
+    user_id: str | None
+    event_type: str | None
+    outcome: str
+    reason: str | None
+    result: dict[str, Any] | None
+    created_at: datetime
+
+
+class ConflictOut(_Camel):
+    id: int
+    key: str
+    payload_hash: str
+    payload: dict[str, Any] = Field(description="The conflicting payload (never applied)")
+    seen_at: datetime
+    stored: StoredOutcomeOut | None = Field(description="The outcome stored for the key")
+
+
+class ConflictsOut(_Camel):
+    conflicts: list[ConflictOut]
+    total: int
+    next_before: int | None = Field(
+        description="Pass as `before` for the next (older) page; null on the last")
+
+
 # -- accounts and reports -----------------------------------------------------------------
 
 
