@@ -15,10 +15,11 @@ from pathlib import Path
 import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
+from sqlalchemy import text
 
 from tests.api.support import ServerThread, api_server, auth, http, keys
-from tests.support import Worker, apply
-from tokenledger import Settings
+from tests.support import Worker, apply, assert_verified, session_scope
+from tokenledger import LedgerClient, Settings
 from tokenledger.queue.names import RENEW_BATCH
 from tokenledger.queue.producer import Producer
 from tokenledger.renewals import runs
@@ -36,10 +37,6 @@ def _open(http: httpx.Client, key: str, user_id: str, **fields: str) -> None:
 
 def _wait_run(settings: Settings, trigger: str, timeout: float = 60) -> None:
     """Wait until a run with ``trigger`` is sealed."""
-    from sqlalchemy import text
-
-    from tests.support import session_scope
-
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         with session_scope(settings) as session:
@@ -244,3 +241,38 @@ def _wait_conflicts(http: httpx.Client, key: str, count: int, timeout: float = 3
             return True
         time.sleep(0.1)
     return False
+
+
+# -- expired holds stop counting at once ---------------------------------------------------
+
+
+def test_an_expired_hold_stops_counting_for_the_next_start_api_and_sdk(
+        settings: Settings, keys: dict, db: Settings) -> None:
+    """No sweep runs here: the start itself releases the account's expired holds."""
+    short = settings.model_copy(update={"hold_ttl_seconds": 1})
+    apply(db, {"type": "open_account", "key": "o-api", "user_id": "exp-api"},
+          {"type": "open_account", "key": "o-sdk", "user_id": "exp-sdk"})
+    start = {"feature_endpoint_id": "text_generation", "hold": 5}
+    server = ServerThread(short).start()
+    try:
+        with httpx.Client(base_url=server.url, timeout=30) as c:
+            producer = auth(keys["producer"])
+            first = c.post("/api/token-process/start", headers=producer,
+                           json={"user_id": "exp-api", **start}).json()["data"]
+            assert first["status"] == "accessible" and first["token"] == 0, first
+            time.sleep(1.2)
+            again = c.post("/api/token-process/start", headers=producer,
+                           json={"user_id": "exp-api", **start}).json()["data"]
+            assert again["status"] == "accessible" and again["token"] == 0, again
+    finally:
+        server.stop()
+    with LedgerClient(short) as sdk:
+        assert sdk.token_process_start("exp-sdk", **start).status == "accessible"
+        time.sleep(1.2)
+        assert sdk.token_process_start("exp-sdk", **start).status == "accessible"
+    with session_scope(db) as session:
+        statuses = session.execute(text(
+            "SELECT user_id, status, count(*) FROM holds GROUP BY 1, 2 ORDER BY 1, 2")).all()
+    assert [tuple(r) for r in statuses] == [("exp-api", "expired", 1), ("exp-api", "open", 1),
+                                            ("exp-sdk", "expired", 1), ("exp-sdk", "open", 1)]
+    assert_verified(db)
