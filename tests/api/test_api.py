@@ -907,9 +907,9 @@ def test_renewal_dry_run_reports_what_would_change(http: httpx.Client, keys: dic
                   json={"kind": "monthly", "tier": "Gift", "dry_run": True})
     assert r.status_code == 200, r.text
     run = r.json()["data"]
-    assert run["dry_run"] is True and run["successful"] == 1
-    assert run["changes"][0]["user_id"] == "gift"
-    assert run["changes"][0]["balance_after"] == 100
+    assert run["dryRun"] is True and run["successful"] == 1  # docs/api.md: camelCase
+    assert run["changes"][0]["userId"] == "gift"
+    assert run["changes"][0]["balanceAfter"] == 100
     assert balance(http, keys["reader"], "gift")["balance"] == 60  # nothing changed
     bad = http.post("/api/renewals/run", headers=admin,
                     json={"kind": "yearly", "limit": 0, "dry_run": "yes"})

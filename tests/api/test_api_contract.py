@@ -276,3 +276,79 @@ def test_an_expired_hold_stops_counting_for_the_next_start_api_and_sdk(
     assert [tuple(r) for r in statuses] == [("exp-api", "expired", 1), ("exp-api", "open", 1),
                                             ("exp-sdk", "expired", 1), ("exp-sdk", "open", 1)]
     assert_verified(db)
+
+
+# -- the naming convention and docs/api.md ----------------------------------------------------
+
+SNAKE = re.compile(r"^[a-z][a-z0-9_]*$")
+CAMEL = re.compile(r"^[a-z][a-zA-Z0-9]*$")
+SEGMENT = re.compile(r"^([a-z0-9]+(-[a-z0-9]+)*|\{[a-z][a-z0-9_]*\})$")
+
+
+def _names(schema: dict, node: dict, seen: set[str] | None = None) -> set[str]:
+    """Every property name a schema node declares, following references and unions."""
+    seen = set() if seen is None else seen
+    ref = node.get("$ref")
+    if ref:
+        if ref in seen:
+            return set()
+        seen.add(ref)
+        node = schema["components"]["schemas"][ref.rsplit("/", 1)[1]]
+    names = set(node.get("properties", {}))
+    children = [*node.get("properties", {}).values(), *node.get("anyOf", ()),
+                *node.get("oneOf", ()), *node.get("allOf", ())]
+    if isinstance(node.get("items"), dict):
+        children.append(node["items"])
+    for child in children:
+        names |= _names(schema, child, seen)
+    return names
+
+
+def test_routes_the_seeds_do_not_define_follow_one_naming_convention(
+        http: httpx.Client) -> None:
+    from tokenledger.api.docs import SEED_ROUTES
+
+    schema = http.get("/openapi.json").json()
+    checked = 0
+    for path, operations in schema["paths"].items():
+        for method, op in operations.items():
+            if (method.upper(), path) in SEED_ROUTES or not path.startswith("/api/"):
+                continue
+            checked += 1
+            where = f"{method.upper()} {path}"
+            assert all(SEGMENT.match(s) for s in path.split("/")[1:]), where
+            assert all(SNAKE.match(p["name"]) for p in op.get("parameters", ())
+                       if p["in"] in ("path", "query")), where
+            body = op.get("requestBody", {}).get("content", {}).get("application/json", {})
+            bad = {n for n in _names(schema, body.get("schema", {})) if not SNAKE.match(n)}
+            assert not bad, (where, bad)
+            for status, answer in op["responses"].items():
+                if not status.startswith("2"):
+                    continue
+                envelope = answer.get("content", {}).get("application/json", {})
+                data = _names(schema, envelope.get("schema", {})) - {"success", "message"}
+                bad = {n for n in data if not CAMEL.match(n)}
+                assert not bad, (where, status, bad)
+    assert checked >= 12
+
+
+def test_renewal_runs_answer_in_the_conventions_names(http: httpx.Client, keys: dict,
+                                                      worker: Worker) -> None:
+    admin = auth(keys["admin"])
+    run = http.post("/api/renewals/run", headers=admin, params={"wait": 30},
+                    json={"kind": "monthly", "dry_run": True}).json()["data"]
+    listed = http.get("/api/renewals/runs", headers=admin).json()["data"][0]
+    one = http.get(f"/api/renewals/runs/{run['id']}", headers=admin).json()["data"]
+    for data in (run, listed, one):
+        assert {"dryRun", "totalProcessed", "continueOnError"} <= set(data), data
+        assert all(CAMEL.match(k) for k in data), data
+
+
+def test_docs_api_md_lists_every_route_as_the_openapi_document_does(
+        http: httpx.Client) -> None:
+    from tokenledger.api.docs import BEGIN_TABLE, END_TABLE, route_table
+
+    document = (ROOT / "docs" / "api.md").read_text(encoding="utf-8")
+    table = document.partition(BEGIN_TABLE)[2].partition(END_TABLE)[0].strip()
+    assert table == route_table(http.get("/openapi.json").json()), \
+        "docs/api.md is stale: run `uv run python -m tokenledger.api.docs docs/api.md`"
