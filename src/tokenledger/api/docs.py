@@ -29,7 +29,9 @@ def install(app: FastAPI) -> None:
             swagger_js_url=f"{root}{STATIC}/swagger-ui-bundle.js",
             swagger_css_url=f"{root}{STATIC}/swagger-ui.css",
             swagger_favicon_url=f"{root}{STATIC}/favicon-32x32.png",
-            oauth2_redirect_url=None)
+            oauth2_redirect_url=None,
+            # Swagger UI would otherwise fetch a validity badge from swagger.io.
+            swagger_ui_parameters={"validatorUrl": None})
 
 
 # -- docs/api.md ------------------------------------------------------------------------------
