@@ -139,6 +139,7 @@ class ApplyEvents(Coalescing, LedgerTask):
             return [REQUEUE] * len(deliveries)
         if record is not None:
             try:
+                record.defer([r.key for r in results if r.status == "deferred"])
                 record.clear(ids, [k for m in messages for k in m.keys])
             except Exception as exc:  # noqa: BLE001 - committed; the reconciler clears it
                 log.warning("in-flight record not cleared: %s", exc)
