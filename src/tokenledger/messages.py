@@ -158,6 +158,9 @@ class Charge(_Event):
     def _feature_or_amount(self) -> Charge:
         if self.feature is None and self.amount is None:
             raise ValueError("a charge needs a feature or an amount")
+        if self.feature is not None and self.amount is not None:
+            # Which one would win is a guess the caller should not have to make.
+            raise ValueError("give a feature (its catalog cost) or an amount, not both")
         return self
 
 

@@ -169,7 +169,17 @@ def _price(batch: Batch, account: AccountState, feature: str | None,
     return amount
 
 
+def _check_wallet_type(batch: Batch, wallet_type: str | None) -> None:
+    """Reject a wallet type the catalog does not declare (a typo would open its own)."""
+    if wallet_type is not None:
+        try:
+            batch.uow.catalog.check_wallet_type(wallet_type)
+        except ValueError as exc:
+            raise Rejected(str(exc)) from None
+
+
 def _charge(batch: Batch, account: AccountState, event: Charge) -> EventResult:
+    _check_wallet_type(batch, event.preferred_wallet_type)
     cost = _price(batch, account, event.feature, event.amount)
     touched: list[dict[str, Any]] = []
     if cost:
@@ -186,6 +196,7 @@ def _charge(batch: Batch, account: AccountState, event: Charge) -> EventResult:
 
 def _credit(batch: Batch, account: AccountState, event: Credit) -> EventResult:
     now = batch.uow.now
+    _check_wallet_type(batch, event.wallet_type)
     expires_at = event.expires_at
     if expires_at is not None and expires_at <= now:
         raise Rejected("expires_at is in the past")

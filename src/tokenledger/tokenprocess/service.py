@@ -33,10 +33,10 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from tokenledger.catalog.pricing import estimate_hold, price_usage, resolve_model
-from tokenledger.catalog.service import Catalog
+from tokenledger.catalog.service import Catalog, FeatureSpec
 from tokenledger.db.sql import load, pyformat
 from tokenledger.db.uow import UnitOfWork
-from tokenledger.errors import AccountNotFound, Conflict
+from tokenledger.errors import AccountNotFound, Conflict, ValidationFailed
 from tokenledger.ledger.batch import Batch, Rejected, holds_t
 from tokenledger.ledger.models import STANDARD
 from tokenledger.ledger.wallets import AccountState, WalletState, allocate, draw_order
@@ -70,9 +70,13 @@ def plan_hold(catalog: Catalog, plan_code: str, available: int, *, now: datetime
               user_id: str, feature_endpoint_id: str, max_output_tokens: int | None,
               hold: int | None, model: str | None, key: str | None,
               hold_ttl_seconds: int) -> StartResult | HoldPlan:
-    """A start's decision: a refusal in the seed's words, or the hold to place."""
-    feature = catalog.features.get(feature_endpoint_id)
-    if feature is None or not catalog.plan_includes(plan_code, feature_endpoint_id):
+    """A start's decision: a refusal in the seed's words, or the hold to place.
+
+    Raises ValidationFailed for what no plan could make right: an unknown feature or
+    model, or an explicit hold on a fixed-cost feature (its cost is the hold).
+    """
+    feature = check_start(catalog, feature_endpoint_id, hold=hold, model=model)
+    if not catalog.plan_includes(plan_code, feature_endpoint_id):
         return StartResult(NOT_ACCESSIBLE, available, NOT_IN_PACKAGE, user_id=user_id,
                            feature_endpoint_id=feature_endpoint_id)
     amount = estimate_hold(catalog, feature, max_output_tokens=max_output_tokens, hold=hold,
@@ -89,6 +93,21 @@ def plan_hold(catalog: Catalog, plan_code: str, available: int, *, now: datetime
         meta["max_output_tokens"] = max_output_tokens
     return HoldPlan(amount, key or f"hold:{uuid.uuid4().hex}", expires_at, chosen, meta)
 
+
+def check_start(catalog: Catalog, code: str, *, hold: int | None,
+                model: str | None) -> FeatureSpec:
+    """The start's feature, or ValidationFailed naming the field that cannot be right."""
+    feature = catalog.features.get(code)
+    if feature is None:
+        raise ValidationFailed(f"feature_endpoint_id: unknown feature {code!r}")
+    if hold is not None and feature.pricing == "fixed":
+        raise ValidationFailed(f"hold: {code!r} has a fixed cost of {feature.cost}, which is "
+                               "what its start holds; leave hold out")
+    try:
+        catalog.check_model(model)
+    except ValueError as exc:
+        raise ValidationFailed(f"model: {exc}") from None
+    return feature
 
 
 Statement = tuple[str, dict[str, Any]]
@@ -331,6 +350,25 @@ def _hold_first(batch: Batch, account: AccountState, hold: HoldState | None
 # -- end ----------------------------------------------------------------------------------
 
 
+def _only_open_hold(batch: Batch, account: AccountState, feature: str) -> int | None:
+    """The hold an end without a hold id settles: the account's one open, unexpired hold
+    for ``feature`` (None: there is none). With several, which one is meant is a guess:
+    rejected, naming them."""
+    rows = batch.session.execute(
+        select(holds_t.c.id).where(holds_t.c.account_id == account.id,
+                                   holds_t.c.feature == feature, holds_t.c.status == OPEN,
+                                   holds_t.c.expires_at > batch.now)
+        .order_by(holds_t.c.id)).scalars().all()
+    # A hold this batch already resolved is still open in the table until it writes.
+    rows = [i for i in rows if i not in batch.holds or batch.holds[i].status == OPEN]
+    if len(rows) > 1:
+        raise Rejected(f"{len(rows)} open holds for feature {feature!r}: "
+                       f"{', '.join(f'#{i}' for i in rows)}; name one with hold_id")
+    if rows and rows[0] not in batch.holds:
+        batch.load_holds({rows[0]})
+    return rows[0] if rows else None
+
+
 def end(batch: Batch, account: AccountState, event: TokenProcessEnd) -> EventResult:
     """Apply a token_process_end: price the usage, settle the hold, store the outcome.
 
@@ -345,12 +383,18 @@ def end(batch: Batch, account: AccountState, event: TokenProcessEnd) -> EventRes
     now = batch.now
     catalog = batch.uow.catalog
     code = event.feature_endpoint_id
+    try:
+        catalog.check_model(event.model)
+    except ValueError as exc:
+        raise Rejected(str(exc)) from None
     hold: HoldState | None = None
     hold_note: str | None = None
-    if event.hold_id is not None:
-        hold = batch.holds.get(event.hold_id)
+    hold_id = event.hold_id if event.hold_id is not None else _only_open_hold(batch, account,
+                                                                               code)
+    if hold_id is not None:
+        hold = batch.holds.get(hold_id)
         if hold is None or hold.account_id != account.id:
-            raise Rejected(f"hold {event.hold_id} not found for this account")
+            raise Rejected(f"hold {hold_id} not found for this account")
         if hold.feature != code:
             raise Rejected(f"hold {hold.id} was placed for feature {hold.feature!r}, "
                           f"not {code!r}")
@@ -380,8 +424,8 @@ def end(batch: Batch, account: AccountState, event: TokenProcessEnd) -> EventRes
     if take:
         meta = {**(event.metadata or {}), **price.metadata(),
                 "input_tokens": event.input_tokens, "output_tokens": event.output_tokens}
-        if event.hold_id is not None:
-            meta["hold_id"] = event.hold_id
+        if hold_id is not None:
+            meta["hold_id"] = hold_id
         if shortfall:
             meta["shortfall"] = shortfall
         touched = batch.draw(account, take, key=event.key, type_="CHARGE", feature=code,
@@ -404,8 +448,8 @@ def end(batch: Batch, account: AccountState, event: TokenProcessEnd) -> EventRes
     }
     if price.model is not None:
         data["model"] = price.model
-    if event.hold_id is not None:
-        data["hold_id"] = event.hold_id
+    if hold_id is not None:
+        data["hold_id"] = hold_id
         data["hold"] = hold_note or (hold.status if hold else None)
         data["released"] = sum(r["amount"] for r in released)
     if shortfall:
