@@ -53,7 +53,7 @@ def publish_and_report(event: dict[str, Any], wait: float, json_: bool = False) 
     if json_:
         print_json(result.as_dict())
     else:
-        console().print(describe_outcome(result), highlight=False)
+        console().print(describe_outcome(result), highlight=False, soft_wrap=True)
     raise typer.Exit(outcome_exit(result))
 
 

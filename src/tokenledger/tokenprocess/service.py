@@ -36,7 +36,7 @@ from tokenledger.catalog.pricing import estimate_hold, price_usage, resolve_mode
 from tokenledger.catalog.service import Catalog, FeatureSpec
 from tokenledger.db.sql import load, pyformat
 from tokenledger.db.uow import UnitOfWork
-from tokenledger.errors import AccountNotFound, Conflict, ValidationFailed
+from tokenledger.errors import AccountNotFound, Conflict, NotFound, ValidationFailed
 from tokenledger.ledger.batch import Batch, Rejected, holds_t
 from tokenledger.ledger.models import STANDARD
 from tokenledger.ledger.wallets import AccountState, WalletState, allocate, draw_order
@@ -528,11 +528,23 @@ def open_holds(session: Session, user_id: str | None = None, *, status: str | No
     if status is not None:
         query = query.where(holds_t.c.status == status)
     rows = session.execute(query.order_by(holds_t.c.id.desc()).limit(limit))
-    return [{
+    return [_hold_row(r) for r in rows]
+
+
+def find_hold(session: Session, hold_id: int) -> dict[str, Any]:
+    """One hold by id, as ``open_holds`` shows it; NotFound when there is none."""
+    row = session.execute(select(holds_t).where(holds_t.c.id == hold_id)).first()
+    if row is None:
+        raise NotFound(f"no hold #{hold_id} (`tokenledger holds list` shows the open ones)")
+    return _hold_row(row)
+
+
+def _hold_row(r: Any) -> dict[str, Any]:
+    return {
         "id": r.id, "user_id": r.user_id, "feature": r.feature, "model": r.model,
         "amount": r.amount, "status": r.status, "allocations": r.allocations,
         "created_at": as_utc(r.created_at).isoformat(),
         "expires_at": as_utc(r.expires_at).isoformat(),
         "resolved_at": as_utc(r.resolved_at).isoformat() if r.resolved_at else None,
         "resolved_by": r.resolved_by,
-    } for r in rows]
+    }
