@@ -230,3 +230,65 @@ def test_start_names_the_hold_and_end_settles_the_one_open_hold(worker, settings
         in two.stdout
     refused = cli(settings, "start", "fl", "text_generation", "--hold", "1000000", code=11)
     assert "Insufficient tokens" in refused.stdout
+
+
+def test_holds_release_gives_the_credits_back_and_refuses_twice(worker, settings, db):
+    cli(settings, "accounts", "open", "hr", "--plan", "Professional")
+    before = json.loads(cli(settings, "balance", "hr", "--json").stdout)["balance"]
+    cli(settings, "start", "hr", "text_generation", "--hold", "7")
+    released = cli(settings, "holds", "release", "1", "--wait", "30", "--json")
+    data = json.loads(released.stdout)["data"]
+    assert (data["hold"], data["released"], data["cost"]) == ("released", 7, 0)
+    assert json.loads(cli(settings, "balance", "hr", "--json").stdout)["balance"] == before
+    again = cli(settings, "holds", "release", "1", code=2)
+    assert "hold #1 is already released" in one_line(again)
+    assert "no hold #99" in one_line(cli(settings, "holds", "release", "99", code=2))
+
+
+def test_accounts_list_show_change_plan_and_close(worker, settings, db, client):
+    cli(settings, "accounts", "open", "ac1")
+    cli(settings, "accounts", "open", "ac2", "--plan", "Gift")
+    listed = json.loads(cli(settings, "accounts", "list", "--json").stdout)
+    assert [(a["user_id"], a["plan"]) for a in listed] == [("ac1", "Free"), ("ac2", "Gift")]
+    only = json.loads(cli(settings, "accounts", "list", "--plan", "Gift", "--json").stdout)
+    assert [a["user_id"] for a in only] == ["ac2"]
+    shown = json.loads(cli(settings, "accounts", "show", "ac1", "--json").stdout)
+    assert (shown["plan"], shown["balance"], shown["closed_at"]) == ("Free", 5, None)
+    assert "plan Free -> Business" in cli(settings, "accounts", "change-plan", "ac1",
+                                          "Business").stdout
+    assert "unknown plan 'Platinum'" in one_line(
+        cli(settings, "accounts", "change-plan", "ac1", "Platinum", code=2))
+    assert "closed at" in cli(settings, "accounts", "close", "ac1").stdout
+    assert json.loads(cli(settings, "accounts", "show", "ac1", "--json").stdout)["closed_at"]
+    charged = cli(settings, "publish", "charge", "ac1", "--amount", "1", "--wait", "30",
+                  code=12)
+    assert "account 'ac1' is closed" in charged.stdout
+    refused = cli(settings, "start", "ac1", "chat", code=11)
+    assert "Account is closed" in refused.stdout
+    assert client.token_process_start("ac1", "chat").message == "Account is closed"
+    assert "not found" in one_line(cli(settings, "accounts", "close", "nobody", code=2))
+
+
+def test_version_and_help_on_every_option(settings):
+    import click
+    import typer.main
+
+    from tokenledger.cli import app
+
+    version = cli(settings, "--version")
+    assert version.stdout.startswith("tokenledger ")
+    missing = []
+
+    def walk(command: click.Command, path: str) -> None:
+        missing.extend(f"{path} {p.opts[0]}" for p in command.params
+                       if isinstance(p, click.Option) and not p.hidden and not p.help)
+        if not (command.help or "").strip():
+            missing.append(path)
+        for name, sub in getattr(command, "commands", {}).items():
+            walk(sub, f"{path} {name}")
+
+    walk(typer.main.get_command(app), "tokenledger")
+    assert missing == [], missing
+    for command in (("end", "--help"), ("holds", "release", "--help"),
+                    ("accounts", "close", "--help")):
+        assert cli(settings, *command).stdout

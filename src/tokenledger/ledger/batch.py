@@ -91,7 +91,8 @@ class Batch:
                  else any_of(accounts_t.c.id, sorted(set(account_ids or []))))
         rows = self.session.execute(
             select(accounts_t.c.id, accounts_t.c.user_id, accounts_t.c.plan_code,
-                   accounts_t.c.timezone, accounts_t.c.last_renewal_at)
+                   accounts_t.c.timezone, accounts_t.c.last_renewal_at,
+                   accounts_t.c.closed_at)
             .where(where)
             .order_by(accounts_t.c.id)
             .with_for_update()
@@ -99,7 +100,7 @@ class Batch:
         by_id: dict[int, AccountState] = {}
         for r in rows:
             state = AccountState(r.id, r.user_id, r.plan_code, r.timezone,
-                                 as_utc(r.last_renewal_at))
+                                 as_utc(r.last_renewal_at), closed_at=as_utc(r.closed_at))
             self.accounts[r.user_id] = state
             by_id[r.id] = state
         if by_id:

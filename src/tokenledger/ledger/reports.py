@@ -57,6 +57,29 @@ def get_account(session: Session, user_id: str) -> Account:
     return account
 
 
+def account_row(account: Account) -> dict[str, Any]:
+    """An account as ``accounts list`` and ``accounts show`` print it (JSON-ready)."""
+    def iso(value: datetime | None) -> str | None:
+        return as_utc(value).isoformat() if value is not None else None
+
+    return {"user_id": account.user_id, "plan": account.plan_code,
+            "timezone": account.timezone, "created_at": iso(account.created_at),
+            "last_renewal_at": iso(account.last_renewal_at),
+            "closed_at": iso(account.closed_at)}
+
+
+def list_accounts(session: Session, *, plan: str | None = None, after: str | None = None,
+                  limit: int = 50) -> list[dict[str, Any]]:
+    """Accounts in user id order (keyset after ``after``), optionally of one plan."""
+    query = select(Account)
+    if plan is not None:
+        query = query.where(Account.plan_code == plan)
+    if after is not None:
+        query = query.where(Account.user_id > after)
+    return [account_row(a) for a in session.scalars(query.order_by(Account.user_id)
+                                                      .limit(limit))]
+
+
 def describe_entry(type_: str, feature: str | None, reference: str | None,
                    metadata: dict[str, Any] | None) -> str:
     """A human line for an entry, as the seeds' ``description`` field."""

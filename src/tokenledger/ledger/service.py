@@ -179,6 +179,8 @@ def _check_wallet_type(batch: Batch, wallet_type: str | None) -> None:
 
 
 def _charge(batch: Batch, account: AccountState, event: Charge) -> EventResult:
+    if account.closed_at is not None:
+        raise Rejected(f"account {account.user_id!r} is closed")
     _check_wallet_type(batch, event.preferred_wallet_type)
     cost = _price(batch, account, event.feature, event.amount)
     touched: list[dict[str, Any]] = []

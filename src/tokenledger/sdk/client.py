@@ -38,6 +38,7 @@ from tokenledger.timeutil import utcnow
 
 if TYPE_CHECKING:
     from tokenledger.dashboard.links import DashboardLink
+    from tokenledger.ledger.plans import PlanChange
     from tokenledger.notify.service import BalanceNotice
     from tokenledger.queue.producer import Producer
     from tokenledger.retention.erasure import ErasureResult
@@ -248,6 +249,26 @@ class LedgerClient:
             if outcome.status == "conflict" or (plan is not None and plan != current):
                 raise AccountExists(user_id, current)
         return event.key
+
+    @_ledger_errors
+    def change_plan(self, user_id: str, plan: str) -> PlanChange:
+        """Move the account to ``plan`` (no credits move: the new plan applies from its
+        next reset or renewal). Raises ValidationFailed naming the plans, AccountNotFound."""
+        from tokenledger.db.uow import unit_of_work
+        from tokenledger.ledger.plans import change_plan
+
+        with unit_of_work(self.settings) as uow:
+            return change_plan(uow, user_id, plan)
+
+    @_ledger_errors
+    def close_account(self, user_id: str) -> datetime:
+        """Close the account: charges and starts are refused by name from then on; every
+        row stays. Returns when it was closed (the first time, when run twice)."""
+        from tokenledger.db.uow import unit_of_work
+        from tokenledger.ledger.plans import close_account
+
+        with unit_of_work(self.settings) as uow:
+            return close_account(uow, user_id)
 
     @_ledger_errors
     def result(self, key: str, timeout: float | None = None) -> EventResult:

@@ -52,6 +52,7 @@ NOT_RETURNABLE = "not-returnable"
 # The seed's messages, word for word: clients match on them.
 INSUFFICIENT = "Insufficient tokens"
 NOT_IN_PACKAGE = "Feature endpoint is not available in your package"
+ACCOUNT_CLOSED = "Account is closed"
 START_EVENT = "token_process_start"
 
 
@@ -170,7 +171,7 @@ def decide(locked: Locked, request: StartRequest, key: str, *, now: datetime,
     locked_account = locked.accounts.get(user_id)
     if locked_account is None:
         raise AccountNotFound(user_id)
-    account_id, plan_code, timezone, last_renewal_at, hold_id = locked_account
+    account_id, plan_code, timezone, last_renewal_at, closed_at, hold_id = locked_account
     account = AccountState(account_id, user_id, plan_code, timezone, as_utc(last_renewal_at))
     account.wallets = [WalletState(w[0], account_id, w[1], w[2], as_utc(w[3]), w[4],
                                    as_utc(w[5]), w[2])
@@ -184,6 +185,9 @@ def decide(locked: Locked, request: StartRequest, key: str, *, now: datetime,
             raise Conflict(key, stored_result)
         return Decision(StartResult.from_stored(stored_result, available))
 
+    if closed_at is not None:
+        return Decision(StartResult(NOT_ACCESSIBLE, available, ACCOUNT_CLOSED, user_id=user_id,
+                                    feature_endpoint_id=request.feature_endpoint_id))
     decided = plan_hold(catalog, plan_code, available, now=now, user_id=user_id,
                         feature_endpoint_id=request.feature_endpoint_id,
                         max_output_tokens=request.max_output_tokens, hold=request.hold,
@@ -407,6 +411,8 @@ def end(batch: Batch, account: AccountState, event: TokenProcessEnd) -> EventRes
     if feature is None:
         raise Rejected(f"unknown feature {code!r}")
     # A live hold proves the start's access check; without one, check it now.
+    if hold is None and account.closed_at is not None:
+        raise Rejected(f"account {account.user_id!r} is closed")
     if hold is None and not catalog.plan_includes(account.plan_code, code):
         raise Rejected(NOT_IN_PACKAGE)
 
