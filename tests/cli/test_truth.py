@@ -292,3 +292,14 @@ def test_version_and_help_on_every_option(settings):
     for command in (("end", "--help"), ("holds", "release", "--help"),
                     ("accounts", "close", "--help")):
         assert cli(settings, *command).stdout
+
+
+def test_conflicts_list_shows_the_publish_that_lost(worker, settings, db):
+    cli(settings, "accounts", "open", "cf")
+    cli(settings, "publish", "charge", "cf", "--amount", "1", "--key", "cf-1", "--wait", "30")
+    cli(settings, "publish", "charge", "cf", "--amount", "2", "--key", "cf-1", "--wait", "30",
+        code=13)
+    (listed,) = json.loads(cli(settings, "conflicts", "list", "--json").stdout)
+    assert (listed["key"], listed["payload"]["amount"]) == ("cf-1", 2)
+    assert listed["stored"]["outcome"] == "applied"
+    assert "cf-1" in cli(settings, "conflicts", "list").stdout
