@@ -205,7 +205,8 @@ def describe(error: ValidationError) -> str:
         field = ".".join(loc) or "event"
         if item["type"] in ("union_tag_invalid", "union_tag_not_found"):
             field = "type"
-        parts.append(f"{field}: {item['msg']}")
+        # A rule of our own reads as its own words, without pydantic's "Value error, ".
+        parts.append(f"{field}: {str(item['msg']).removeprefix('Value error, ')}")
     return "; ".join(parts)
 
 

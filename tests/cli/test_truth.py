@@ -183,6 +183,7 @@ def test_bad_input_is_refused_by_name_in_the_cli(worker, settings, db):
     for args, code, says in cases:
         done = cli(settings, *args, code=code)
         assert says in done.stdout + done.stderr, (args, done.stdout, done.stderr)
+        assert "Value error" not in done.stderr
     cli(settings, "publish", "charge", "bo", "--feature", "image_generation", *wait)
     charges = json.loads(cli(settings, "history", "bo", "--type", "charge", "--json").stdout)
     assert [h["type"] for h in charges] == ["CHARGE"]
@@ -218,6 +219,7 @@ def test_start_names_the_hold_and_end_settles_the_one_open_hold(worker, settings
     cli(settings, "accounts", "open", "fl", "--plan", "Professional")
     started = cli(settings, "start", "fl", "text_generation", "--hold", "4")
     assert "accessible: hold #1 holds 4 token(s)" in started.stdout
+    assert "--hold-id 1 ...)" in started.stdout.splitlines()[0]  # one line, not wrapped
     ended = cli(settings, "end", "fl", "text_generation", "--input-tokens", "100",
                 "--output-tokens", "400", "--wait", "30", "--json")
     data = json.loads(ended.stdout)["data"]

@@ -35,12 +35,13 @@ def start(
         console().print(f"[green]accessible[/green]: hold #{result.hold_id} holds "
                         f"{result.held} token(s) until {result.expires_at:%Y-%m-%d %H:%M:%S} "
                         f"UTC; {result.token} token(s) available (end it: tokenledger end "
-                        f"{user_id} {feature} --hold-id {result.hold_id} ...)", highlight=False)
+                        f"{user_id} {feature} --hold-id {result.hold_id} ...)", highlight=False,
+                        soft_wrap=True)
     else:
         console().print(f"[red]not-accessible[/red]: {result.message}; {result.token} token(s) "
                         "available" + (f", {result.required} required"
                                        if result.required is not None else ""),
-                        highlight=False)
+                        highlight=False, soft_wrap=True)
     if not result.accessible:
         raise typer.Exit(ExitCode.DECLINED)
 
