@@ -232,6 +232,12 @@ def test_start_names_the_hold_and_end_settles_the_one_open_hold(worker, settings
         in two.stdout
     refused = cli(settings, "start", "fl", "text_generation", "--hold", "1000000", code=11)
     assert "Insufficient tokens" in refused.stdout
+    first = json.loads(cli(settings, "start", "fl", "chat", "--key", "s-1", "--json").stdout)
+    again = cli(settings, "start", "fl", "chat", "--key", "s-1", "--json", code=10)
+    assert json.loads(again.stdout)["hold_id"] == first["hold_id"]
+    assert json.loads(again.stdout)["replay"] is True and "replay" not in first
+    assert "replay" in cli(settings, "start", "fl", "chat", "--key", "s-1", code=10).stdout
+    cli(settings, "start", "fl", "chat", "--key", "s-1", "--max-output-tokens", "5", code=13)
 
 
 def test_holds_release_gives_the_credits_back_and_refuses_twice(worker, settings, db):

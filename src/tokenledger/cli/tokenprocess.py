@@ -23,7 +23,7 @@ def start(
     json_: JsonOpt = False,
 ) -> None:
     """Start a token process: check access and balance and place a hold (exit 11 if
-    refused)."""
+    refused, 10 when the key's first start answers)."""
     from tokenledger.sdk.client import LedgerClient
 
     with LedgerClient(settings()) as client:
@@ -32,7 +32,8 @@ def start(
     if json_:
         print_json(result.as_dict())
     elif result.accessible:
-        console().print(f"[green]accessible[/green]: hold #{result.hold_id} holds "
+        again = " (replay: this key's first start)" if result.replay else ""
+        console().print(f"[green]accessible[/green]{again}: hold #{result.hold_id} holds "
                         f"{result.held} token(s) until {result.expires_at:%Y-%m-%d %H:%M:%S} "
                         f"UTC; {result.token} token(s) available (end it: tokenledger end "
                         f"{user_id} {feature} --hold-id {result.hold_id} ...)", highlight=False,
@@ -44,6 +45,8 @@ def start(
                         highlight=False, soft_wrap=True)
     if not result.accessible:
         raise typer.Exit(ExitCode.DECLINED)
+    if result.replay:
+        raise typer.Exit(ExitCode.REPLAY)
 
 
 @app.command()
