@@ -311,3 +311,16 @@ def test_conflicts_list_shows_the_publish_that_lost(worker, settings, db):
     assert (listed["key"], listed["payload"]["amount"]) == ("cf-1", 2)
     assert listed["stored"]["outcome"] == "applied"
     assert "cf-1" in cli(settings, "conflicts", "list").stdout
+
+
+def test_two_ends_without_a_hold_id_in_one_batch_settle_the_one_hold_once(client, settings):
+    from tests.support import apply, assert_verified
+
+    client.open_account("bt", plan="Professional")
+    started = client.token_process_start("bt", "text_generation", hold=5)
+    end = {"type": "token_process_end", "user_id": "bt", "feature_endpoint_id": "text_generation",
+           "input_tokens": 100, "output_tokens": 400}
+    first, second = apply(settings, {**end, "key": "bt-1"}, {**end, "key": "bt-2"}).results
+    assert (first.data["hold_id"], first.data["hold"]) == (started.hold_id, "settled")
+    assert first.data["released"] == 5 and "hold_id" not in second.data
+    assert_verified(settings)

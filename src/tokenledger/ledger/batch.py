@@ -32,7 +32,7 @@ from tokenledger.ledger.wallets import AccountState, WalletState, allocate, draw
 from tokenledger.notify.service import BalanceChange
 from tokenledger.results import EventResult
 from tokenledger.timeutil import as_utc, utcnow
-from tokenledger.tokenprocess.models import Hold, HoldState
+from tokenledger.tokenprocess.models import OPEN, Hold, HoldState
 
 accounts_t = _Account.__table__
 wallets_t = Wallet.__table__
@@ -148,6 +148,14 @@ class Batch:
             return
         for r in self.session.execute(select(holds_t).where(any_of(holds_t.c.id, hold_ids))):
             self.holds[r.id] = HoldState.from_row(r)
+
+    def load_open_holds(self, account_ids: set[int]) -> None:
+        """Every open hold of these (locked) accounts, for the ends that name none."""
+        if not account_ids:
+            return
+        for r in self.session.execute(select(holds_t).where(
+                any_of(holds_t.c.account_id, sorted(account_ids)), holds_t.c.status == OPEN)):
+            self.holds.setdefault(r.id, HoldState.from_row(r))
 
     # -- writing -----------------------------------------------------------------------
 

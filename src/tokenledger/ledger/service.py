@@ -66,6 +66,9 @@ def apply_events(uow: UnitOfWork, events: list[AnyEvent],
     batch.load_charges(originals)
     batch.load_holds({e.hold_id for e in events
                       if isinstance(e, TokenProcessEnd) and e.hold_id is not None})
+    batch.load_open_holds({batch.accounts[e.user_id].id for e in events
+                           if isinstance(e, TokenProcessEnd) and e.hold_id is None
+                           and e.user_id in batch.accounts})
     results: list[EventResult] = []
     deferred: list[AnyEvent] = []
     dead: list[tuple[AnyEvent, str]] = []

@@ -356,21 +356,15 @@ def _hold_first(batch: Batch, account: AccountState, hold: HoldState | None
 
 def _only_open_hold(batch: Batch, account: AccountState, feature: str) -> int | None:
     """The hold an end without a hold id settles: the account's one open, unexpired hold
-    for ``feature`` (None: there is none). With several, which one is meant is a guess:
-    rejected, naming them."""
-    rows = batch.session.execute(
-        select(holds_t.c.id).where(holds_t.c.account_id == account.id,
-                                   holds_t.c.feature == feature, holds_t.c.status == OPEN,
-                                   holds_t.c.expires_at > batch.now)
-        .order_by(holds_t.c.id)).scalars().all()
-    # A hold this batch already resolved is still open in the table until it writes.
-    rows = [i for i in rows if i not in batch.holds or batch.holds[i].status == OPEN]
-    if len(rows) > 1:
-        raise Rejected(f"{len(rows)} open holds for feature {feature!r}: "
-                       f"{', '.join(f'#{i}' for i in rows)}; name one with hold_id")
-    if rows and rows[0] not in batch.holds:
-        batch.load_holds({rows[0]})
-    return rows[0] if rows else None
+    for ``feature`` (None: there is none), as this batch sees it (``load_open_holds``).
+    With several, which one is meant is a guess: rejected, naming them."""
+    ids = sorted(h.id for h in batch.holds.values()
+                 if h.account_id == account.id and h.feature == feature and h.status == OPEN
+                 and h.expires_at > batch.now)
+    if len(ids) > 1:
+        raise Rejected(f"{len(ids)} open holds for feature {feature!r}: "
+                       f"{', '.join(f'#{i}' for i in ids)}; name one with hold_id")
+    return ids[0] if ids else None
 
 
 def end(batch: Batch, account: AccountState, event: TokenProcessEnd) -> EventResult:
@@ -380,9 +374,11 @@ def end(batch: Batch, account: AccountState, event: TokenProcessEnd) -> EventRes
     A cost above what is available follows the feature's overdraft policy: with overdraft
     STANDARD goes negative; without, what is available is charged and the rest recorded as
     ``unpaid``. Either way the status is ``not-returnable`` and the shortfall is stored.
-    Both counts 0 release the hold and charge nothing. An end naming another account's
-    hold, an unknown one or one already settled is rejected; a hold that expired first is
-    ignored (its credits went back) and the usage is charged as if there were none.
+    Both counts 0 release the hold and charge nothing. Without a hold id, the account's
+    one open hold for the feature is the end's (several: rejected, naming them). An end
+    naming another account's hold, an unknown one or one already settled is rejected; a
+    hold that expired first is ignored (its credits went back) and the usage is charged as
+    if there were none.
     """
     now = batch.now
     catalog = batch.uow.catalog
