@@ -229,3 +229,19 @@ def parse_retry_schedule(value: str) -> tuple[float, ...]:
 def get_settings() -> Settings:
     """The process-wide settings, built from the environment on first use."""
     return Settings()
+
+
+def settings_from_env() -> Settings:
+    """``get_settings()``, a bad variable raised as ConfigurationError naming each one and
+    its fix (the SDK and the CLI raise only tokenledger's own errors)."""
+    from pydantic import ValidationError
+
+    from tokenledger.errors import ConfigurationError
+
+    try:
+        return get_settings()
+    except ValidationError as exc:
+        raise ConfigurationError("; ".join(
+            f"TOKENLEDGER_{'_'.join(str(p) for p in e['loc']).upper()}: "
+            f"{str(e['msg']).removeprefix('Value error, ')}"
+            for e in exc.errors(include_url=False))) from exc

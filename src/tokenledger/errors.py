@@ -33,6 +33,16 @@ class AccountNotFound(TokenLedgerError):
         self.user_id = user_id
 
 
+class AccountExists(TokenLedgerError):
+    """An account was opened again with other settings (another plan): it is left as it
+    is, and the message names the plan it has."""
+
+    def __init__(self, user_id: str, plan: str) -> None:
+        super().__init__(f"account {user_id!r} exists with plan {plan}")
+        self.user_id = user_id
+        self.plan = plan
+
+
 class NotFound(TokenLedgerError):
     """Something named by id (a dead letter, a hold, a run, an event key) does not exist."""
 

@@ -158,6 +158,9 @@ class Charge(_Event):
     def _feature_or_amount(self) -> Charge:
         if self.feature is None and self.amount is None:
             raise ValueError("a charge needs a feature or an amount")
+        if self.feature is not None and self.amount is not None:
+            # Which one would win is a guess the caller should not have to make.
+            raise ValueError("give a feature (its catalog cost) or an amount, not both")
         return self
 
 
@@ -202,7 +205,8 @@ def describe(error: ValidationError) -> str:
         field = ".".join(loc) or "event"
         if item["type"] in ("union_tag_invalid", "union_tag_not_found"):
             field = "type"
-        parts.append(f"{field}: {item['msg']}")
+        # A rule of our own reads as its own words, without pydantic's "Value error, ".
+        parts.append(f"{field}: {str(item['msg']).removeprefix('Value error, ')}")
     return "; ".join(parts)
 
 

@@ -53,7 +53,8 @@ class StartResult:
     """The answer of a token-process start, in the seed's terms.
 
     ``token`` is the available balance (after the hold, when one was placed); ``held`` the
-    credits set aside; ``required`` what the start needed when it was refused for tokens.
+    credits set aside; ``required`` what the start needed when it was refused for tokens;
+    ``replay`` True when a start with the same key answered first (this is its answer).
     """
 
     status: str
@@ -65,6 +66,8 @@ class StartResult:
     held: int = 0
     required: int | None = None
     expires_at: datetime | None = None
+    # Not part of the answer's value: a replay equals the answer it repeats.
+    replay: bool | None = field(default=None, compare=False)
 
     @property
     def accessible(self) -> bool:
@@ -72,12 +75,12 @@ class StartResult:
 
     @classmethod
     def from_stored(cls, data: dict[str, Any], available: int) -> StartResult:
-        """A stored start's answer, with the balance available now."""
+        """A stored start's answer, with the balance available now, marked a replay."""
         expires = data.get("expires_at")
         return cls(data["status"], available, data.get("message"), data.get("hold_id"),
                    data.get("user_id"), data.get("feature_endpoint_id"),
                    data.get("held", 0), data.get("required"),
-                   datetime.fromisoformat(expires) if expires else None)
+                   datetime.fromisoformat(expires) if expires else None, replay=True)
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-ready, without empty fields."""

@@ -224,7 +224,7 @@ def test_balance_at_a_moment_answers_from_the_ledger_with_holds_apart(
     t0 = datetime.now(UTC) - timedelta(days=2)
     apply(db, {"type": "open_account", "key": "open:at", "user_id": "at"}, now=t0)
     with unit_of_work(db, now=t0 + timedelta(days=1)) as uow:
-        token_process.start(uow, StartRequest(user_id="at", hold=1,
+        token_process.start(uow, StartRequest(user_id="at",
                                               feature_endpoint_id="project_creation"), "h-at")
     r = http.get("/api/billing/balance", headers=auth(keys["reader"]), params={
         "user_id": "at", "at": (t0 + timedelta(days=1, hours=1)).isoformat()})

@@ -69,7 +69,8 @@ def test_bad_input_is_one_clear_line_without_a_traceback(settings, db, args, mes
 
 
 def test_dlq_list_retry_and_drop(worker, settings, db):
-    cli(settings, "publish", "charge", "late", "--amount", "2", "--key", "late-1")
+    assert cli(settings, "publish", "charge", "late", "--amount", "2", "--key", "late-1",
+               check=False).exit_code == 14  # dead-lettered
     listed = json.loads(cli(settings, "dlq", "list", "--json").stdout)
     assert [(d["key"], d["reason"]) for d in listed] == [("late-1", "account not found")]
     cli(settings, "accounts", "open", "late")
@@ -77,7 +78,8 @@ def test_dlq_list_retry_and_drop(worker, settings, db):
     from tokenledger import LedgerClient
     with LedgerClient(settings) as client:
         assert client.result("late-1", timeout=30).status == "applied"
-    cli(settings, "publish", "charge", "ghost", "--amount", "1", "--key", "ghost-1")
+    cli(settings, "publish", "charge", "ghost", "--amount", "1", "--key", "ghost-1",
+        check=False)
     (ghost,) = json.loads(cli(settings, "dlq", "list", "--json").stdout)
     assert "dropped 1" in cli(settings, "dlq", "drop", str(ghost["id"])).stdout
     assert json.loads(cli(settings, "dlq", "list", "--json").stdout) == []

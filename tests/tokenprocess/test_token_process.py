@@ -25,7 +25,7 @@ from tokenledger.catalog.service import (
     load_catalog,
 )
 from tokenledger.db.uow import unit_of_work
-from tokenledger.errors import AccountNotFound, CatalogError, IdempotencyConflict
+from tokenledger.errors import AccountNotFound, CatalogError, IdempotencyConflict, ValidationFailed
 from tokenledger.ledger.models import Account, EventOutcome, LedgerEntry, Wallet
 from tokenledger.messages import StartRequest
 from tokenledger.timeutil import utcnow
@@ -143,13 +143,14 @@ def test_too_few_tokens_is_not_accessible_with_the_seed_message_and_changes_noth
     assert entries(db) == [("OPEN", "STANDARD", 5)]
 
 
-def test_a_feature_outside_the_plan_or_unknown_is_refused_with_the_seed_message(client, db):
+def test_a_feature_outside_the_plan_gets_the_seed_message_an_unknown_one_is_refused(client,
+                                                                                      db):
     open_(db)  # Free has no image_generation
     outside = client.token_process_start("u1", "image_generation")
-    unknown = client.token_process_start("u1", "teleport")
-    for result in (outside, unknown):
-        assert (result.status, result.message, result.token) == (
-            "not-accessible", NOT_IN_PACKAGE, 5)
+    assert (outside.status, outside.message, outside.token) == (
+        "not-accessible", NOT_IN_PACKAGE, 5)
+    with pytest.raises(ValidationFailed, match="unknown feature 'teleport'"):
+        client.token_process_start("u1", "teleport")
     assert client.balance("u1").balance == 5
     with session_scope(db) as s:
         assert s.scalar(select(func.count()).select_from(Hold)) == 0
@@ -544,7 +545,7 @@ def test_the_cli_starts_ends_and_loads_catalogs(worker, client, settings, tmp_pa
     assert "applied" in ended.stdout and "'cost': 3" in ended.stdout
     assert client.balance("cli").balance == 2
     refused = run_cli(settings, "start", "cli", "image_generation", check=False)
-    assert refused.exit_code == 1 and NOT_IN_PACKAGE in refused.stdout
+    assert refused.exit_code == 11 and NOT_IN_PACKAGE in refused.stdout
 
     bad = tmp_path / "bad.toml"
     bad.write_text(default_catalog_text().replace("tokens_per_credit = 1000",

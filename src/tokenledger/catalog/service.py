@@ -21,10 +21,13 @@ from sqlalchemy.orm import Session
 
 from tokenledger.catalog.models import CatalogVersion, Feature, ModelPrice, Plan
 from tokenledger.errors import CatalogError
-from tokenledger.ledger.models import Account
-from tokenledger.messages import describe
+from tokenledger.ledger.models import STANDARD, Account
+from tokenledger.messages import WalletType, describe
 
 NonNeg = Annotated[int, Field(ge=0)]
+# The wallet types a catalog declares when it names none: every credit and preferred
+# wallet type must be one of the catalog's, so a typo never opens a wallet of its own.
+DEFAULT_WALLET_TYPES = ("STANDARD", "PREMIUM", "PROMO")
 
 
 class PlanSpec(BaseModel):
@@ -66,11 +69,14 @@ class CatalogSpec(BaseModel):
     plans: dict[str, PlanSpec]
     features: dict[str, FeatureSpec] = {}
     models: dict[str, ModelSpec] = {}
+    wallet_types: list[WalletType] = list(DEFAULT_WALLET_TYPES)
 
     @model_validator(mode="after")
     def _consistent(self) -> CatalogSpec:
         if self.default_plan not in self.plans:
             raise ValueError(f"default_plan {self.default_plan!r} is not among the plans")
+        if STANDARD not in self.wallet_types:
+            raise ValueError(f"wallet_types: must include {STANDARD} (the plan's wallet)")
         for code, plan in self.plans.items():
             for feat in plan.features:
                 if feat != "*" and feat not in self.features:
@@ -93,10 +99,24 @@ class Catalog:
     plans: dict[str, PlanSpec]
     features: dict[str, FeatureSpec]
     models: dict[str, ModelSpec] = field(default_factory=dict)
+    wallet_types: tuple[str, ...] = DEFAULT_WALLET_TYPES
 
     def plan_includes(self, plan_code: str, feature: str) -> bool:
         plan = self.plans.get(plan_code)
         return plan is not None and ("*" in plan.features or feature in plan.features)
+
+    def check_wallet_type(self, wallet_type: str) -> None:
+        """Refuse (ValueError naming the known ones) a type the catalog does not declare."""
+        if wallet_type not in self.wallet_types:
+            raise ValueError(f"unknown wallet type {wallet_type!r} (the catalog declares "
+                             f"{', '.join(self.wallet_types)})")
+
+    def check_model(self, model: str | None) -> None:
+        """Refuse (ValueError naming the known ones) a model the catalog has no price for,
+        rather than price it silently with the feature's default."""
+        if model is not None and model not in self.models:
+            raise ValueError(f"unknown model {model!r} (the catalog prices "
+                             f"{', '.join(sorted(self.models))})")
 
 
 def parse_catalog(text: str, source: str = "<catalog>") -> CatalogSpec:
@@ -235,7 +255,7 @@ def current_catalog(session: Session) -> Catalog:
                               .where(CatalogVersion.id == version)).one()
         spec = parse_catalog(row.document, row.source)
         catalog = Catalog(version, spec.default_plan, dict(spec.plans), dict(spec.features),
-                          dict(spec.models))
+                          dict(spec.models), tuple(spec.wallet_types))
     with _cache_lock:
         _cache[cache_key] = (catalog, now)
     return catalog

@@ -11,6 +11,7 @@ import os
 from tokenledger.cli import (  # noqa: F401 - each registers its commands on the app
     accounts,
     catalog,
+    conflicts,
     dashboard,
     dlq,
     holds,

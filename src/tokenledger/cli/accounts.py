@@ -1,5 +1,5 @@
-"""``accounts``: open accounts, ask when they renew, set their low-balance threshold,
-erase them."""
+"""``accounts``: open, list and show accounts, change their plan, close them, ask when
+they renew, set their low-balance threshold, erase them."""
 
 from __future__ import annotations
 
@@ -32,6 +32,78 @@ def accounts_open(
     console().print(f"{user_id}: {result.status}"
                     + (f" ({result.reason})" if result.reason else "")
                     + f", balance {balance}", highlight=False)
+
+
+@accounts_app.command("list")
+def accounts_list(
+    plan: Annotated[str | None, typer.Option(help="Only accounts on this plan.")] = None,
+    after: Annotated[str | None, typer.Option(help="Start after this user id (paging).")]
+    = None,
+    limit: Annotated[int, typer.Option(min=1, max=1000, help="At most this many.")] = 50,
+    json_: JsonOpt = False,
+) -> None:
+    """Accounts in user id order."""
+    from tokenledger.db.uow import unit_of_work
+    from tokenledger.ledger.reports import list_accounts
+
+    with unit_of_work(settings()) as uow:
+        rows = list_accounts(uow.session, plan=plan, after=after, limit=limit)
+    if json_:
+        print_json(rows)
+        return
+    from rich.table import Table
+
+    table = Table(title=f"{len(rows)} account(s)")
+    for col in ("user", "plan", "timezone", "created", "closed"):
+        table.add_column(col)
+    for r in rows:
+        table.add_row(r["user_id"], r["plan"], r["timezone"], (r["created_at"] or "-")[:19],
+                      (r["closed_at"] or "-")[:19])
+    console().print(table)
+
+
+@accounts_app.command("show")
+def accounts_show(user_id: UserArg, json_: JsonOpt = False) -> None:
+    """One account: its plan, timezone, dates, balance and open holds."""
+    from tokenledger.db.uow import unit_of_work
+    from tokenledger.ledger.reports import account_row, balance, get_account
+    from tokenledger.tokenprocess.service import open_holds
+
+    with unit_of_work(settings()) as uow:
+        shown = account_row(get_account(uow.session, user_id))
+        shown["balance"] = balance(uow.session, user_id, uow.now).balance
+        shown["open_holds"] = [h["id"] for h in open_holds(uow.session, user_id)]
+    if json_:
+        print_json(shown)
+        return
+    for name, value in shown.items():
+        console().print(f"{name}: {value if value not in (None, []) else '-'}",
+                        highlight=False)
+
+
+@accounts_app.command("change-plan")
+def accounts_change_plan(
+    user_id: UserArg,
+    plan: Annotated[str, typer.Argument(help="The new plan's code (catalog show lists them).")],
+) -> None:
+    """Move the account to another plan; no credits move, the new plan applies from its
+    next reset or renewal."""
+    from tokenledger.sdk.client import LedgerClient
+
+    with LedgerClient(settings()) as client:
+        change = client.change_plan(user_id, plan)
+    console().print(f"{user_id}: plan {change.previous} -> {change.plan}" if change.changed
+                    else f"{user_id}: already on plan {change.plan}", highlight=False)
+
+
+@accounts_app.command("close")
+def accounts_close(user_id: UserArg) -> None:
+    """Close the account: charges and starts are refused from now on; every row stays."""
+    from tokenledger.sdk.client import LedgerClient
+
+    with LedgerClient(settings()) as client:
+        closed_at = client.close_account(user_id)
+    console().print(f"{user_id}: closed at {closed_at.isoformat()}", highlight=False)
 
 
 @accounts_app.command("eligibility")

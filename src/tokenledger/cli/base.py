@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+from enum import IntEnum
 from functools import cache
 from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
@@ -15,12 +16,54 @@ if TYPE_CHECKING:
     from rich.console import Console
 
     from tokenledger.config import Settings
+    from tokenledger.results import EventResult
 
+
+class ExitCode(IntEnum):
+    """The exit codes of every command, so a script can tell outcomes apart without
+    reading text; ``publish``, ``start`` and ``end`` use all of them (README's table)."""
+
+    APPLIED = 0
+    UNEXPECTED = 1  # also: a service unreachable, a setting wrong, the schema missing
+    USAGE = 2  # a bad argument, or something named that does not exist
+    REPLAY = 10
+    DECLINED = 11  # too few tokens, or the feature is not in the plan
+    REJECTED = 12
+    CONFLICT = 13
+    DEAD_LETTERED = 14
+    TIMED_OUT = 15  # no outcome within --wait
+
+
+_OUTCOME_EXITS = {"declined": ExitCode.DECLINED, "rejected": ExitCode.REJECTED,
+                  "conflict": ExitCode.CONFLICT, "dead_lettered": ExitCode.DEAD_LETTERED}
+
+
+def outcome_exit(result: EventResult) -> ExitCode:
+    """The exit code that tells what happened to the caller's own publish."""
+    if result.status == "applied":
+        return ExitCode.REPLAY if result.replay else ExitCode.APPLIED
+    return _OUTCOME_EXITS.get(result.status, ExitCode.UNEXPECTED)
+
+
+def error_exit(exc: BaseException) -> ExitCode:
+    """The exit code of a failure: the caller's input (2) apart from the environment (1)."""
+    from tokenledger import errors
+
+    for kind, code in ((errors.Conflict | errors.AccountExists, ExitCode.CONFLICT),
+                       (errors.ResultTimeout, ExitCode.TIMED_OUT),
+                       (errors.FeatureNotAccessible | errors.InsufficientTokens, ExitCode.DECLINED),
+                       (errors.ServiceUnavailable | errors.ConfigurationError
+                        | errors.NotMigrated | errors.RetryableConflict, ExitCode.UNEXPECTED)):
+        if isinstance(exc, kind):
+            return code
+    # Raised on purpose: a refusal of what the caller asked; anything else is unexpected.
+    return ExitCode.USAGE if isinstance(exc, errors.TokenLedgerError) else ExitCode.UNEXPECTED
 
 
 class _OneLineErrors(TyperGroup):
-    """Every failure of a command ends as one line on stderr and exit code 2, never a
-    traceback (``tokenledger`` and typer's CliRunner alike)."""
+    """Every failure of a command ends as one line on stderr with the exit code of its
+    kind (``error_exit``), never a traceback (``tokenledger`` and typer's CliRunner
+    alike)."""
 
     def invoke(self, ctx: Any) -> Any:
         try:
@@ -30,9 +73,9 @@ class _OneLineErrors(TyperGroup):
         except Exception as exc:  # noqa: BLE001 - no traceback reaches a user
             from tokenledger.errors import as_ledger_error
 
-            err_console().print(f"[red]error:[/red] {as_ledger_error(exc)}", highlight=False,
-                                soft_wrap=True)
-            raise typer.Exit(2) from None
+            error = as_ledger_error(exc)
+            err_console().print(f"[red]error:[/red] {error}", highlight=False, soft_wrap=True)
+            raise typer.Exit(error_exit(exc)) from None
 
 
 app = typer.Typer(cls=_OneLineErrors, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -59,17 +102,13 @@ def err_console() -> Console:
 
 def settings() -> Settings:
     """The settings from the environment; a bad one ends the command in one line."""
-    from pydantic import ValidationError
-
-    from tokenledger.config import get_settings
+    from tokenledger.config import settings_from_env
+    from tokenledger.errors import ConfigurationError
 
     try:
-        return get_settings()
-    except ValidationError as exc:
-        fail("; ".join(
-            f"TOKENLEDGER_{'_'.join(str(p) for p in e['loc']).upper()}: "
-            f"{str(e['msg']).removeprefix('Value error, ')}"
-            for e in exc.errors(include_url=False)))
+        return settings_from_env()
+    except ConfigurationError as exc:
+        fail(str(exc), ExitCode.UNEXPECTED)
 
 
 def fail(message: str, code: int = 2) -> NoReturn:

@@ -24,7 +24,8 @@ def catalog_show(json_: JsonOpt = False) -> None:
         print_json({"version": cat.version, "default_plan": cat.default_plan,
                     "plans": {k: v.model_dump() for k, v in cat.plans.items()},
                     "features": {k: v.model_dump() for k, v in cat.features.items()},
-                    "models": {k: v.model_dump(mode="json") for k, v in cat.models.items()}})
+                    "models": {k: v.model_dump(mode="json") for k, v in cat.models.items()},
+                    "wallet_types": list(cat.wallet_types)})
         return
     from rich.table import Table
 

@@ -44,6 +44,30 @@ def holds_list(
     console().print(table)
 
 
+@holds_app.command("release")
+def holds_release(
+    hold_id: Annotated[int, typer.Argument(min=1, help="The hold's id (holds list).")],
+    wait: Annotated[float, typer.Option(help="Seconds to wait for the release.")] = 10.0,
+    json_: JsonOpt = False,
+) -> None:
+    """Release an open hold now: its credits go back and nothing is charged (an end of
+    its token process with 0 tokens, so the worker releases it as any end would)."""
+    from tokenledger.cli.publish import fields, publish_and_report
+    from tokenledger.db.uow import unit_of_work
+    from tokenledger.tokenprocess.models import OPEN
+    from tokenledger.tokenprocess.service import find_hold
+
+    with unit_of_work(settings()) as uow:
+        hold = find_hold(uow.session, hold_id)
+    if hold["status"] != OPEN:
+        by = f" by {hold['resolved_by']}" if hold["resolved_by"] else ""
+        fail(f"hold #{hold_id} is already {hold['status']}{by}")
+    publish_and_report(fields(type="token_process_end", user_id=hold["user_id"],
+                              feature_endpoint_id=hold["feature"], input_tokens=0,
+                              output_tokens=0, hold_id=hold_id, key=f"release:{hold_id}"),
+                       wait, json_)
+
+
 @holds_app.command("expire")
 def holds_expire(limit: Annotated[int, typer.Option(min=1, help="Accounts per transaction.")]
                  = 1000) -> None:

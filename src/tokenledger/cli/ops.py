@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from tokenledger.cli.base import JsonOpt, app, console, print_json, settings
+from tokenledger.cli.base import ExitCode, JsonOpt, app, console, fail, print_json, settings
 
 if TYPE_CHECKING:
     from tokenledger.config import Settings
@@ -75,14 +75,34 @@ def status(
     json_: JsonOpt = False,
     timeout: Annotated[float, typer.Option(min=0.1, help="Seconds to wait for workers.")] = 1.0,
 ) -> None:
-    """Queue depths, workers seen, DLQ size and the last renewal runs; exit 1 if not ready."""
-    report = gather_status(settings(), timeout)
+    """Queue depths, workers seen, DLQ size and the last renewal runs; exit 1 if not ready
+    (one line when the database is unreachable or not migrated)."""
+    s = settings()
+    _require_schema(s)
+    report = gather_status(s, timeout)
     if json_:
         print_json(report)
     else:
         _print_status(report)
     if not report["ready"]:
         raise typer.Exit(1)
+
+
+def _require_schema(s: Settings) -> None:
+    """End ``status`` in one line (exit 1) when the database cannot answer for the ledger:
+    every other line of the report would only repeat that."""
+    from tokenledger.db.migrate import current_revision, head_revision
+    from tokenledger.errors import NotMigrated, as_ledger_error
+
+    try:
+        revision = current_revision(s.ledger_url())
+    except Exception as exc:  # noqa: BLE001 - reported as tokenledger's own error
+        fail(str(as_ledger_error(exc)), ExitCode.UNEXPECTED)
+    if revision != head_revision():
+        found = "no tokenledger schema" if revision is None else f"schema {revision}"
+        fail(str(NotMigrated(f"the database has {found}, this release needs "
+                             f"{head_revision()}: run `tokenledger migrate` "
+                             "(TOKENLEDGER_DATABASE_URL)")), ExitCode.UNEXPECTED)
 
 
 def _print_status(report: dict[str, Any]) -> None:

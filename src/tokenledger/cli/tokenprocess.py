@@ -1,4 +1,5 @@
-"""``start``: a token-process start (check access and balance, place a hold)."""
+"""``start`` and ``end``: a token process from the command line (check access and balance
+and place a hold; then report the usage, which settles it)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,8 @@ from typing import Annotated
 
 import typer
 
-from tokenledger.cli.base import JsonOpt, app, console, print_json, settings
+from tokenledger.cli.base import ExitCode, JsonOpt, app, console, print_json, settings
+from tokenledger.cli.publish import KeyOpt, WaitOpt, fields, publish_and_report
 
 
 @app.command()
@@ -20,7 +22,8 @@ def start(
     key: Annotated[str | None, typer.Option(help="Idempotency key for the start.")] = None,
     json_: JsonOpt = False,
 ) -> None:
-    """Start a token process: check access and balance and place a hold (exit 1 if refused)."""
+    """Start a token process: check access and balance and place a hold (exit 11 if
+    refused, 10 when the key's first start answers)."""
     from tokenledger.sdk.client import LedgerClient
 
     with LedgerClient(settings()) as client:
@@ -29,12 +32,40 @@ def start(
     if json_:
         print_json(result.as_dict())
     elif result.accessible:
-        console().print(f"[green]accessible[/green]: hold {result.hold_id} of {result.held} "
-                        f"token(s) until {result.expires_at:%Y-%m-%d %H:%M:%S} UTC; "
-                        f"{result.token} available", highlight=False)
+        again = " (replay: this key's first start)" if result.replay else ""
+        console().print(f"[green]accessible[/green]{again}: hold #{result.hold_id} holds "
+                        f"{result.held} token(s) until {result.expires_at:%Y-%m-%d %H:%M:%S} "
+                        f"UTC; {result.token} token(s) available (end it: tokenledger end "
+                        f"{user_id} {feature} --hold-id {result.hold_id} ...)", highlight=False,
+                        soft_wrap=True)
     else:
-        console().print(f"[red]not-accessible[/red]: {result.message}; {result.token} available"
-                        + (f", {result.required} required" if result.required is not None
-                           else ""), highlight=False)
+        console().print(f"[red]not-accessible[/red]: {result.message}; {result.token} token(s) "
+                        "available" + (f", {result.required} required"
+                                       if result.required is not None else ""),
+                        highlight=False, soft_wrap=True)
     if not result.accessible:
-        raise typer.Exit(1)
+        raise typer.Exit(ExitCode.DECLINED)
+    if result.replay:
+        raise typer.Exit(ExitCode.REPLAY)
+
+
+@app.command()
+def end(
+    user_id: Annotated[str, typer.Argument(help="The account's user id.")],
+    feature: Annotated[str, typer.Argument(help="The feature the process ran.")],
+    input_tokens: Annotated[int, typer.Option(min=0, help="Input tokens used.")],
+    output_tokens: Annotated[int, typer.Option(min=0, help="Output tokens used.")],
+    hold_id: Annotated[int | None, typer.Option(
+        min=1, help="The start's hold id (default: the account's one open hold for the "
+                    "feature).")] = None,
+    model: Annotated[str | None, typer.Option(help="The model to price with.")] = None,
+    key: KeyOpt = None,
+    wait: WaitOpt = 10.0,
+    json_: JsonOpt = False,
+) -> None:
+    """End a token process: the worker prices the usage and settles the hold (the same
+    exit codes as publish)."""
+    publish_and_report(fields(type="token_process_end", user_id=user_id,
+                              feature_endpoint_id=feature, input_tokens=input_tokens,
+                              output_tokens=output_tokens, model=model, hold_id=hold_id,
+                              key=key), wait, json_)

@@ -32,7 +32,7 @@ from tokenledger.ledger.wallets import AccountState, WalletState, allocate, draw
 from tokenledger.notify.service import BalanceChange
 from tokenledger.results import EventResult
 from tokenledger.timeutil import as_utc, utcnow
-from tokenledger.tokenprocess.models import Hold, HoldState
+from tokenledger.tokenprocess.models import OPEN, Hold, HoldState
 
 accounts_t = _Account.__table__
 wallets_t = Wallet.__table__
@@ -91,7 +91,8 @@ class Batch:
                  else any_of(accounts_t.c.id, sorted(set(account_ids or []))))
         rows = self.session.execute(
             select(accounts_t.c.id, accounts_t.c.user_id, accounts_t.c.plan_code,
-                   accounts_t.c.timezone, accounts_t.c.last_renewal_at)
+                   accounts_t.c.timezone, accounts_t.c.last_renewal_at,
+                   accounts_t.c.closed_at)
             .where(where)
             .order_by(accounts_t.c.id)
             .with_for_update()
@@ -99,7 +100,7 @@ class Batch:
         by_id: dict[int, AccountState] = {}
         for r in rows:
             state = AccountState(r.id, r.user_id, r.plan_code, r.timezone,
-                                 as_utc(r.last_renewal_at))
+                                 as_utc(r.last_renewal_at), closed_at=as_utc(r.closed_at))
             self.accounts[r.user_id] = state
             by_id[r.id] = state
         if by_id:
@@ -147,6 +148,14 @@ class Batch:
             return
         for r in self.session.execute(select(holds_t).where(any_of(holds_t.c.id, hold_ids))):
             self.holds[r.id] = HoldState.from_row(r)
+
+    def load_open_holds(self, account_ids: set[int]) -> None:
+        """Every open hold of these (locked) accounts, for the ends that name none."""
+        if not account_ids:
+            return
+        for r in self.session.execute(select(holds_t).where(
+                any_of(holds_t.c.account_id, sorted(account_ids)), holds_t.c.status == OPEN)):
+            self.holds.setdefault(r.id, HoldState.from_row(r))
 
     # -- writing -----------------------------------------------------------------------
 

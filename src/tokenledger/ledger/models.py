@@ -45,6 +45,8 @@ class Account(Base):
     created_at: Mapped[datetime] = mapped_column(Timestamp, server_default=func.now())
     last_renewal_at: Mapped[datetime | None] = mapped_column(Timestamp)
     last_reset_on: Mapped[str | None] = mapped_column(String(10))
+    # Set by `accounts close`: charges and starts are refused from then on (migration 0013).
+    closed_at: Mapped[datetime | None] = mapped_column(Timestamp)
 
 
 class Wallet(Base):

@@ -33,7 +33,7 @@ from tokenledger.catalog.service import Catalog, current_catalog
 from tokenledger.db.base import Timestamp
 from tokenledger.db.sql import statement
 from tokenledger.errors import AccountNotFound, ValidationFailed
-from tokenledger.ledger.models import Account, LedgerEntry, Wallet
+from tokenledger.ledger.models import ENTRY_TYPES, Account, LedgerEntry, Wallet
 from tokenledger.results import Balance, balance_at_of, balance_of
 from tokenledger.timeutil import as_utc
 
@@ -55,6 +55,29 @@ def get_account(session: Session, user_id: str) -> Account:
     if account is None:
         raise AccountNotFound(user_id)
     return account
+
+
+def account_row(account: Account) -> dict[str, Any]:
+    """An account as ``accounts list`` and ``accounts show`` print it (JSON-ready)."""
+    def iso(value: datetime | None) -> str | None:
+        return as_utc(value).isoformat() if value is not None else None
+
+    return {"user_id": account.user_id, "plan": account.plan_code,
+            "timezone": account.timezone, "created_at": iso(account.created_at),
+            "last_renewal_at": iso(account.last_renewal_at),
+            "closed_at": iso(account.closed_at)}
+
+
+def list_accounts(session: Session, *, plan: str | None = None, after: str | None = None,
+                  limit: int = 50) -> list[dict[str, Any]]:
+    """Accounts in user id order (keyset after ``after``), optionally of one plan."""
+    query = select(Account)
+    if plan is not None:
+        query = query.where(Account.plan_code == plan)
+    if after is not None:
+        query = query.where(Account.user_id > after)
+    return [account_row(a) for a in session.scalars(query.order_by(Account.user_id)
+                                                      .limit(limit))]
 
 
 def describe_entry(type_: str, feature: str | None, reference: str | None,
@@ -84,6 +107,16 @@ def describe_entry(type_: str, feature: str | None, reference: str | None,
     }.get(type_, type_.title())
 
 
+def entry_type(value: str) -> str:
+    """An entry type as stored (``charge`` is CHARGE); ValidationFailed naming the known
+    ones otherwise, so a typo never reads as an empty history."""
+    upper = value.strip().upper()
+    if upper not in ENTRY_TYPES:
+        raise ValidationFailed(f"type: unknown entry type {value!r} (one of "
+                               f"{', '.join(ENTRY_TYPES)})")
+    return upper
+
+
 def history(session: Session, user_id: str, *, limit: int = 50, offset: int = 0,
             type_: str | None = None, feature: str | None = None,
             start: datetime | None = None, end: datetime | None = None,
@@ -95,7 +128,7 @@ def history(session: Session, user_id: str, *, limit: int = 50, offset: int = 0,
              .join(Wallet, Wallet.id == LedgerEntry.wallet_id)
              .where(LedgerEntry.account_id == account_id(session, user_id)))
     if type_:
-        query = query.where(LedgerEntry.type == type_)
+        query = query.where(LedgerEntry.type == entry_type(type_))
     if feature:
         query = query.where(LedgerEntry.feature == feature)
     if start:

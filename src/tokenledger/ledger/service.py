@@ -66,6 +66,9 @@ def apply_events(uow: UnitOfWork, events: list[AnyEvent],
     batch.load_charges(originals)
     batch.load_holds({e.hold_id for e in events
                       if isinstance(e, TokenProcessEnd) and e.hold_id is not None})
+    batch.load_open_holds({batch.accounts[e.user_id].id for e in events
+                           if isinstance(e, TokenProcessEnd) and e.hold_id is None
+                           and e.user_id in batch.accounts})
     results: list[EventResult] = []
     deferred: list[AnyEvent] = []
     dead: list[tuple[AnyEvent, str]] = []
@@ -169,7 +172,19 @@ def _price(batch: Batch, account: AccountState, feature: str | None,
     return amount
 
 
+def _check_wallet_type(batch: Batch, wallet_type: str | None) -> None:
+    """Reject a wallet type the catalog does not declare (a typo would open its own)."""
+    if wallet_type is not None:
+        try:
+            batch.uow.catalog.check_wallet_type(wallet_type)
+        except ValueError as exc:
+            raise Rejected(str(exc)) from None
+
+
 def _charge(batch: Batch, account: AccountState, event: Charge) -> EventResult:
+    if account.closed_at is not None:
+        raise Rejected(f"account {account.user_id!r} is closed")
+    _check_wallet_type(batch, event.preferred_wallet_type)
     cost = _price(batch, account, event.feature, event.amount)
     touched: list[dict[str, Any]] = []
     if cost:
@@ -186,6 +201,7 @@ def _charge(batch: Batch, account: AccountState, event: Charge) -> EventResult:
 
 def _credit(batch: Batch, account: AccountState, event: Credit) -> EventResult:
     now = batch.uow.now
+    _check_wallet_type(batch, event.wallet_type)
     expires_at = event.expires_at
     if expires_at is not None and expires_at <= now:
         raise Rejected("expires_at is in the past")

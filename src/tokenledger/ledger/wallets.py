@@ -39,6 +39,7 @@ class AccountState:
     timezone: str
     last_renewal_at: datetime | None
     wallets: list[WalletState] = field(default_factory=list)
+    closed_at: datetime | None = None
     changed: bool = False
 
     def live_wallets(self, now: datetime) -> list[WalletState]:

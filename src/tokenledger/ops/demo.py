@@ -10,6 +10,7 @@ import sys
 import time
 import uuid
 from collections import Counter
+from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -117,22 +118,36 @@ class Stream:
         return event
 
 
-def _token_process(client: LedgerClient, stream: Stream,
-                   rng: random.Random) -> dict[str, Any] | None:
-    """An LLM call: start places a hold now; its end event joins the stream."""
-    user = rng.choice(list(stream.users))
-    started = client.token_process_start(user, "text_generation",
-                                         max_output_tokens=rng.choice([200, 500, 1000]))
-    if started.status != "accessible":
-        stream.counts["token-process starts refused"] += 1
-        return None
-    stream.counts["token-process flows (start + end)"] += 1
-    end = {"type": "token_process_end", "key": stream.key(), "user_id": user,
-           "feature_endpoint_id": "text_generation", "input_tokens": rng.randint(20, 800),
-           "output_tokens": rng.randint(0, 1000), "model": "gemini-pro",
-           "hold_id": started.hold_id}
-    stream.published.append(end)
-    return end
+@dataclass
+class Flow:
+    """An LLM call drawn from the seed: a start before the stream is published (so whether
+    it is refused depends on the seed alone, not on how far the worker has got), and its
+    end event at its place in the stream."""
+
+    user: str
+    max_output_tokens: int
+    input_tokens: int
+    output_tokens: int
+    end: dict[str, Any] | None = None
+
+    @classmethod
+    def draw(cls, stream: Stream, rng: random.Random) -> Flow:
+        return cls(rng.choice(list(stream.users)), rng.choice([200, 500, 1000]),
+                   rng.randint(20, 800), rng.randint(0, 1000))
+
+    def start(self, client: LedgerClient, stream: Stream) -> None:
+        """Place the hold; on success the end event joins the stream."""
+        started = client.token_process_start(self.user, "text_generation",
+                                             max_output_tokens=self.max_output_tokens)
+        if started.status != "accessible":
+            stream.counts["token-process starts refused"] += 1
+            return
+        stream.counts["token-process flows (start + end)"] += 1
+        self.end = {"type": "token_process_end", "key": stream.key(), "user_id": self.user,
+                    "feature_endpoint_id": "text_generation",
+                    "input_tokens": self.input_tokens, "output_tokens": self.output_tokens,
+                    "model": "gemini-pro", "hold_id": started.hold_id}
+        stream.published.append(self.end)
 
 
 def run_demo(settings: Settings, *, users: int = 200, events: int = 5000, seed: int = 7,
@@ -147,7 +162,9 @@ def run_demo(settings: Settings, *, users: int = 200, events: int = 5000, seed: 
     migrate(settings.ledger_url(), settings.catalog)
     console.print("[green]✓[/green] database migrated, catalog loaded")
     log_path = settings.home / "logs" / "demo-worker.log"
-    worker = start_worker(settings, log_path, beat=True)
+    # One worker process applies the messages in the order they were published, so the
+    # same seed gives the same outcomes too (which charge is declined depends on order).
+    worker = start_worker(settings, log_path, concurrency=1, beat=True)
     console.print(f"[green]✓[/green] worker and beat started (pid {worker.pid}, "
                   f"log {log_path})")
     try:
@@ -170,20 +187,34 @@ def _run(settings: Settings, console: Console, run: str, n_users: int, n_events:
                       f"({', '.join(f'{c} {p}' for p, c in Counter(users.values()).items())})")
 
         stream = Stream(run, users, seed)
-        batch: list[dict[str, Any]] = []
-        started = time.monotonic()
+        # Everything is drawn from the seed first and the starts run before anything is
+        # published, so the same seed gives the same stream and the same counts.
+        drawn: list[dict[str, Any] | Flow | None] = []  # None: a message ends here
+        size = 0
         for _ in range(n_events):
             if rng.random() < 0.05:
-                flow = _token_process(client, stream, rng)
-                if flow is not None:
-                    batch.append(flow)
+                drawn.append(Flow.draw(stream, rng))
+                size += 1
                 continue
-            batch.append(stream.next())
-            if len(batch) >= rng.randint(1, 250):
+            drawn.append(stream.next())
+            size += 1
+            if size >= rng.randint(1, 250):
+                drawn.append(None)
+                size = 0
+        for flow in drawn:
+            if isinstance(flow, Flow):
+                flow.start(client, stream)
+        started = time.monotonic()
+        batch: list[dict[str, Any]] = []
+        for item in [*drawn, None]:
+            if isinstance(item, Flow):
+                if item.end is not None:
+                    batch.append(item.end)
+            elif item is not None:
+                batch.append(item)
+            elif batch:
                 client.publish_many(batch)
                 batch = []
-        if batch:
-            client.publish_many(batch)
         # The awkward cases, on purpose.
         victim = stream.charges[0]
         client.publish({**victim, "metadata": {"tampered": True}})  # same key, other payload

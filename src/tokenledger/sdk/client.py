@@ -3,6 +3,7 @@ balances."""
 
 from __future__ import annotations
 
+import functools
 import threading
 import time
 import uuid
@@ -13,8 +14,14 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, TypeAdapter, ValidationError
 
-from tokenledger.config import Settings, get_settings
-from tokenledger.errors import ResultTimeout, ValidationFailed
+from tokenledger.config import Settings, settings_from_env
+from tokenledger.errors import (
+    AccountExists,
+    ResultTimeout,
+    TokenLedgerError,
+    ValidationFailed,
+    as_ledger_error,
+)
 from tokenledger.messages import (
     MAX_BATCH,
     AnyEvent,
@@ -31,6 +38,7 @@ from tokenledger.timeutil import utcnow
 
 if TYPE_CHECKING:
     from tokenledger.dashboard.links import DashboardLink
+    from tokenledger.ledger.plans import PlanChange
     from tokenledger.notify.service import BalanceNotice
     from tokenledger.queue.producer import Producer
     from tokenledger.retention.erasure import ErasureResult
@@ -40,6 +48,22 @@ if TYPE_CHECKING:
 # needs them).
 _event: TypeAdapter[Any] = TypeAdapter(Event)
 REMEMBERED = 100_000  # keys a client remembers publishing, to read their results truly
+
+
+def _ledger_errors(method: Callable[..., Any]) -> Callable[..., Any]:
+    """``method`` raising only tokenledger's errors: a failure of a library underneath
+    (SQLAlchemy, psycopg, kombu, redis) becomes the matching one, the original chained."""
+
+    @functools.wraps(method)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return method(*args, **kwargs)
+        except TokenLedgerError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - translated, with the cause chained
+            raise as_ledger_error(exc) from exc
+
+    return wrapper
 
 
 def new_key() -> str:
@@ -65,7 +89,7 @@ class LedgerClient:
     """
 
     def __init__(self, settings: Settings | None = None, *, linger_ms: float = 0) -> None:
-        self.settings = settings or get_settings()
+        self.settings = settings or settings_from_env()
         self.linger_ms = linger_ms
         self._producer: Producer | None = None
         self._lock = threading.Lock()
@@ -94,6 +118,7 @@ class LedgerClient:
             while len(self._sent) > REMEMBERED:
                 self._sent.popitem(last=False)
 
+    @_ledger_errors
     def publish(self, event: dict[str, Any] | AnyEvent) -> str:
         """Publish one event; returns its key once the event is in the broker (with
         ``linger_ms``: once it is buffered; see ``flush``). Events published at the same
@@ -103,6 +128,7 @@ class LedgerClient:
         self._remember([model], message_id)
         return model.key
 
+    @_ledger_errors
     def publish_many(self, events: Iterable[dict[str, Any] | AnyEvent]) -> list[str]:
         """Validate all, then publish in messages of up to 1,000 events; returns the keys."""
         models = [build_event(e) for e in events]
@@ -112,11 +138,13 @@ class LedgerClient:
             self._remember(chunk, message_id)
         return [m.key for m in models]
 
+    @_ledger_errors
     def flush(self, timeout: float | None = None) -> None:
         """With ``linger_ms``: wait until every event published so far is in the broker."""
         if self._producer is not None:
             self._producer.flush(timeout)
 
+    @_ledger_errors
     def charge(self, user_id: str, feature: str | None = None, amount: int | None = None,
                key: str | None = None, metadata: dict[str, Any] | None = None,
                allow_overdraft: bool = False, preferred_wallet_type: str | None = None) -> str:
@@ -126,6 +154,7 @@ class LedgerClient:
                                      allow_overdraft=allow_overdraft,
                                      preferred_wallet_type=preferred_wallet_type))
 
+    @_ledger_errors
     def credit(self, user_id: str, amount: int, wallet_type: str = "PREMIUM",
                expires_at: datetime | None = None, key: str | None = None,
                reason: str | None = None, metadata: dict[str, Any] | None = None) -> str:
@@ -134,12 +163,14 @@ class LedgerClient:
                                      wallet_type=wallet_type, expires_at=expires_at, key=key,
                                      reason=reason, metadata=metadata))
 
+    @_ledger_errors
     def refund(self, user_id: str, original_key: str, amount: int | None = None,
                key: str | None = None, reason: str | None = None) -> str:
         """Give back (part of) a charge to the wallets it came from; returns the event key."""
         return self.publish(event_fields(type="refund", user_id=user_id, original_key=original_key,
                                      amount=amount, key=key, reason=reason))
 
+    @_ledger_errors
     def token_process_end(self, user_id: str, feature_endpoint_id: str, input_tokens: int,
                           output_tokens: int, model: str | None = None,
                           hold_id: int | None = None, key: str | None = None,
@@ -154,6 +185,7 @@ class LedgerClient:
 
     # -- synchronous ---------------------------------------------------------------------
 
+    @_ledger_errors
     def token_process_start(self, user_id: str, feature_endpoint_id: str,
                             max_output_tokens: int | None = None, hold: int | None = None,
                             model: str | None = None, key: str | None = None) -> StartResult:
@@ -192,9 +224,11 @@ class LedgerClient:
         return TokenProcess(self, user_id, feature_endpoint_id,
                             max_output_tokens=max_output_tokens, hold=hold, model=model)
 
+    @_ledger_errors
     def open_account(self, user_id: str, plan: str | None = None, timezone: str | None = None,
                      key: str | None = None) -> str:
-        """Open an account now (idempotent per key, default ``open:<user_id>``)."""
+        """Open an account now (idempotent per key, default ``open:<user_id>``). Opening
+        it again with another plan raises AccountExists naming the plan it has."""
         from tokenledger.db.errors import QUICK
         from tokenledger.db.uow import unit_of_work
         from tokenledger.ledger.service import apply_events
@@ -207,12 +241,36 @@ class LedgerClient:
                 return apply_events(uow, [event]).results[0]
 
         outcome = QUICK.run(once)
-        if outcome.status == "rejected" and outcome.reason != "account already exists":
+        exists = outcome.status == "conflict" or outcome.reason == "account already exists"
+        if outcome.status == "rejected" and not exists:
             raise ValidationFailed(f"plan: {outcome.reason}")
-        if outcome.status == "conflict":
-            raise ValidationFailed(f"key: {outcome.reason}")
+        if exists:
+            current = self.balance(user_id).plan
+            if outcome.status == "conflict" or (plan is not None and plan != current):
+                raise AccountExists(user_id, current)
         return event.key
 
+    @_ledger_errors
+    def change_plan(self, user_id: str, plan: str) -> PlanChange:
+        """Move the account to ``plan`` (no credits move: the new plan applies from its
+        next reset or renewal). Raises ValidationFailed naming the plans, AccountNotFound."""
+        from tokenledger.db.uow import unit_of_work
+        from tokenledger.ledger.plans import change_plan
+
+        with unit_of_work(self.settings) as uow:
+            return change_plan(uow, user_id, plan)
+
+    @_ledger_errors
+    def close_account(self, user_id: str) -> datetime:
+        """Close the account: charges and starts are refused by name from then on; every
+        row stays. Returns when it was closed (the first time, when run twice)."""
+        from tokenledger.db.uow import unit_of_work
+        from tokenledger.ledger.plans import close_account
+
+        with unit_of_work(self.settings) as uow:
+            return close_account(uow, user_id)
+
+    @_ledger_errors
     def result(self, key: str, timeout: float | None = None) -> EventResult:
         """The stored outcome of ``key``; with a timeout, wait for it (ResultTimeout)."""
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -249,6 +307,7 @@ class LedgerClient:
             return stored
         return EventResult(key, outcome, reason, result or {}, replay=stored_by != sent_by)
 
+    @_ledger_errors
     def balance(self, user_id: str, at: datetime | None = None) -> Balance:
         """The account's total over live wallets, and each wallet; with ``at``, as of that
         moment (every entry dated before it), answered from the ledger, with what holds
@@ -265,6 +324,7 @@ class LedgerClient:
                      {"user_id": user_id, "at": when})
         return balance_at_of(user_id, when, rows)
 
+    @_ledger_errors
     def erase_account(self, user_id: str, erased_by: str = "sdk") -> ErasureResult:
         """Erase a person: ``user_id`` becomes a stable pseudonym everywhere, free-text
         metadata goes, every amount stays (needs TOKENLEDGER_ERASURE_SECRET). Idempotent:
@@ -279,6 +339,7 @@ class LedgerClient:
 
         return QUICK.run(once)
 
+    @_ledger_errors
     def set_low_balance_threshold(self, user_id: str, threshold: int | None) -> None:
         """Alert (``balance_low``) when this account falls to ``threshold`` or below,
         instead of its plan's threshold (None: the plan's again)."""
@@ -288,6 +349,7 @@ class LedgerClient:
         with unit_of_work(self.settings) as uow:
             set_threshold(uow.session, user_id, threshold, uow.now)
 
+    @_ledger_errors
     def dashboard_link(self, user_id: str, ttl_seconds: int = 900,
                        base_url: str | None = None) -> DashboardLink:
         """A signed link to ``user_id``'s read-only dashboard, valid for ``ttl_seconds``
@@ -341,6 +403,7 @@ class LedgerClient:
         for unsubscribe in self.__dict__.pop("_local_unsubscribe", []):
             unsubscribe()
 
+    @_ledger_errors
     def close(self) -> None:
         """Flush lingering events, stop listening, close the connection."""
         self._close_notifications()

@@ -33,10 +33,10 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from tokenledger.catalog.pricing import estimate_hold, price_usage, resolve_model
-from tokenledger.catalog.service import Catalog
+from tokenledger.catalog.service import Catalog, FeatureSpec
 from tokenledger.db.sql import load, pyformat
 from tokenledger.db.uow import UnitOfWork
-from tokenledger.errors import AccountNotFound, Conflict
+from tokenledger.errors import AccountNotFound, Conflict, NotFound, ValidationFailed
 from tokenledger.ledger.batch import Batch, Rejected, holds_t
 from tokenledger.ledger.models import STANDARD
 from tokenledger.ledger.wallets import AccountState, WalletState, allocate, draw_order
@@ -52,6 +52,7 @@ NOT_RETURNABLE = "not-returnable"
 # The seed's messages, word for word: clients match on them.
 INSUFFICIENT = "Insufficient tokens"
 NOT_IN_PACKAGE = "Feature endpoint is not available in your package"
+ACCOUNT_CLOSED = "Account is closed"
 START_EVENT = "token_process_start"
 
 
@@ -70,9 +71,13 @@ def plan_hold(catalog: Catalog, plan_code: str, available: int, *, now: datetime
               user_id: str, feature_endpoint_id: str, max_output_tokens: int | None,
               hold: int | None, model: str | None, key: str | None,
               hold_ttl_seconds: int) -> StartResult | HoldPlan:
-    """A start's decision: a refusal in the seed's words, or the hold to place."""
-    feature = catalog.features.get(feature_endpoint_id)
-    if feature is None or not catalog.plan_includes(plan_code, feature_endpoint_id):
+    """A start's decision: a refusal in the seed's words, or the hold to place.
+
+    Raises ValidationFailed for what no plan could make right: an unknown feature or
+    model, or an explicit hold on a fixed-cost feature (its cost is the hold).
+    """
+    feature = check_start(catalog, feature_endpoint_id, hold=hold, model=model)
+    if not catalog.plan_includes(plan_code, feature_endpoint_id):
         return StartResult(NOT_ACCESSIBLE, available, NOT_IN_PACKAGE, user_id=user_id,
                            feature_endpoint_id=feature_endpoint_id)
     amount = estimate_hold(catalog, feature, max_output_tokens=max_output_tokens, hold=hold,
@@ -89,6 +94,21 @@ def plan_hold(catalog: Catalog, plan_code: str, available: int, *, now: datetime
         meta["max_output_tokens"] = max_output_tokens
     return HoldPlan(amount, key or f"hold:{uuid.uuid4().hex}", expires_at, chosen, meta)
 
+
+def check_start(catalog: Catalog, code: str, *, hold: int | None,
+                model: str | None) -> FeatureSpec:
+    """The start's feature, or ValidationFailed naming the field that cannot be right."""
+    feature = catalog.features.get(code)
+    if feature is None:
+        raise ValidationFailed(f"feature_endpoint_id: unknown feature {code!r}")
+    if hold is not None and feature.pricing == "fixed":
+        raise ValidationFailed(f"hold: {code!r} has a fixed cost of {feature.cost}, which is "
+                               "what its start holds; leave hold out")
+    try:
+        catalog.check_model(model)
+    except ValueError as exc:
+        raise ValidationFailed(f"model: {exc}") from None
+    return feature
 
 
 Statement = tuple[str, dict[str, Any]]
@@ -163,7 +183,8 @@ def decide(locked: Locked, request: StartRequest, key: str, *, now: datetime,
     locked_account = locked.accounts.get(user_id)
     if locked_account is None:
         raise AccountNotFound(user_id)
-    account_id, plan_code, timezone, last_renewal_at, hold_id, expired = locked_account
+    account_id, plan_code, timezone, last_renewal_at, closed_at, hold_id, expired = \
+        locked_account
     if expired:
         raise ExpiredHolds(account_id)
     account = AccountState(account_id, user_id, plan_code, timezone, as_utc(last_renewal_at))
@@ -179,6 +200,9 @@ def decide(locked: Locked, request: StartRequest, key: str, *, now: datetime,
             raise Conflict(key, stored_result)
         return Decision(StartResult.from_stored(stored_result, available))
 
+    if closed_at is not None:
+        return Decision(StartResult(NOT_ACCESSIBLE, available, ACCOUNT_CLOSED, user_id=user_id,
+                                    feature_endpoint_id=request.feature_endpoint_id))
     decided = plan_hold(catalog, plan_code, available, now=now, user_id=user_id,
                         feature_endpoint_id=request.feature_endpoint_id,
                         max_output_tokens=request.max_output_tokens, hold=request.hold,
@@ -353,6 +377,19 @@ def _hold_first(batch: Batch, account: AccountState, hold: HoldState | None
 # -- end ----------------------------------------------------------------------------------
 
 
+def _only_open_hold(batch: Batch, account: AccountState, feature: str) -> int | None:
+    """The hold an end without a hold id settles: the account's one open, unexpired hold
+    for ``feature`` (None: there is none), as this batch sees it (``load_open_holds``).
+    With several, which one is meant is a guess: rejected, naming them."""
+    ids = sorted(h.id for h in batch.holds.values()
+                 if h.account_id == account.id and h.feature == feature and h.status == OPEN
+                 and h.expires_at > batch.now)
+    if len(ids) > 1:
+        raise Rejected(f"{len(ids)} open holds for feature {feature!r}: "
+                       f"{', '.join(f'#{i}' for i in ids)}; name one with hold_id")
+    return ids[0] if ids else None
+
+
 def end(batch: Batch, account: AccountState, event: TokenProcessEnd) -> EventResult:
     """Apply a token_process_end: price the usage, settle the hold, store the outcome.
 
@@ -360,19 +397,27 @@ def end(batch: Batch, account: AccountState, event: TokenProcessEnd) -> EventRes
     A cost above what is available follows the feature's overdraft policy: with overdraft
     STANDARD goes negative; without, what is available is charged and the rest recorded as
     ``unpaid``. Either way the status is ``not-returnable`` and the shortfall is stored.
-    Both counts 0 release the hold and charge nothing. An end naming another account's
-    hold, an unknown one or one already settled is rejected; a hold that expired first is
-    ignored (its credits went back) and the usage is charged as if there were none.
+    Both counts 0 release the hold and charge nothing. Without a hold id, the account's
+    one open hold for the feature is the end's (several: rejected, naming them). An end
+    naming another account's hold, an unknown one or one already settled is rejected; a
+    hold that expired first is ignored (its credits went back) and the usage is charged as
+    if there were none.
     """
     now = batch.now
     catalog = batch.uow.catalog
     code = event.feature_endpoint_id
+    try:
+        catalog.check_model(event.model)
+    except ValueError as exc:
+        raise Rejected(str(exc)) from None
     hold: HoldState | None = None
     hold_note: str | None = None
-    if event.hold_id is not None:
-        hold = batch.holds.get(event.hold_id)
+    hold_id = event.hold_id if event.hold_id is not None else _only_open_hold(batch, account,
+                                                                               code)
+    if hold_id is not None:
+        hold = batch.holds.get(hold_id)
         if hold is None or hold.account_id != account.id:
-            raise Rejected(f"hold {event.hold_id} not found for this account")
+            raise Rejected(f"hold {hold_id} not found for this account")
         if hold.feature != code:
             raise Rejected(f"hold {hold.id} was placed for feature {hold.feature!r}, "
                           f"not {code!r}")
@@ -385,6 +430,8 @@ def end(batch: Batch, account: AccountState, event: TokenProcessEnd) -> EventRes
     if feature is None:
         raise Rejected(f"unknown feature {code!r}")
     # A live hold proves the start's access check; without one, check it now.
+    if hold is None and account.closed_at is not None:
+        raise Rejected(f"account {account.user_id!r} is closed")
     if hold is None and not catalog.plan_includes(account.plan_code, code):
         raise Rejected(NOT_IN_PACKAGE)
 
@@ -402,8 +449,8 @@ def end(batch: Batch, account: AccountState, event: TokenProcessEnd) -> EventRes
     if take:
         meta = {**(event.metadata or {}), **price.metadata(),
                 "input_tokens": event.input_tokens, "output_tokens": event.output_tokens}
-        if event.hold_id is not None:
-            meta["hold_id"] = event.hold_id
+        if hold_id is not None:
+            meta["hold_id"] = hold_id
         if shortfall:
             meta["shortfall"] = shortfall
         touched = batch.draw(account, take, key=event.key, type_="CHARGE", feature=code,
@@ -426,8 +473,8 @@ def end(batch: Batch, account: AccountState, event: TokenProcessEnd) -> EventRes
     }
     if price.model is not None:
         data["model"] = price.model
-    if event.hold_id is not None:
-        data["hold_id"] = event.hold_id
+    if hold_id is not None:
+        data["hold_id"] = hold_id
         data["hold"] = hold_note or (hold.status if hold else None)
         data["released"] = sum(r["amount"] for r in released)
     if shortfall:
@@ -506,11 +553,23 @@ def open_holds(session: Session, user_id: str | None = None, *, status: str | No
     if status is not None:
         query = query.where(holds_t.c.status == status)
     rows = session.execute(query.order_by(holds_t.c.id.desc()).limit(limit))
-    return [{
+    return [_hold_row(r) for r in rows]
+
+
+def find_hold(session: Session, hold_id: int) -> dict[str, Any]:
+    """One hold by id, as ``open_holds`` shows it; NotFound when there is none."""
+    row = session.execute(select(holds_t).where(holds_t.c.id == hold_id)).first()
+    if row is None:
+        raise NotFound(f"no hold #{hold_id} (`tokenledger holds list` shows the open ones)")
+    return _hold_row(row)
+
+
+def _hold_row(r: Any) -> dict[str, Any]:
+    return {
         "id": r.id, "user_id": r.user_id, "feature": r.feature, "model": r.model,
         "amount": r.amount, "status": r.status, "allocations": r.allocations,
         "created_at": as_utc(r.created_at).isoformat(),
         "expires_at": as_utc(r.expires_at).isoformat(),
         "resolved_at": as_utc(r.resolved_at).isoformat() if r.resolved_at else None,
         "resolved_by": r.resolved_by,
-    } for r in rows]
+    }

@@ -3,7 +3,7 @@
 -- the account has open holds past their expiry (the start releases them first, so
 -- availability never waits for the sweep; through ix_holds_account).
 -- :user_ids text[], :now timestamptz
-SELECT user_id, id, plan_code, timezone, last_renewal_at, nextval('holds_id_seq'),
+SELECT user_id, id, plan_code, timezone, last_renewal_at, closed_at, nextval('holds_id_seq'),
        EXISTS (SELECT 1 FROM holds
                WHERE holds.account_id = accounts.id AND status = 'open'
                  AND expires_at <= :now)
