@@ -91,6 +91,54 @@ class StartResult:
 _START_FIELDS = tuple(f.name for f in fields(StartResult))
 
 
+EXTENDED = "extended"
+LIMIT_REACHED = "limit_reached"
+HOLD_CLOSED = "closed"
+
+
+@dataclass(frozen=True, slots=True)
+class ExtendResult:
+    """The answer of a hold's extend.
+
+    ``status`` is ``extended`` (``held`` is the hold's new total, ``added`` what this
+    extend drew), ``limit_reached`` (nothing drawn; ``available`` is what the account could
+    still give) or ``closed`` (the hold is settled, released or expired). ``available`` is
+    the account's balance free to draw after the answer; ``covers_output_tokens`` how many
+    output tokens (after the input tokens given) the hold pays for, for usage-priced
+    features.
+    """
+
+    status: str
+    hold_id: int
+    held: int
+    available: int
+    added: int = 0
+    covers_output_tokens: int | None = None
+    expires_at: datetime | None = None
+    reason: str | None = None
+
+    @property
+    def extended(self) -> bool:
+        return self.status == EXTENDED
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], available: int | None = None) -> ExtendResult:
+        """From ``as_dict`` (a stored or transmitted answer); ``available`` replaces the
+        stored one when given (the balance now)."""
+        expires = data.get("expires_at")
+        return cls(data["status"], data["hold_id"], data.get("held", 0),
+                   data.get("available", 0) if available is None else available,
+                   data.get("added", 0), data.get("covers_output_tokens"),
+                   datetime.fromisoformat(expires) if expires else None, data.get("reason"))
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-ready, without empty fields."""
+        data = {f.name: getattr(self, f.name) for f in fields(self)}
+        if self.expires_at is not None:
+            data["expires_at"] = self.expires_at.isoformat()
+        return {k: v for k, v in data.items() if v is not None}
+
+
 @dataclass(frozen=True)
 class WalletInfo:
     """A wallet's balance (now, or as of a moment) and what open holds had taken from it

@@ -26,6 +26,7 @@ from tokenledger.messages import (
     validated,
 )
 from tokenledger.results import Balance, EventResult, StartResult, balance_at_of, balance_of
+from tokenledger.sdk.holds import HoldMethods
 from tokenledger.sdk.process import TokenProcess
 from tokenledger.timeutil import utcnow
 
@@ -57,7 +58,7 @@ def build_event(data: dict[str, Any] | AnyEvent) -> AnyEvent:
         raise ValidationFailed(describe(exc)) from None
 
 
-class LedgerClient:
+class LedgerClient(HoldMethods):
     """Publish events to the workers and read what they did.
 
     Publishing methods validate locally (a bad field raises ValidationFailed naming it)
