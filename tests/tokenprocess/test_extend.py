@@ -114,3 +114,15 @@ def test_concurrent_extends_and_starts_never_overspend(settings: Settings,
     assert balance >= 0
     assert balance + held == 100  # every credit is either free or held, none twice
     assert_verified(db)
+
+
+def test_extend_from_the_cli(client: LedgerClient, db: Settings) -> None:
+    from tests.support import run_cli
+
+    user = opened(db)
+    start = client.token_process_start(user, "text_generation", hold=10)
+    done = run_cli(db, "extend", str(start.hold_id), "--by", "5", "--json")
+    assert done.exit_code == 0, done.stdout
+    assert '"held": 15' in done.stdout
+    refused = run_cli(db, "extend", str(start.hold_id), "--by", "500")
+    assert refused.exit_code == 1 and "limit_reached" in refused.stdout

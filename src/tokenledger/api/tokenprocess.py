@@ -28,6 +28,7 @@ from tokenledger.db.uow import unit_of_work
 from tokenledger.ledger.reports import get_account
 from tokenledger.results import StartResult
 from tokenledger.sdk.client import build_event, new_key
+from tokenledger.tokenprocess.extend import ExtendRequest
 
 START_PATH = "/api/token-process/start"
 # A start's body is a few hundred bytes at most; a larger one is not ordinary.
@@ -114,6 +115,26 @@ def end(body: EndIn, api: Api,
                        success=False)
     return respond(409, {**pending, "status": outcome.status, "message": outcome.reason},
                    outcome.reason or outcome.status, success=False)
+
+
+@router.post("/extend", response_model=Envelope[dict[str, Any]],
+             dependencies=[Depends(require(*PRODUCE))],
+             responses={404: {"model": ErrorBody, "description": "Unknown hold"},
+                        409: {"model": ErrorBody, "description": "Key reused with other input"}},
+             summary="Grow an open hold while its stream runs")
+def extend(body: ExtendRequest, api: Api,
+           idempotency_key: Annotated[Key | None, Header()] = None) -> JSONResponse:
+    """``by`` credits more, or enough for ``to_output_tokens`` (after ``input_tokens``),
+    drawn under the account lock as a start draws. ``extended`` carries the new total
+    ``held``; ``limit_reached`` what is still ``available`` (nothing was drawn);
+    ``closed`` a hold already settled, released or expired. With an ``Idempotency-Key``
+    header a retried extend returns the first answer."""
+    from tokenledger.sdk.client import LedgerClient
+
+    result = LedgerClient(api.settings).extend(
+        body.hold_id, body.by, to_output_tokens=body.to_output_tokens,
+        input_tokens=body.input_tokens, key=idempotency_key)
+    return respond(200, result.as_dict(), f"Hold {result.status}")
 
 
 # -- the fast path -----------------------------------------------------------------------
