@@ -190,6 +190,8 @@ class EndIn(_Strict):
     hold_id: Id | None = None
     key: Key | None = None
     metadata: Metadata = None
+    usage_reported: bool = Field(True, description="false: the provider reported no usage; "
+                                 "the feature's on_incomplete rule settles the hold")
 
 
 class EndOut(BaseModel):
@@ -200,6 +202,8 @@ class EndOut(BaseModel):
     status: str = Field(description="returnable | not-returnable, or the event's outcome")
     message: str | None = None
     hold_id: int | None = None
+    outcome: str | None = Field(None, description="incomplete: settled by the feature's "
+                                "on_incomplete rule (no usage was reported)")
 
 
 # -- events -------------------------------------------------------------------------------

@@ -97,7 +97,8 @@ def end(body: EndIn, api: Api,
         "input_tokens": body.input_token, "output_tokens": body.output_token,
         **({"model": body.model} if body.model else {}),
         **({"hold_id": body.hold_id} if body.hold_id else {}),
-        **({"metadata": body.metadata} if body.metadata else {})})
+        **({"metadata": body.metadata} if body.metadata else {}),
+        **({} if body.usage_reported else {"usage_reported": False})})
     # The same event LedgerClient.token_process_end publishes; built here to know its hash.
     pending = {"user_id": body.user_id, "key": event.key, "status": "pending",
                "hold_id": body.hold_id}
@@ -108,7 +109,8 @@ def end(body: EndIn, api: Api,
     if outcome.status == "applied":
         data = {"user_id": body.user_id, "key": event.key, "token": result.get("token"),
                 "cost": result.get("cost"), "status": result.get("status", "returnable"),
-                "message": result.get("message"), "hold_id": result.get("hold_id")}
+                "message": result.get("message"), "hold_id": result.get("hold_id"),
+                "outcome": result.get("outcome")}
         return respond(200, data, "Token process ended")
     if outcome.status == "dead_lettered" and outcome.reason == "account not found":
         return respond(404, {**pending, "status": outcome.status}, outcome.reason,

@@ -46,6 +46,8 @@ class FeatureSpec(BaseModel):
     allow_overdraft: bool = False
     default_model: str | None = None
     description: str | None = None
+    # An end whose provider reported no usage: charge what was held, or release it.
+    on_incomplete: Literal["charge_hold", "release"] = "charge_hold"
 
 
 class ModelSpec(BaseModel):

@@ -144,14 +144,18 @@ class LedgerClient(HoldMethods):
     def token_process_end(self, user_id: str, feature_endpoint_id: str, input_tokens: int,
                           output_tokens: int, model: str | None = None,
                           hold_id: int | None = None, key: str | None = None,
-                          metadata: dict[str, Any] | None = None) -> str:
+                          metadata: dict[str, Any] | None = None,
+                          usage_reported: bool = True) -> str:
         """Report a token process's usage: the worker prices it, settles the hold and
-        stores ``{user_id, token, cost, status}``; returns the event key."""
+        stores ``{user_id, token, cost, status}``; returns the event key. With
+        ``usage_reported=False`` (the provider reported nothing) the feature's
+        ``on_incomplete`` rule settles it and the outcome says ``incomplete``."""
         return self.publish(event_fields(type="token_process_end", user_id=user_id,
                                      feature_endpoint_id=feature_endpoint_id,
                                      input_tokens=input_tokens, output_tokens=output_tokens,
                                      model=model, hold_id=hold_id, key=key,
-                                     metadata=metadata))
+                                     metadata=metadata,
+                                     usage_reported=None if usage_reported else False))
 
     # -- synchronous ---------------------------------------------------------------------
 
