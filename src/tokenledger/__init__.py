@@ -23,6 +23,8 @@ _EXPORTS = {
     "Conflict": "tokenledger.errors",
     "IdempotencyConflict": "tokenledger.errors",
     "FeatureNotAccessible": "tokenledger.errors",
+    "BalanceReached": "tokenledger.errors",
+    "ExtendResult": "tokenledger.results",
     "ResultTimeout": "tokenledger.errors",
     "NotFound": "tokenledger.errors",
     "ConfigurationError": "tokenledger.errors",
@@ -33,7 +35,7 @@ _EXPORTS = {
 }
 
 __all__ = [
-    "AccountNotFound", "Balance", "BrokerUnavailable", "ConfigurationError", "Conflict",
+    "AccountNotFound", "Balance", "BalanceReached", "BrokerUnavailable", "ExtendResult", "ConfigurationError", "Conflict",
     "DatabaseUnavailable", "EventResult", "FeatureNotAccessible", "IdempotencyConflict",
     "InsufficientTokens", "LedgerClient", "NotFound", "NotMigrated", "ResultTimeout",
     "ServiceUnavailable", "Settings", "StartResult", "TokenLedgerError", "ValidationFailed",
@@ -44,6 +46,7 @@ if TYPE_CHECKING:
     from tokenledger.config import Settings
     from tokenledger.errors import (
         AccountNotFound,
+        BalanceReached,
         BrokerUnavailable,
         ConfigurationError,
         Conflict,
@@ -58,7 +61,7 @@ if TYPE_CHECKING:
         TokenLedgerError,
         ValidationFailed,
     )
-    from tokenledger.results import Balance, EventResult, StartResult, WalletInfo
+    from tokenledger.results import Balance, EventResult, ExtendResult, StartResult, WalletInfo
     from tokenledger.sdk.client import LedgerClient
 
 

@@ -28,6 +28,7 @@ from tokenledger.messages import (
 from tokenledger.results import Balance, EventResult, StartResult, balance_at_of, balance_of
 from tokenledger.sdk.holds import HoldMethods
 from tokenledger.sdk.process import TokenProcess
+from tokenledger.sdk.stream import StreamingProcess
 from tokenledger.timeutil import utcnow
 
 if TYPE_CHECKING:
@@ -189,11 +190,19 @@ class LedgerClient(HoldMethods):
 
     def token_process(self, user_id: str | Callable[..., str], feature_endpoint_id: str, *,
                       max_output_tokens: int | None = None, hold: int | None = None,
-                      model: str | None = None) -> TokenProcess:
+                      model: str | None = None, stream: bool = False,
+                      **stream_options: Any) -> TokenProcess | StreamingProcess:
         """start → your code → end, as a context manager (``with ... as usage``) or a
         decorator (the seed's withTokenProcess; ``user_id`` may be a function of the
         call's arguments). Not accessible raises FeatureNotAccessible; if your code
-        raises, the hold is released (nothing charged) and the exception propagates."""
+        raises, the hold is released (nothing charged) and the exception propagates.
+
+        ``stream=True``: the streaming form (``sdk/stream.py``; options ``input_tokens``,
+        ``step``, ``raise_on_limit``, ``metadata``): feed ``add_output(n)`` per chunk; the
+        hold grows ahead of the stream, stops it at the balance, and settles once."""
+        if stream:
+            return StreamingProcess(self, user_id, feature_endpoint_id, model=model,
+                                    **stream_options)
         return TokenProcess(self, user_id, feature_endpoint_id,
                             max_output_tokens=max_output_tokens, hold=hold, model=model)
 
