@@ -28,6 +28,7 @@ from tokenledger.messages import (
 from tokenledger.results import Balance, EventResult, StartResult, balance_at_of, balance_of
 from tokenledger.sdk.holds import HoldMethods
 from tokenledger.sdk.process import TokenProcess
+from tokenledger.sdk.reads import ReadMethods
 from tokenledger.sdk.stream import StreamingProcess
 from tokenledger.timeutil import utcnow
 
@@ -59,7 +60,7 @@ def build_event(data: dict[str, Any] | AnyEvent) -> AnyEvent:
         raise ValidationFailed(describe(exc)) from None
 
 
-class LedgerClient(HoldMethods):
+class LedgerClient(HoldMethods, ReadMethods):
     """Publish events to the workers and read what they did.
 
     Publishing methods validate locally (a bad field raises ValidationFailed naming it)
