@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 _EXPORTS = {
     "LedgerClient": "tokenledger.sdk.client",
+    "AsyncLedgerClient": "tokenledger.sdk.aio",
     "Balance": "tokenledger.results",
     "WalletInfo": "tokenledger.results",
     "Settings": "tokenledger.config",
@@ -35,7 +36,7 @@ _EXPORTS = {
 }
 
 __all__ = [
-    "AccountNotFound", "Balance", "BalanceReached", "BrokerUnavailable", "ExtendResult", "ConfigurationError", "Conflict",
+    "AccountNotFound", "AsyncLedgerClient", "Balance", "BalanceReached", "BrokerUnavailable", "ExtendResult", "ConfigurationError", "Conflict",
     "DatabaseUnavailable", "EventResult", "FeatureNotAccessible", "IdempotencyConflict",
     "InsufficientTokens", "LedgerClient", "NotFound", "NotMigrated", "ResultTimeout",
     "ServiceUnavailable", "Settings", "StartResult", "TokenLedgerError", "ValidationFailed",
@@ -62,6 +63,7 @@ if TYPE_CHECKING:
         ValidationFailed,
     )
     from tokenledger.results import Balance, EventResult, ExtendResult, StartResult, WalletInfo
+    from tokenledger.sdk.aio import AsyncLedgerClient
     from tokenledger.sdk.client import LedgerClient
 
 

@@ -10,11 +10,13 @@ from typing import Any
 import pytest
 from sqlalchemy import select
 
+from tests.sdk.clients import ledger
 from tests.support import ROOT, apply, assert_verified, session_scope
 from tokenledger import LedgerClient, Settings
 from tokenledger.ledger.models import LedgerEntry
 from tokenledger.timeutil import utcnow
 
+__all__ = ["ledger"]  # fixtures used by name
 pytestmark = pytest.mark.services
 
 
@@ -39,7 +41,9 @@ def test_the_streaming_worked_example(worker, client: LedgerClient, db: Settings
     assert_verified(db)
 
 
-def test_the_seed_examples(worker, client: LedgerClient, db: Settings) -> None:
+def test_the_seed_examples(worker, ledger, db: Settings) -> None:
+    """Sync and async clients alike (``ledger``)."""
+    client = ledger
     ex = run_block("seeds")
     now = utcnow()
     client.open_account("reader", plan="Gift")

@@ -20,6 +20,7 @@ the outcome is marked ``incomplete``.
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
 from collections.abc import Callable, Mapping
@@ -138,6 +139,20 @@ class TokenProcess:
         usage, self._usage = self._usage, None
         if usage is not None:
             self._finish(usage, failed=exc_type is not None)
+
+    async def __aenter__(self) -> TokenUsage:
+        """``async with``: the start runs in a worker thread."""
+        if not isinstance(self.user_id, str):
+            raise TypeError("a callable user_id needs the decorator form")
+        self._usage = await asyncio.to_thread(self._begin, self.user_id)
+        return self._usage
+
+    async def __aexit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        usage, self._usage = self._usage, None
+        if usage is not None:
+            # Shielded: a second cancellation must not leave the process unsettled.
+            await asyncio.shield(asyncio.ensure_future(asyncio.to_thread(
+                self._finish, usage, exc_type is not None)))
 
     def __call__(self, fn: F) -> F:
         @functools.wraps(fn)
