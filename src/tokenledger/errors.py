@@ -90,6 +90,11 @@ class BalanceReached(TokenLedgerError):
         self.output_tokens = output_tokens
 
 
+class AccessDenied(TokenLedgerError):
+    """The HTTP API refused the client's key (401: unknown or revoked; 403: its scope
+    does not allow the route)."""
+
+
 class ServiceUnavailable(TokenLedgerError):
     """A server tokenledger needs cannot be reached; retry later."""
 

@@ -6,12 +6,12 @@ import asyncio
 
 import pytest
 
-from tests.sdk.clients import ledger
+from tests.sdk.clients import api_server, ledger
 from tests.support import assert_verified
 from tokenledger import AsyncLedgerClient, Settings
 from tokenledger.errors import AccountNotFound, FeatureNotAccessible
 
-__all__ = ["ledger"]  # fixtures used by name
+__all__ = ["api_server", "ledger"]  # fixtures used by name
 pytestmark = pytest.mark.services
 
 

@@ -10,13 +10,13 @@ from typing import Any
 import pytest
 from sqlalchemy import select
 
-from tests.sdk.clients import ledger
+from tests.sdk.clients import api_server, ledger
 from tests.support import ROOT, apply, assert_verified, session_scope
 from tokenledger import LedgerClient, Settings
 from tokenledger.ledger.models import LedgerEntry
 from tokenledger.timeutil import utcnow
 
-__all__ = ["ledger"]  # fixtures used by name
+__all__ = ["api_server", "ledger"]  # fixtures used by name
 pytestmark = pytest.mark.services
 
 

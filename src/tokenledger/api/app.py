@@ -79,6 +79,7 @@ def create_app(settings: Settings | None = None, *, key_cache_seconds: float = 2
     errors.install(app)
 
     from tokenledger.api import (
+        account_ops,
         accounts,
         billing,
         dashboard_links,
@@ -88,8 +89,8 @@ def create_app(settings: Settings | None = None, *, key_cache_seconds: float = 2
         tokenprocess,
     )
 
-    for module in (billing, tokenprocess, events, accounts, renewals, operations,
-                   dashboard_links):
+    for module in (billing, tokenprocess, events, accounts, account_ops, renewals,
+                   operations, dashboard_links):
         app.include_router(module.router)
     dashboard.mount(app)
 

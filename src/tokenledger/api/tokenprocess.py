@@ -131,9 +131,7 @@ def extend(body: ExtendRequest, api: Api,
     ``held``; ``limit_reached`` what is still ``available`` (nothing was drawn);
     ``closed`` a hold already settled, released or expired. With an ``Idempotency-Key``
     header a retried extend returns the first answer."""
-    from tokenledger.sdk.client import LedgerClient
-
-    result = LedgerClient(api.settings).extend(
+    result = api.client.extend(
         body.hold_id, body.by, to_output_tokens=body.to_output_tokens,
         input_tokens=body.input_tokens, key=idempotency_key)
     return respond(200, result.as_dict(), f"Hold {result.status}")
