@@ -36,11 +36,11 @@ _EXPORTS = {
 }
 
 __all__ = [
-    "AccountNotFound", "AsyncLedgerClient", "Balance", "BalanceReached", "BrokerUnavailable", "ExtendResult", "ConfigurationError", "Conflict",
-    "DatabaseUnavailable", "EventResult", "FeatureNotAccessible", "IdempotencyConflict",
-    "InsufficientTokens", "LedgerClient", "NotFound", "NotMigrated", "ResultTimeout",
-    "ServiceUnavailable", "Settings", "StartResult", "TokenLedgerError", "ValidationFailed",
-    "WalletInfo",
+    "AccountNotFound", "AsyncLedgerClient", "Balance", "BalanceReached", "BrokerUnavailable",
+    "ConfigurationError", "Conflict", "DatabaseUnavailable", "EventResult", "ExtendResult",
+    "FeatureNotAccessible", "IdempotencyConflict", "InsufficientTokens", "LedgerClient",
+    "NotFound", "NotMigrated", "ResultTimeout", "ServiceUnavailable", "Settings", "StartResult",
+    "TokenLedgerError", "ValidationFailed", "WalletInfo",
 ]
 
 if TYPE_CHECKING:

@@ -24,9 +24,9 @@ pytestmark = pytest.mark.services
 
 def test_statuses_become_the_sdk_errors(api_server, keys: dict[str, str],
                                         db: Settings) -> None:
-    with HttpLedgerClient(api_server.url, "not-a-key") as stranger:
-        with pytest.raises(AccessDenied):
-            stranger.balance("u1")
+    with HttpLedgerClient(api_server.url, "not-a-key") as stranger, \
+            pytest.raises(AccessDenied):
+        stranger.balance("u1")
     with HttpLedgerClient(api_server.url, keys["reader"]) as reader:
         with pytest.raises(AccessDenied):  # a reader may not reset balances
             reader.reset_balance("u1", 5, "no")
@@ -41,9 +41,9 @@ def test_statuses_become_the_sdk_errors(api_server, keys: dict[str, str],
             admin.extend(1)
         with pytest.raises(NotFound):
             admin.extend(123456789, 1)
-    with HttpLedgerClient("http://127.0.0.1:9", keys["admin"], timeout=2) as nowhere:
-        with pytest.raises(ServiceUnavailable):
-            nowhere.balance("u1")
+    with HttpLedgerClient("http://127.0.0.1:9", keys["admin"], timeout=2) as nowhere, \
+            pytest.raises(ServiceUnavailable):
+        nowhere.balance("u1")
     assert issubclass(AccessDenied, TokenLedgerError)
 
 

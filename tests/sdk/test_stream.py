@@ -143,12 +143,12 @@ def test_a_cancelled_task_settles_once_with_what_was_streamed(worker, client: Le
 def test_an_exception_settles_once_and_propagates(worker, client: LedgerClient,
                                                   db: Settings, error) -> None:
     user = with_balance(db, 100)
-    with pytest.raises(error):
-        with client.token_process(user, "text_generation", stream=True) as proc:
-            for i, n in enumerate(fake_model()):
-                proc.add_output(n)
-                if i == 9:
-                    raise error("the client went away")
+    with pytest.raises(error), \
+            client.token_process(user, "text_generation", stream=True) as proc:
+        for i, n in enumerate(fake_model()):
+            proc.add_output(n)
+            if i == 9:
+                raise error("the client went away")
     outcome = proc.outcome()
     assert outcome.data["cost"] == 5  # 1,000 output tokens: 4.8 → 5
     assert settlements(db, proc.hold_id) == ("settled", 1)
