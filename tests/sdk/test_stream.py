@@ -11,19 +11,24 @@ import sys
 import time
 import uuid
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 from sqlalchemy import func, select
 
+from tests.api.support import api_server
 from tests.support import ROOT, Worker, apply, assert_verified, balances_by_user, session_scope
-from tokenledger import BalanceReached, LedgerClient, Settings
+from tokenledger import AsyncLedgerClient, BalanceReached, LedgerClient, Settings
+from tokenledger.apikeys.service import create_key
 from tokenledger.catalog.pricing import price_usage
 from tokenledger.catalog.service import current_catalog
 from tokenledger.db.uow import unit_of_work
 from tokenledger.ledger.models import EventOutcome, LedgerEntry
+from tokenledger.sdk.http import HttpLedgerClient
 from tokenledger.tokenprocess.models import Hold
 from tokenledger.tokenprocess.service import release_expired_holds
 
+__all__ = ["api_server"]  # fixtures used by name
 pytestmark = pytest.mark.services
 CHUNK = 100
 STREAM_TOKENS = 16_666  # gemini-pro: 16,666 × 4 / 1,000 × 1.2 = 79.997 → 80 credits
@@ -63,27 +68,32 @@ def test_the_catalog_prices_the_fake_stream_at_80(db: Settings) -> None:
     assert price_usage(catalog, feature, 0, STREAM_TOKENS).cost == 80
 
 
-@pytest.mark.parametrize("mode", ["sync", "async"])
-def test_a_stream_costing_80_stops_at_a_balance_of_50(worker, client: LedgerClient,
-                                                      db: Settings, mode: str) -> None:
+@pytest.mark.parametrize("mode", ["sync", "async", "http"])
+def test_a_stream_costing_80_stops_at_a_balance_of_50(worker, settings: Settings,
+                                                      db: Settings, mode: str,
+                                                      request: pytest.FixtureRequest) -> None:
+    """Through the sync client, the async one (``async with``) and the HTTP client."""
     user = with_balance(db, 50)
     sent: list[int] = []
-    if mode == "sync":
-        with client.token_process(user, "text_generation", stream=True, step=2000) as proc:
-            for n in fake_model():
-                proc.add_output(n)
-                sent.append(n)
-        outcome = proc.outcome()
-    else:
+    if mode == "async":
         async def run():
-            async with client.token_process(user, "text_generation", stream=True,
-                                            step=2000) as proc:
+            async with AsyncLedgerClient(settings) as client, \
+                    client.token_process(user, "text_generation", stream=True,
+                                         step=2000) as proc:
                 for n in fake_model():
                     await proc.add_output(n)
                     sent.append(n)
             return proc, await proc.outcome()
 
         proc, outcome = asyncio.run(run())
+    else:
+        with client_for(mode, settings, db, request) as client:
+            with client.token_process(user, "text_generation", stream=True,
+                                      step=2000) as proc:
+                for n in fake_model():
+                    proc.add_output(n)
+                    sent.append(n)
+            outcome = proc.outcome()
     assert sum(sent) < STREAM_TOKENS  # stopped before the end of the stream
     assert proc.should_stop and proc.output_tokens == sum(sent)
     assert (outcome.status, outcome.data["cost"], outcome.data["token"]) == ("applied", 50, 0)
@@ -91,6 +101,16 @@ def test_a_stream_costing_80_stops_at_a_balance_of_50(worker, client: LedgerClie
     assert balances_by_user(db)[user] == 0
     assert settlements(db, proc.hold_id) == ("settled", 1)
     assert_verified(db)
+
+
+def client_for(mode: str, settings: Settings, db: Settings,
+               request: pytest.FixtureRequest) -> Any:
+    if mode == "sync":
+        return LedgerClient(settings)
+    server = request.getfixturevalue("api_server")
+    with session_scope(db) as session:
+        key = create_key(session, "producer", "stream test").key
+    return HttpLedgerClient(server.url, key)
 
 
 def test_the_flag_form_tells_the_caller_to_stop(worker, client: LedgerClient,

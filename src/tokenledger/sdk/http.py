@@ -58,6 +58,8 @@ from tokenledger.results import (
     of,
 )
 from tokenledger.sdk.client import build_event, event_fields
+from tokenledger.sdk.process import TokenProcess
+from tokenledger.sdk.stream import StreamingProcess
 
 T = TypeVar("T")
 HEADER = "x-server-api-key"
@@ -320,6 +322,19 @@ class HttpLedgerClient:
                           output_tokens: int, **options: Any) -> str:
         return self._send(Calls.end(_end_event(user_id, feature_endpoint_id, input_tokens,
                                                output_tokens, **options)))
+
+    def token_process(self, user_id: str | Callable[..., str], feature_endpoint_id: str, *,
+                      max_output_tokens: int | None = None, hold: int | None = None,
+                      model: str | None = None, stream: bool = False,
+                      **stream_options: Any) -> TokenProcess | StreamingProcess:
+        """``LedgerClient.token_process`` over the API (start, extend and end are this
+        client's calls): the block or decorator, or with ``stream=True`` the streaming
+        form."""
+        if stream:
+            return StreamingProcess(self, user_id, feature_endpoint_id, model=model,
+                                    **stream_options)
+        return TokenProcess(self, user_id, feature_endpoint_id,
+                            max_output_tokens=max_output_tokens, hold=hold, model=model)
 
     def result(self, key: str, timeout: float | None = None) -> EventResult:
         """The stored outcome; with a timeout, wait for it (ResultTimeout)."""
