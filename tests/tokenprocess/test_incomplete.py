@@ -88,3 +88,25 @@ def test_the_context_manager_reports_no_usage_as_incomplete(worker, client: Ledg
     assert (outcome.data["outcome"], outcome.data["cost"]) == ("incomplete", 7)
     assert balances_by_user(db)[user] == 93
     assert_verified(db)
+
+
+def test_the_decorator_without_usage_in_its_answer_is_incomplete(worker, client: LedgerClient,
+                                                                 db: Settings) -> None:
+    user = opened(db)
+    ends: list[str] = []
+
+    @client.token_process(user, "text_generation", hold=4)
+    def generate() -> dict:
+        return {"text": "hello", "model": "gpt-4o"}  # the provider gave no usage
+
+    original = client.token_process_end
+
+    def spy(*args, **kwargs):
+        ends.append(key := original(*args, **kwargs))
+        return key
+
+    client.token_process_end = spy  # type: ignore[method-assign]
+    generate()
+    outcome = client.result(ends[0], timeout=30)
+    assert (outcome.data["outcome"], outcome.data["cost"]) == ("incomplete", 4)
+    assert balances_by_user(db)[user] == 96

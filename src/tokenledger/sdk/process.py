@@ -77,8 +77,13 @@ class TokenUsage:
 
         used_in = pick("input_tokens", "input_token")
         used_out = pick("output_tokens", "output_token")
+        # No counts at all is "the provider reported no usage" (the on_incomplete rule),
+        # not a usage of zero.
         if used_in is not None or used_out is not None:
-            self.report(int(used_in or 0), int(used_out or 0), pick("model"))
+            self.report(int(used_in or 0), int(used_out or 0))
+        model = pick("model")
+        if model is not None:
+            self.model = model
 
     def outcome(self, timeout: float = 30) -> EventResult:
         """Wait for the worker's outcome of the end (``cost``, ``token``, ``status``)."""
