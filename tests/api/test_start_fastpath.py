@@ -806,11 +806,11 @@ def test_starts_read_a_large_ledger_by_index_only(settings: Settings, db: Settin
         with session_scope(db) as session:
             catalog = current_catalog(session)
         rows = []
-        for sql, params in start_service.reads([user], ["k"]):
+        now = datetime.now(UTC)
+        for sql, params in start_service.reads([user], ["k"], now):
             explained = [r[0] for r in conn.execute("EXPLAIN " + pyformat(sql), params)]
             assert scanned(explained) == [], explained
             rows.append(conn.execute(pyformat(sql), params).fetchall())
-        now = datetime.now(UTC)
         decision = start_service.decide(start_service.Locked.of(rows),
                                         req(user, "project_creation"), "k", now=now,
                                         hold_ttl_seconds=60, catalog=catalog)

@@ -168,8 +168,9 @@ def test_renewal_runs_and_failures_are_exported_from_the_runs_table(settings, db
                                    total_chunks=1, chunks_done=1, dry_run=False,
                                    continue_on_error=True, trigger="cli", alert=False))
     samples = parse(metrics.render(settings)[0].decode())
-    assert value(samples, "tokenledger_renewal_runs_total", kind="monthly",
+    assert value(samples, "tokenledger_renewal_runs_recorded", kind="monthly",
                  status="completed") == 2
-    assert value(samples, "tokenledger_renewal_runs_total", kind="monthly", status="failed") == 1
+    assert value(samples, "tokenledger_renewal_runs_recorded", kind="monthly",
+                 status="failed") == 1
     assert value(samples, "tokenledger_renewal_account_failures_total", kind="monthly") == 9
     assert value(samples, "tokenledger_scrape_error", source="renewals") == 0

@@ -204,6 +204,25 @@ def test_a_publish_is_recorded_until_its_event_is_final(worker, client):
     assert record.size() <= before
 
 
+def test_a_refund_waiting_for_its_charge_stays_pending_then_applies(worker, client):
+    """A refund that arrives before its charge is published again later, with a delay;
+    meanwhile its key is still pending (never "unknown"), and it applies once the charge
+    is there."""
+    client.open_account("early")
+    record = inflight.record_for(client.settings)
+    charge_key = f"late-charge-{uuid.uuid4().hex[:6]}"
+    refund = client.refund("early", charge_key, amount=1)
+    deadline = time.monotonic() + 20
+    while record.client.hexists(record.names.keys, refund) and time.monotonic() < deadline:
+        time.sleep(0.02)  # the first attempt deferred it and cleared its message
+    assert record.client.exists(record.deferred(refund))
+    assert record.pending(refund)
+    client.charge("early", amount=2, key=charge_key)
+    assert client.result(refund, timeout=60).status == "applied"
+    assert client.balance("early").balance == 5 - 2 + 1
+    assert_verified(client.settings)
+
+
 def test_the_caller_reads_conflict_and_replay_for_its_own_publish(worker, client):
     client.open_account("truth")
     first = client.charge("truth", amount=2, key="truth-1")

@@ -100,7 +100,7 @@ def account_statistics(
 
 @router.get("/{user_id:path}/reports/monthly", response_model=Envelope[MonthlyReportOut],
             dependencies=[Depends(require(*READ))],
-            summary="A month in the account's timezone: balances, summary, breakdowns (seed 004)")
+            summary="A month in the account's timezone: balances, summary, breakdowns")
 def account_monthly_report(
     api: Api, user_id: PathUser,
     month: Annotated[str | None, Query(pattern=r"^\d{4}-(0[1-9]|1[0-2])$",

@@ -12,6 +12,7 @@ from starlette.types import Receive, Scope, Send
 
 from tokenledger import dashboard
 from tokenledger.api import errors
+from tokenledger.api.auth import label_scopes
 from tokenledger.api.deps import ApiState
 from tokenledger.api.schemas import ErrorBody
 from tokenledger.api.tokenprocess import START_PATH, StartFastPath
@@ -74,6 +75,8 @@ def create_app(settings: Settings | None = None, *, key_cache_seconds: float = 2
             "are `{\"success\": false, \"status\", \"message\"}`, with `errors[]` naming "
             "each bad field on 422."),
         lifespan=lifespan,
+        docs_url=None,  # served by api.docs from bundled assets
+        redoc_url=None,  # ReDoc would load its script from a CDN
         responses={422: {"model": ErrorBody, "description": "A field failed validation"}},
     )
     errors.install(app)
@@ -82,17 +85,20 @@ def create_app(settings: Settings | None = None, *, key_cache_seconds: float = 2
         account_ops,
         accounts,
         billing,
+        conflicts,
         dashboard_links,
+        docs,
         events,
         operations,
         renewals,
         tokenprocess,
     )
 
-    for module in (billing, tokenprocess, events, accounts, account_ops, renewals,
+    for module in (billing, tokenprocess, events, conflicts, accounts, account_ops, renewals,
                    operations, dashboard_links):
         app.include_router(module.router)
     dashboard.mount(app)
+    docs.install(app)
 
     generate = app.openapi
 
@@ -102,6 +108,7 @@ def create_app(settings: Settings | None = None, *, key_cache_seconds: float = 2
             schema = generate()
             schema.setdefault("components", {}).setdefault("schemas", {}).update(
                 events.openapi_components())
+            label_scopes(schema, app.routes)
         return app.openapi_schema  # type: ignore[return-value]
 
     app.openapi = openapi  # type: ignore[method-assign]

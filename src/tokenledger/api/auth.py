@@ -89,4 +89,35 @@ def require(*scopes: str) -> Callable[..., Awaitable[KeyInfo]]:
                                  f"operation; it needs {needed}")
         return info
 
+    # For the documents (label_scopes): the route's own scopes first, admin last.
+    _check.scopes = (*sorted(allowed - {"admin"}), "admin")  # type: ignore[attr-defined]
     return _check
+
+
+def route_scopes(dependant: Any) -> tuple[str, ...] | None:
+    """The scopes a route's :func:`require` admits; None for a public route (no key)."""
+    for sub in dependant.dependencies:
+        found = getattr(sub.call, "scopes", None) or route_scopes(sub)
+        if found:
+            return found
+    return None
+
+
+def label_scopes(schema: dict[str, Any], routes: Any) -> None:
+    """End every operation's summary in ``schema`` with the scope it needs (or ``public``)
+    and list the scopes as ``x-scopes``: one rule, read from each route's own
+    :func:`require`, so the documents cannot drift from what is enforced."""
+    from fastapi import routing
+
+    # FastAPI ≥ 0.160 keeps included routers unflattened; older versions list every route.
+    walk = getattr(routing, "iter_route_contexts", iter)
+    for route in walk(routes):
+        operations = schema["paths"].get(getattr(route, "path_format", None), {})
+        for method in getattr(route, "methods", None) or ():
+            operation = operations.get(method.lower())
+            if operation is None:
+                continue
+            scopes = route_scopes(route.dependant)
+            needs = f"scope: {' or '.join(scopes)}" if scopes else "public, no key"
+            operation["summary"] = f"{operation.get('summary', route.name)} ({needs})"
+            operation["x-scopes"] = list(scopes or ())

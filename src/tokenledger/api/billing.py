@@ -42,7 +42,7 @@ UserQuery = Annotated[UserId, Query(description="The caller's own user id")]
 
 @router.get("/balance", response_model=Envelope[BalanceOut | BalanceAtOut],
             dependencies=[Depends(require(*READ))],
-            summary="Total balance, wallets and whether a project can be created (seed 000); "
+            summary="Total balance, wallets and whether a project can be created; "
                     "with `at`, as of that moment, from the ledger, holds shown apart")
 def balance(user_id: UserQuery, api: Api,
             at: Annotated[When | None, Query(
@@ -120,7 +120,7 @@ def create_wallet(body: CreateWalletIn, api: Api,
 
 @router.get("/transactions", response_model=Envelope[list[TransactionOut]],
             dependencies=[Depends(require(*READ))],
-            summary="Ledger entries, newest first, filtered and paginated (seed 000)")
+            summary="Ledger entries, newest first, filtered and paginated")
 def transactions(
     api: Api,
     user_id: UserQuery,

@@ -9,6 +9,7 @@ from typing import Annotated, Any, NoReturn
 from fastapi import Depends, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic.alias_generators import to_camel
 
 from tokenledger.api.schemas import ErrorBody
 from tokenledger.apikeys.service import KeyCache
@@ -55,6 +56,17 @@ def respond(status: int, data: Any, message: str | None = None,
     if not success:
         body["status"] = status
     return JSONResponse(body, status_code=status)
+
+
+def camel_keys(value: Any) -> Any:
+    """``value`` with every mapping key in camelCase, at every depth: the field names of
+    the routes the seeds do not define (docs/api.md), for reports built as plain dicts."""
+    if isinstance(value, dict):
+        return {to_camel(k) if isinstance(k, str) else k: camel_keys(v)
+                for k, v in value.items()}
+    if isinstance(value, list):
+        return [camel_keys(v) for v in value]
+    return value
 
 
 def wants_async(prefer: str | None) -> bool:

@@ -50,9 +50,33 @@ def field_errors(raw: list[Any]) -> list[dict[str, Any]]:
         path = loc[1:] if loc and loc[0] == location else loc
         # Drop pydantic's union branch names (function-after[...], etc.).
         path = [p for p in path if "[" not in p and not p.startswith("function-")]
+        kind = str(item.get("type"))
+        if kind == "json_invalid":
+            path = []  # FastAPI puts the character position where a field name goes
+        message = _BODY_MESSAGES.get(kind) if location == "body" and not path else None
+        if kind == "json_invalid":
+            message = _not_json(item)
         out.append({"field": ".".join(path) or location, "location": location,
-                    "message": str(item.get("msg", "invalid")), "type": str(item.get("type"))})
+                    "message": message or str(item.get("msg", "invalid")), "type": kind})
     return out
+
+
+# What a whole body that is not an object says, in words a caller can act on.
+_BODY_MESSAGES = {
+    "missing": "the request body is required: a JSON object",
+    "model_attributes_type": "the request body must be a JSON object",
+    "dict_type": "the request body must be a JSON object",
+}
+
+
+def _not_json(item: dict[str, Any]) -> str:
+    """FastAPI's ``JSON decode error`` with the parser's reason and where it stopped."""
+    loc = item.get("loc", ())
+    position = loc[1] if len(loc) > 1 and isinstance(loc[1], int) else None
+    reason = (item.get("ctx") or {}).get("error")
+    where = f" at character {position}" if position is not None else ""
+    return f"the request body is not valid JSON ({reason or 'unparsable'}{where}); " \
+           "send a JSON object with Content-Type: application/json"
 
 
 def validation_response(errors: list[dict[str, Any]]) -> JSONResponse:

@@ -12,7 +12,8 @@ from pydantic import TypeAdapter, ValidationError
 
 from tokenledger.api.auth import PRODUCE, READ_EVENTS, require
 from tokenledger.api.deps import AUTH_ERRORS, Api, lookup, respond
-from tokenledger.api.schemas import AcceptedOut, Envelope, EventOutcomeOut
+from tokenledger.api.schemas import AcceptedOut, Envelope, ErrorBody, EventOutcomeOut
+from tokenledger.errors import NotFound
 from tokenledger.messages import MAX_BATCH, Event, check_json, clean_text
 from tokenledger.sdk.client import new_key
 
@@ -45,8 +46,9 @@ def _validate(raw: Any) -> list[Any]:
                 "loc": ("body",), "type": "too_long" if raw else "too_short",
                 "msg": f"a batch holds 1 to {MAX_BATCH} events, got {len(raw)}"}])
     else:
-        raise RequestValidationError([{"loc": ("body",), "type": "model_type",
-                                       "msg": "expected an event object or a list of them"}])
+        raise RequestValidationError([{
+            "loc": ("body",), "type": "model_type",
+            "msg": "the request body must be an event object or a list of them"}])
     events, errors = [], []
     for i, item in enumerate(items):
         where: tuple[Any, ...] = ("body", i) if batch else ("body",)
@@ -67,9 +69,12 @@ def _validate(raw: Any) -> list[Any]:
         except ValidationError as exc:
             for e in exc.errors(include_url=False):
                 loc = [p for p in e["loc"] if p not in _TAGS]
+                msg = e["msg"]
                 if e["type"] in ("union_tag_invalid", "union_tag_not_found"):
                     loc = ["type"]
-                errors.append({"loc": (*where, *loc), "type": e["type"], "msg": e["msg"]})
+                if e["type"] == "union_tag_not_found":
+                    msg = f"Field required: one of {', '.join(_TAGS)}"
+                errors.append({"loc": (*where, *loc), "type": e["type"], "msg": msg})
     if errors:
         raise RequestValidationError(errors)
     return events
@@ -94,14 +99,23 @@ def publish(api: Api, body: Annotated[Any, Body()] = None) -> JSONResponse:
 
 @router.get("/{key:path}", response_model=Envelope[EventOutcomeOut],
             dependencies=[Depends(require(*READ_EVENTS))],
-            summary="An event's stored outcome, or `pending`")
+            responses={404: {"model": ErrorBody, "description": "No event with this key"}},
+            summary="An event's stored outcome, or `pending` while it is on its way")
 def outcome(api: Api, key: Annotated[str, Path(min_length=1, max_length=255)]) -> JSONResponse:
+    """``pending`` only for a key the broker's in-flight record holds; a key that has
+    neither an outcome nor a message on its way was never published (404)."""
     try:
         clean_text(key)
     except ValueError as exc:
         raise RequestValidationError([{"loc": ("path", "key"), "type": "value_error",
                                        "msg": str(exc)}]) from None
     found = lookup(api.settings, key)
+    if found.status == "pending" and api.client.producer.pending(key) is False:
+        # The worker may have committed and cleared the record since the first look.
+        found = lookup(api.settings, key)
+        if found.status == "pending":
+            raise NotFound(f"No event with key {key!r}: it was never published (or its "
+                           "outcome is no longer kept)")
     return respond(200, {"key": key, "status": found.status, "reason": found.reason,
                          "result": found.result})
 

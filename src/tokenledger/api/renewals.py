@@ -3,13 +3,14 @@ cron endpoint), for admin keys."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, Depends, Path, Query
 from fastapi.responses import JSONResponse
 
 from tokenledger.api.auth import ADMIN, require
-from tokenledger.api.deps import AUTH_ERRORS, Api, ApiState, respond
+from tokenledger.api.deps import AUTH_ERRORS, Api, ApiState, camel_keys, respond
 from tokenledger.api.schemas import Envelope, RenewalRunIn, RunIn
 from tokenledger.db.uow import unit_of_work
 from tokenledger.renewals import runs as runner
@@ -32,8 +33,10 @@ RUN_ACCEPTED = {202: {"model": Envelope[dict[str, Any]],
                       "description": "Started; GET /api/renewals/runs/{id} for progress"}}
 
 
-def _run(api: ApiState, options: RunIn, kind: str, wait: float) -> JSONResponse:
-    """Plan the run, hand its chunks to the workers, wait (bounded) for it to finish."""
+def _run(api: ApiState, options: RunIn, kind: str, wait: float,
+         shape: Callable[[Any], Any] = lambda report: report) -> JSONResponse:
+    """Plan the run, hand its chunks to the workers, wait (bounded) for it to finish;
+    answer its report in ``shape`` (the seed route's names, or the API's convention)."""
     settings = api.settings
     run_options = RunOptions(kind=kind, tier=options.tier, limit=options.limit,
                              dry_run=options.dry_run,
@@ -44,12 +47,13 @@ def _run(api: ApiState, options: RunIn, kind: str, wait: float) -> JSONResponse:
         runner.dispatch(settings, chunk_ids, producer=api.client.producer)
     report = runner.wait_for_run(settings, run_id, timeout=wait, interval=0.1)
     if report["finished_at"] is None:
-        return respond(202, report, f"Run {run_id} started; GET /api/renewals/runs/{run_id}")
+        return respond(202, shape(report),
+                       f"Run {run_id} started; GET /api/renewals/runs/{run_id}")
     if wait and report.get("dry_run"):
         with unit_of_work(settings) as uow:
             session = uow.session
             report = run_report(session, run_id)
-    return respond(200, report, f"Run {run_id} {report['status']}")
+    return respond(200, shape(report), f"Run {run_id} {report['status']}")
 
 
 @billing.get("/daily-reset", response_model=Envelope[dict[str, Any]],
@@ -80,7 +84,7 @@ def daily_reset_run(api: Api, body: Annotated[RunIn | None, Body()] = None,
 def renewal_run(api: Api, body: Annotated[RenewalRunIn | None, Body()] = None,
                 wait: Wait = 10) -> JSONResponse:
     body = body or RenewalRunIn()
-    return _run(api, body, body.kind, wait)
+    return _run(api, body, body.kind, wait, camel_keys)
 
 
 @renewals.get("/runs", response_model=Envelope[list[dict[str, Any]]],
@@ -92,7 +96,7 @@ def renewal_runs(
 ) -> dict[str, Any]:
     with unit_of_work(api.settings) as uow:
         session = uow.session
-        return {"success": True, "data": list_runs(session, kind, limit=limit)}
+        return {"success": True, "data": camel_keys(list_runs(session, kind, limit=limit))}
 
 
 @renewals.get("/runs/{run_id}", response_model=Envelope[dict[str, Any]],
@@ -103,7 +107,7 @@ def renewal_run_report(
 ) -> dict[str, Any]:
     with unit_of_work(api.settings) as uow:
         session = uow.session
-        return {"success": True, "data": run_report(session, run_id, changes_limit)}
+        return {"success": True, "data": camel_keys(run_report(session, run_id, changes_limit))}
 
 
 router = APIRouter()

@@ -92,7 +92,7 @@ class WalletOut(_Camel):
 class BalanceOut(_Camel):
     user_id: str
     plan: str
-    balance: int = Field(description="Total over live wallets (seed 000)")
+    balance: int = Field(description="Total over live wallets")
     available: int = Field(description="What a charge may draw now without overdraft")
     can_create_project: bool
     required_tokens: int = Field(description="The `project_creation` feature's cost")
@@ -219,6 +219,33 @@ class EventOutcomeOut(BaseModel):
     status: str = Field(description="applied | declined | rejected | dead_lettered | pending")
     reason: str | None = None
     result: dict[str, Any] = {}
+
+
+class StoredOutcomeOut(_Camel):
+    """What the key's first payload did."""
+
+    user_id: str | None
+    event_type: str | None
+    outcome: str
+    reason: str | None
+    result: dict[str, Any] | None
+    created_at: datetime
+
+
+class ConflictOut(_Camel):
+    id: int
+    key: str
+    payload_hash: str
+    payload: dict[str, Any] = Field(description="The conflicting payload (never applied)")
+    seen_at: datetime
+    stored: StoredOutcomeOut | None = Field(description="The outcome stored for the key")
+
+
+class ConflictsOut(_Camel):
+    conflicts: list[ConflictOut]
+    total: int
+    next_before: int | None = Field(
+        description="Pass as `before` for the next (older) page; null on the last")
 
 
 # -- accounts and reports -----------------------------------------------------------------

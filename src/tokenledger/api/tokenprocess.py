@@ -43,7 +43,7 @@ router = APIRouter(prefix="/api/token-process", tags=["token process"], response
 @router.post("/start", response_model=Envelope[StartOut],
              dependencies=[Depends(require(*PRODUCE))],
              responses={409: {"model": ErrorBody, "description": "Key reused with other input"}},
-             summary="Check the feature and the balance and hold the estimated cost (seed 002)")
+             summary="Check the feature and the balance and hold the estimated cost")
 async def start(body: StartIn, api: Api,
                 idempotency_key: Annotated[Key | None, Header()] = None) -> JSONResponse:
     """One short transaction: lock the account, check plan and balance, place the hold.
@@ -78,7 +78,7 @@ def start_body(user_id: str, r: StartResult) -> dict[str, Any]:
                         409: {"model": ErrorBody,
                               "description": "Refused: the hold is unknown, settled, or the "
                                              "key was used for another payload"}},
-             summary="Report the tokens used; the worker prices and settles it (seed 002)")
+             summary="Report the tokens used; the worker prices and settles it")
 def end(body: EndIn, api: Api,
         prefer: Annotated[str | None, Header(max_length=200)] = None,
         idempotency_key: Annotated[Key | None, Header()] = None) -> JSONResponse:

@@ -22,12 +22,13 @@ from __future__ import annotations
 import base64
 import json
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from tokenledger.db.errors import Failure, classify
 from tokenledger.db.sql import statement
-from tokenledger.db.uow import unit_of_work
+from tokenledger.db.uow import UnitOfWork, unit_of_work
 from tokenledger.ledger import service as ledger
 from tokenledger.ledger.service import BatchResult
 from tokenledger.messages import AnyEvent, parse_batch
@@ -138,6 +139,7 @@ class ApplyEvents(Coalescing, LedgerTask):
             return [REQUEUE] * len(deliveries)
         if record is not None:
             try:
+                record.defer([r.key for r in results if r.status == "deferred"])
                 record.clear(ids, [k for m in messages for k in m.keys])
             except Exception as exc:  # noqa: BLE001 - committed; the reconciler clears it
                 log.warning("in-flight record not cleared: %s", exc)
@@ -151,27 +153,39 @@ class ApplyEvents(Coalescing, LedgerTask):
         refused = [(m.raw, m.refused, None) for m in messages if m.refused]
         refused += [(raw, reason, raw.get("key") if isinstance(raw, dict) else None)
                     for m in messages for raw, reason in m.invalid]
-        if refused:
-            self._with_policy(lambda uow: [deadletters.record(
-                uow.session, raw, reason, uow.now, key=key) for raw, reason, key in refused],
-                describe="dead letters")
         events = [e for m in messages for e in m.events]
         sources = {e.key: m.message_id for m in reversed(messages) for e in m.events}
-        return self._bisect(events, sources) if events else []
+        return self._bisect(events, sources, refused)
 
-    def _bisect(self, events: list[AnyEvent], sources: dict[str, str]) -> list[EventResult]:
+    def _bisect(self, events: list[AnyEvent], sources: dict[str, str],
+                refused: Sequence[tuple[Any, str, str | None]] = ()) -> list[EventResult]:
+        """Apply ``events`` in one transaction, with the group's ``refused`` messages
+        dead-lettered in the same one (a poison message costs its group no commit of its
+        own); a group that fails is split until each failure is one event."""
+
+        def dead_letters(uow: UnitOfWork) -> None:
+            for raw, reason, key in refused:
+                deadletters.record(uow.session, raw, reason, uow.now, key=key)
+
+        def apply(uow: UnitOfWork) -> list[EventResult]:
+            dead_letters(uow)
+            return ledger.apply_events(uow, events, sources).results if events else []
+
         try:
-            return self._with_policy(lambda uow: ledger.apply_events(uow, events, sources),
-                                     describe=f"{len(events)} event(s)").results
+            return self._with_policy(apply, describe=f"{len(events)} event(s)")
         except _Unavailable:
             raise
         except Exception as exc:  # noqa: BLE001 - isolated below, never lost
+            if refused:
+                self._with_policy(dead_letters, describe="dead letters")
             if len(events) > 1:
                 mid = len(events) // 2
                 log.warning("splitting a group of %d event(s) after %s: %s", len(events),
                             type(exc).__name__, exc)
                 return self._bisect(events[:mid], sources) + self._bisect(events[mid:],
                                                                            sources)
+            if not events:
+                raise
             event = events[0]
             reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
             log.error("dead-lettering an event that fails on its own: %s", reason,

@@ -6,7 +6,8 @@ processes, so workers use prometheus-client's *multiprocess mode*: each child wr
 samples to files in ``PROMETHEUS_MULTIPROC_DIR`` and the worker's main process serves the
 sum on ``TOKENLEDGER_METRICS_PORT`` (one port per worker node, see ``workers/celery_app``).
 The API serves ``/metrics`` with :func:`render`, which adds the scrape-time gauges (DLQ
-depth, queue backlog, holds open, renewal runs) read from PostgreSQL and the broker.
+depth, queue backlog, holds open, renewal runs) read from PostgreSQL and the broker. Each
+family name is exposed once (a scrape with two families of one name is invalid).
 
 Label values are bounded: ``feature`` is a catalog feature or ``other``; ``type`` is one of
 the event types or ``invalid``; ``outcome`` one of the fixed outcomes.
@@ -287,9 +288,11 @@ class StateCollector(Collector):
         rows = renewal_runs(self.settings)
         if rows is None:
             return
-        runs = CounterMetricFamily("tokenledger_renewal_runs",
-                                   "Recorded renewal/reset runs, by kind and status.",
-                                   labels=["kind", "status"])
+        # Not ``tokenledger_renewal_runs``: that family is the finishing process's counter
+        # (renewals.alerts.RUNS); one name may hold one family only.
+        runs = GaugeMetricFamily("tokenledger_renewal_runs_recorded",
+                                 "Renewal/reset runs recorded in the database, by kind and "
+                                 "status.", labels=["kind", "status"])
         failed = CounterMetricFamily("tokenledger_renewal_account_failures",
                                      "Accounts that failed in recorded runs, by kind.",
                                      labels=["kind"])

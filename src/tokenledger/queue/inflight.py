@@ -35,6 +35,9 @@ MAX_DELIVERIES = 5
 RECONCILE_SECONDS = 15
 STALE_AFTER_SECONDS = 30
 RECONCILE_BATCH = 500
+# A deferred refund is published again up to 6 times, at most 30 s apart (ledger.tasks):
+# its key stays pending this long after each deferral.
+DEFERRED_SECONDS = 120
 
 # Queue a message and record it, atomically (one round trip). Acceptance time from
 # Redis's own clock, so every record is ordered like the queue.
@@ -118,9 +121,24 @@ class Record:
             pipe.hdel(n.keys, *event_keys)
         pipe.execute()
 
+    def defer(self, event_keys: list[str], seconds: int = DEFERRED_SECONDS) -> None:
+        """Keep ``event_keys`` pending for ``seconds`` although their message is cleared:
+        refunds waiting for their charge are published again later, with a delay."""
+        if event_keys:
+            pipe = self.client.pipeline(transaction=False)
+            for key in event_keys:
+                pipe.set(self.deferred(key), 1, ex=seconds)
+            pipe.execute()
+
+    def deferred(self, event_key: str) -> str:
+        return f"{self.names.keys}:deferred:{event_key}"
+
     def pending(self, event_key: str) -> bool:
         """Whether ``event_key`` was accepted and is not final yet."""
-        return bool(self.client.hexists(self.names.keys, event_key))
+        pipe = self.client.pipeline(transaction=False)
+        pipe.hexists(self.names.keys, event_key)
+        pipe.exists(self.deferred(event_key))
+        return any(pipe.execute())
 
     def size(self) -> int:
         return int(self.client.zcard(self.names.inflight))

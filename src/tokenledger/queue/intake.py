@@ -37,7 +37,11 @@ log = logging.getLogger("tokenledger.worker")
 ALIVE_SECONDS = 15
 HEARTBEAT_SECONDS = 3
 TAKE_MAX = 1000  # messages per script call
-POLL_MIN, POLL_MAX = 0.0005, 0.01  # seconds between takes: busy, idle
+# Seconds between takes: right after a take; while messages arrived within the last
+# ACTIVE_SECONDS (a message waits at most POLL_ACTIVE for its take, at ~1,000 empty
+# script calls a second); then backing off to POLL_MAX when the queue has gone quiet.
+POLL_MIN, POLL_ACTIVE, POLL_MAX = 0.0005, 0.001, 0.01
+ACTIVE_SECONDS = 2.0
 
 # KEYS: queue, taken hash, owner hash, attempts hash. ARGV: n, worker.
 # Returns a flat list: message, id, events, deliveries, ... for each message taken.
@@ -126,6 +130,7 @@ class Intake:
         self._take = client.register_script(_TAKE)
         self._requeue = client.register_script(_REQUEUE)
         self._interval = POLL_MIN
+        self._last_take = 0.0
         self._beat = 0.0
         self._entry: Any = None
         self._stopped = False
@@ -155,9 +160,18 @@ class Intake:
             log.warning("taking from %s failed: %s", self.names.queue, exc)
             self._interval = 1.0
         else:
-            self._interval = POLL_MIN if took else min(POLL_MAX, self._interval * 2)
+            self._interval = self._next_interval(took)
         if not self._stopped:
             self._entry = self.timer.call_after(self._interval, self.tick)
+
+    def _next_interval(self, took: int) -> float:
+        now = time.monotonic()
+        if took:
+            self._last_take = now
+            return POLL_MIN
+        if now - self._last_take < ACTIVE_SECONDS:
+            return POLL_ACTIVE
+        return min(POLL_MAX, max(POLL_ACTIVE, self._interval * 2))
 
     def take(self, n: int) -> int:
         n_ = self.names

@@ -275,6 +275,9 @@ class StartPool:
             self._release(conn)
             notices: list[BalanceNotice] = []
             for pending, answer in answers:
+                if isinstance(answer, service.ExpiredHolds):
+                    self._start_releasing(pending)
+                    continue
                 if isinstance(answer, BaseException):
                     if not pending.future.done():
                         pending.future.set_exception(answer)
@@ -292,6 +295,25 @@ class StartPool:
             log.exception("a group of starts failed")
             self._failed(group, exc)
 
+    def _start_releasing(self, pending: _Pending) -> None:
+        """A start whose account has expired holds: ``service.start`` in a unit of work
+        (off the loop) releases them under the account lock, then starts. Rare (the
+        sweep releases most holds first), so it leaves the groups' fast path alone."""
+        async def run() -> None:
+            try:
+                result = await asyncio.get_running_loop().run_in_executor(
+                    None, _start_in_unit_of_work, self.settings, pending.request, pending.key)
+            except Exception as exc:  # noqa: BLE001 - the start's answer
+                if not pending.future.done():
+                    pending.future.set_exception(exc)
+                return
+            if not pending.future.done():
+                pending.future.set_result(result)
+
+        task = asyncio.get_running_loop().create_task(run())
+        self._groups.add(task)
+        task.add_done_callback(self._groups.discard)
+
     async def _connect(self) -> PipeConnection:
         """A new connection for a group (``_dispatch`` counted it in ``_opened``)."""
         try:
@@ -307,7 +329,8 @@ class StartPool:
         catalog = await self.catalog()
         now = utcnow()
         rows = await conn.roundtrip([
-            BEGIN, *service.reads([p.request.user_id for p in group], [p.key for p in group])])
+            BEGIN, *service.reads([p.request.user_id for p in group], [p.key for p in group],
+                                  now)])
         locked = service.Locked.of(rows[1:])
         answers: list[tuple[_Pending, service.Started | BaseException]] = []
         decided: list[tuple[_Pending, service.Decision]] = []
@@ -360,6 +383,14 @@ class StartPool:
         for pending in group:
             if not pending.future.done():
                 pending.future.set_exception(exc)
+
+
+def _start_in_unit_of_work(settings: Settings, request: StartRequest, key: str
+                           ) -> StartResult:
+    from tokenledger.db.uow import unit_of_work
+
+    with unit_of_work(settings) as uow:
+        return service.start(uow, request, key)
 
 
 def _load_catalog(settings: Settings) -> Catalog:

@@ -99,10 +99,10 @@ _PKG = "tokenledger.tokenprocess"
 _ENCODER = json.JSONEncoder(separators=(",", ":"))
 
 
-def reads(user_ids: list[str], keys: list[str]) -> list[Statement]:
+def reads(user_ids: list[str], keys: list[str], now: datetime) -> list[Statement]:
     """The statements whose rows :meth:`Locked.of` takes, in this order, in one
     transaction (the stored outcomes only with ``keys``)."""
-    out = [(load(_PKG, "lock_accounts"), {"user_ids": user_ids}),
+    out = [(load(_PKG, "lock_accounts"), {"user_ids": user_ids, "now": now}),
            (load(_PKG, "lock_wallets"), {"user_ids": user_ids})]
     if keys:
         out.append((load(_PKG, "stored_starts"), {"keys": keys}))
@@ -126,6 +126,17 @@ class Locked:
                    {o[0]: o[1:] for o in rows[2]} if len(rows) > 2 else {})
 
 
+class ExpiredHolds(Exception):  # noqa: N818 - a signal to the caller, not a failure
+    """The start's account has open holds past their expiry. They still debit its
+    wallets until released, so the caller releases them (``release_expired_holds``, under
+    the account lock it holds) and decides again: they stop counting the moment they
+    expire, whenever the sweep runs."""
+
+    def __init__(self, account_id: int) -> None:
+        super().__init__(account_id)
+        self.account_id = account_id
+
+
 @dataclass(slots=True)
 class Decision:
     """What a start does once its reads are in: answer now, or hold and then answer.
@@ -146,14 +157,17 @@ def decide(locked: Locked, request: StartRequest, key: str, *, now: datetime,
            hold_ttl_seconds: int, catalog: Catalog) -> Decision:
     """One start's decision from the reads (run under its account's lock).
 
-    Raises AccountNotFound for an unknown user and Conflict for a key stored with other
-    arguments; a key stored with the same ones answers its first result.
+    Raises AccountNotFound for an unknown user, Conflict for a key stored with other
+    arguments (a key stored with the same ones answers its first result), and
+    ExpiredHolds when expired holds must be released first.
     """
     user_id = request.user_id
     locked_account = locked.accounts.get(user_id)
     if locked_account is None:
         raise AccountNotFound(user_id)
-    account_id, plan_code, timezone, last_renewal_at, hold_id = locked_account
+    account_id, plan_code, timezone, last_renewal_at, hold_id, expired = locked_account
+    if expired:
+        raise ExpiredHolds(account_id)
     account = AccountState(account_id, user_id, plan_code, timezone, as_utc(last_renewal_at))
     account.wallets = [WalletState(w[0], account_id, w[1], w[2], as_utc(w[3]), w[4],
                                    as_utc(w[5]), w[2])
@@ -259,10 +273,18 @@ def start(uow: UnitOfWork, request: StartRequest, key: str | None = None) -> Sta
     """
     key = key or new_hold_key()
     raw = uow.session.connection().connection.driver_connection
-    rows = [raw.execute(pyformat(sql), params).fetchall()
-            for sql, params in reads([request.user_id], [key])]
-    decision = decide(Locked.of(rows), request, key, now=uow.now,
+
+    def decide_locked() -> Decision:
+        rows = [raw.execute(pyformat(sql), params).fetchall()
+                for sql, params in reads([request.user_id], [key], uow.now)]
+        return decide(Locked.of(rows), request, key, now=uow.now,
                       hold_ttl_seconds=uow.settings.hold_ttl_seconds, catalog=uow.catalog)
+
+    try:
+        decision = decide_locked()
+    except ExpiredHolds as due:
+        release_expired_holds(uow, account_ids=[due.account_id])
+        decision = decide_locked()
     statement = write([decision], uow.now)
     written = raw.execute(pyformat(statement[0]), statement[1]).fetchall() \
         if statement is not None else []
