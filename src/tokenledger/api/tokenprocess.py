@@ -22,8 +22,24 @@ from pydantic import TypeAdapter, ValidationError
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from tokenledger.api.auth import HEADER, PRODUCE, refresh_soon, require
-from tokenledger.api.deps import AUTH_ERRORS, Api, invalid, publish_and_wait, respond
-from tokenledger.api.schemas import EndIn, EndOut, Envelope, ErrorBody, Key, StartIn, StartOut
+from tokenledger.api.deps import (
+    AUTH_ERRORS,
+    Api,
+    camel_keys,
+    invalid,
+    publish_and_wait,
+    respond,
+)
+from tokenledger.api.schemas import (
+    EndIn,
+    EndOut,
+    Envelope,
+    ErrorBody,
+    ExtendOut,
+    Key,
+    StartIn,
+    StartOut,
+)
 from tokenledger.db.uow import unit_of_work
 from tokenledger.ledger.reports import get_account
 from tokenledger.results import StartResult
@@ -119,7 +135,7 @@ def end(body: EndIn, api: Api,
                    outcome.reason or outcome.status, success=False)
 
 
-@router.post("/extend", response_model=Envelope[dict[str, Any]],
+@router.post("/extend", response_model=Envelope[ExtendOut],
              dependencies=[Depends(require(*PRODUCE))],
              responses={404: {"model": ErrorBody, "description": "Unknown hold"},
                         409: {"model": ErrorBody, "description": "Key reused with other input"}},
@@ -134,7 +150,7 @@ def extend(body: ExtendRequest, api: Api,
     result = api.client.extend(
         body.hold_id, body.by, to_output_tokens=body.to_output_tokens,
         input_tokens=body.input_tokens, key=idempotency_key)
-    return respond(200, result.as_dict(), f"Hold {result.status}")
+    return respond(200, camel_keys(result.as_dict()), f"Hold {result.status}")
 
 
 # -- the fast path -----------------------------------------------------------------------

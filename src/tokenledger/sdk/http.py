@@ -150,8 +150,9 @@ def _afford(data: dict[str, Any]) -> Affordability:
 def _eligibility(data: dict[str, Any]) -> Any:
     from tokenledger.renewals.service import Eligibility
 
-    return Eligibility(**{**data, "next_renewal_date":
-                          datetime.fromisoformat(data["next_renewal_date"])})
+    values = _snake(data)
+    return Eligibility(**{**values, "next_renewal_date":
+                          datetime.fromisoformat(values["next_renewal_date"])})
 
 
 def _snake(data: dict[str, Any]) -> dict[str, Any]:
@@ -189,7 +190,8 @@ class Calls:
     @staticmethod
     def extend(hold_id: int, by: int | None, to_output_tokens: int | None,
                input_tokens: int, key: str | None) -> Call[ExtendResult]:
-        return Call("POST", "/api/token-process/extend", ExtendResult.from_dict,
+        return Call("POST", "/api/token-process/extend",
+                    lambda data: ExtendResult.from_dict(_snake(data)),
                     json=event_fields(hold_id=hold_id, by=by, to_output_tokens=to_output_tokens,
                                       input_tokens=input_tokens),
                     headers={"Idempotency-Key": key} if key else {})
@@ -241,13 +243,13 @@ class Calls:
     @staticmethod
     def renew(user_id: str) -> Call[RenewalResult]:
         return Call("POST", f"/api/accounts/{_user(user_id)}/renew",
-                    lambda data: of(RenewalResult, data))
+                    lambda data: of(RenewalResult, _snake(data)))
 
     @staticmethod
     def reset_balance(user_id: str, balance: int, reason: str,
                       key: str | None) -> Call[ResetResult]:
         return Call("POST", f"/api/accounts/{_user(user_id)}/reset-balance",
-                    lambda data: ResetResult(**data),
+                    lambda data: ResetResult(**_snake(data)),
                     json={"balance": balance, "reason": reason},
                     headers={"Idempotency-Key": key} if key else {})
 
