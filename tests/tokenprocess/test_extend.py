@@ -6,6 +6,7 @@ from __future__ import annotations
 import random
 import threading
 import uuid
+from datetime import timedelta
 
 import pytest
 from sqlalchemy import select
@@ -126,3 +127,20 @@ def test_extend_from_the_cli(client: LedgerClient, db: Settings) -> None:
     assert '"held": 15' in done.stdout
     refused = run_cli(db, "extend", str(start.hold_id), "--by", "500")
     assert refused.exit_code == 1 and "limit_reached" in refused.stdout
+
+
+def test_holds_past_expiry_stop_counting_for_an_extend(client: LedgerClient,
+                                                       db: Settings) -> None:
+    from sqlalchemy import update
+
+    user = opened(db)  # 100
+    mine = client.token_process_start(user, "text_generation", hold=10)
+    stale = client.token_process_start(user, "text_generation", hold=60)
+    with session_scope(db) as s:  # its producer died long ago; no sweep ran since
+        s.execute(update(Hold).where(Hold.id == stale.hold_id).values(
+            expires_at=Hold.created_at - timedelta(seconds=1)))
+    grown = client.extend(mine.hold_id, 80)
+    assert (grown.status, grown.held, grown.available) == ("extended", 90, 10)
+    with session_scope(db) as s:
+        assert s.get(Hold, stale.hold_id).status == "expired"
+    assert_verified(db)

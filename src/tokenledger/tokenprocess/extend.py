@@ -26,7 +26,7 @@ from decimal import Decimal
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, model_validator
-from sqlalchemy import select, update
+from sqlalchemy import exists, select, update
 
 from tokenledger.catalog.pricing import ceil_credits, price_usage, resolve_model
 from tokenledger.catalog.service import Catalog, FeatureSpec
@@ -37,6 +37,7 @@ from tokenledger.messages import HoldAmount, Id, TokenCount
 from tokenledger.notify import service as notify
 from tokenledger.results import EXTENDED, HOLD_CLOSED, LIMIT_REACHED, EventResult, ExtendResult
 from tokenledger.tokenprocess.models import OPEN, HoldState
+from tokenledger.tokenprocess.service import release_expired_holds
 
 EXTEND_EVENT = "token_process_extend"
 
@@ -113,7 +114,9 @@ def extend(uow: UnitOfWork, request: ExtendRequest, key: str | None = None) -> E
     Answers ``extended`` (the new total ``held``), ``limit_reached`` (nothing drawn;
     ``available`` says what could still be taken) or ``closed`` (the hold was settled,
     released or is past its expiry). The same ``key`` and arguments answer the first
-    result; other arguments raise Conflict. Raises NotFound for an unknown hold.
+    result; other arguments raise Conflict. Raises NotFound for an unknown hold. The
+    account's holds past their expiry are released first, as a start does, so they
+    neither count against the extend nor can be extended.
     """
     key = key or new_extend_key()
     session, now, catalog = uow.session, uow.now, uow.catalog
@@ -121,10 +124,12 @@ def extend(uow: UnitOfWork, request: ExtendRequest, key: str | None = None) -> E
                                 .where(holds_t.c.id == request.hold_id))
     if account_id is None:
         raise NotFound(f"hold {request.hold_id} not found")
-    batch = Batch(uow)
-    batch.lock_accounts(account_ids=[account_id])
-    batch.load_outcomes({key})
-    batch.load_holds({request.hold_id})
+    batch = _locked(uow, account_id, key, request.hold_id)
+    if _has_expired_holds(uow, account_id):
+        # As a start does: holds past their expiry stop counting. Released here, under
+        # this lock, by the sweep's own code, then the account is read again.
+        release_expired_holds(uow, account_ids=[account_id])
+        batch = _locked(uow, account_id, key, request.hold_id)
     account = next(iter(batch.accounts.values()))
     hold = batch.holds[request.hold_id]
     digest = request.digest()
@@ -159,6 +164,21 @@ def extend(uow: UnitOfWork, request: ExtendRequest, key: str | None = None) -> E
     session.execute(update(holds_t).where(holds_t.c.id == hold.id).values(
         amount=total, allocations=_merged(hold.allocations, drawn), expires_at=expires_at))
     return result
+
+
+def _locked(uow: UnitOfWork, account_id: int, key: str, hold_id: int) -> Batch:
+    """A batch holding the account's lock, its wallets, the key's outcome and the hold."""
+    batch = Batch(uow)
+    batch.lock_accounts(account_ids=[account_id])
+    batch.load_outcomes({key})
+    batch.load_holds({hold_id})
+    return batch
+
+
+def _has_expired_holds(uow: UnitOfWork, account_id: int) -> bool:
+    return bool(uow.session.scalar(select(exists().where(
+        holds_t.c.account_id == account_id, holds_t.c.status == OPEN,
+        holds_t.c.expires_at <= uow.now))))
 
 
 def _merged(allocations: list[dict[str, Any]], drawn: list[dict[str, Any]]
