@@ -4,7 +4,9 @@ An operator's correction is a ledger event like any other: ``ADJUSTMENT`` entrie
 the account lock, an event key with a stored outcome (a retried reset answers its first
 result), the reason, the previous and new balance and who asked in the entries' metadata,
 and a balance notice after commit. Raising the balance credits the STANDARD wallet;
-lowering it draws from the wallets in the order charges do.
+lowering it draws from the wallets in the order charges do. The balance set is the one
+``balance`` reads: credits that open holds took are not in it, and come back (or are
+charged) when those holds settle.
 """
 
 from __future__ import annotations
