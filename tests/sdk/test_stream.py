@@ -234,3 +234,30 @@ def test_a_producer_killed_mid_stream_leaves_a_hold_the_sweep_releases(
         assert s.scalar(select(func.count()).select_from(LedgerEntry).where(
             LedgerEntry.type == "HOLD_RELEASE")) >= 1
     assert_verified(db)
+
+
+def test_a_disconnected_client_settles_once(worker, client: LedgerClient, db: Settings) -> None:
+    """A web framework closes a streaming response's generator when its client goes away
+    (``aclose``: GeneratorExit inside the ``async with``); the process settles once."""
+    user = with_balance(db, 100)
+    holder: dict = {}
+
+    async def response_body():
+        async with client.token_process(user, "text_generation", stream=True) as proc:
+            holder["proc"] = proc
+            for n in fake_model():
+                await proc.add_output(n)
+                yield b"chunk"
+
+    async def main() -> None:
+        body = response_body()
+        for _ in range(30):
+            await body.__anext__()
+        await body.aclose()  # the client disconnected
+
+    asyncio.run(main())
+    proc = holder["proc"]
+    outcome = client.result(proc.end_key, timeout=30)
+    assert outcome.data["cost"] == 15  # 3,000 output tokens: 14.4 -> 15
+    assert settlements(db, proc.hold_id) == ("settled", 1)
+    assert_verified(db)
