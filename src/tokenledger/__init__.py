@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 _EXPORTS = {
     "LedgerClient": "tokenledger.sdk.client",
+    "AsyncLedgerClient": "tokenledger.sdk.aio",
     "Balance": "tokenledger.results",
     "WalletInfo": "tokenledger.results",
     "Settings": "tokenledger.config",
@@ -23,6 +24,8 @@ _EXPORTS = {
     "Conflict": "tokenledger.errors",
     "IdempotencyConflict": "tokenledger.errors",
     "FeatureNotAccessible": "tokenledger.errors",
+    "BalanceReached": "tokenledger.errors",
+    "ExtendResult": "tokenledger.results",
     "ResultTimeout": "tokenledger.errors",
     "NotFound": "tokenledger.errors",
     "ConfigurationError": "tokenledger.errors",
@@ -33,17 +36,18 @@ _EXPORTS = {
 }
 
 __all__ = [
-    "AccountNotFound", "Balance", "BrokerUnavailable", "ConfigurationError", "Conflict",
-    "DatabaseUnavailable", "EventResult", "FeatureNotAccessible", "IdempotencyConflict",
-    "InsufficientTokens", "LedgerClient", "NotFound", "NotMigrated", "ResultTimeout",
-    "ServiceUnavailable", "Settings", "StartResult", "TokenLedgerError", "ValidationFailed",
-    "WalletInfo",
+    "AccountNotFound", "AsyncLedgerClient", "Balance", "BalanceReached", "BrokerUnavailable",
+    "ConfigurationError", "Conflict", "DatabaseUnavailable", "EventResult", "ExtendResult",
+    "FeatureNotAccessible", "IdempotencyConflict", "InsufficientTokens", "LedgerClient",
+    "NotFound", "NotMigrated", "ResultTimeout", "ServiceUnavailable", "Settings", "StartResult",
+    "TokenLedgerError", "ValidationFailed", "WalletInfo",
 ]
 
 if TYPE_CHECKING:
     from tokenledger.config import Settings
     from tokenledger.errors import (
         AccountNotFound,
+        BalanceReached,
         BrokerUnavailable,
         ConfigurationError,
         Conflict,
@@ -58,7 +62,8 @@ if TYPE_CHECKING:
         TokenLedgerError,
         ValidationFailed,
     )
-    from tokenledger.results import Balance, EventResult, StartResult, WalletInfo
+    from tokenledger.results import Balance, EventResult, ExtendResult, StartResult, WalletInfo
+    from tokenledger.sdk.aio import AsyncLedgerClient
     from tokenledger.sdk.client import LedgerClient
 
 

@@ -85,6 +85,26 @@ class FeatureNotAccessible(TokenLedgerError):
         self.result = result
 
 
+class BalanceReached(TokenLedgerError):
+    """A streaming token process reached what the account can pay: stop the stream.
+
+    Raised by ``TokenStream.add_output`` for the chunk that would go past it (that chunk
+    is not counted: do not deliver it). Leaving the ``with`` block by this exception is a
+    normal stop: the block swallows it and settles the usage counted so far.
+    """
+
+    def __init__(self, held: int, output_tokens: int) -> None:
+        super().__init__(f"balance reached: {held} token(s) held cover {output_tokens} "
+                         "output token(s)")
+        self.held = held
+        self.output_tokens = output_tokens
+
+
+class AccessDenied(TokenLedgerError):
+    """The HTTP API refused the client's key (401: unknown or revoked; 403: its scope
+    does not allow the route)."""
+
+
 class ServiceUnavailable(TokenLedgerError):
     """A server tokenledger needs cannot be reached; retry later."""
 

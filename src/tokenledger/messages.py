@@ -189,6 +189,9 @@ class TokenProcessEnd(_Event):
     model: Code | None = None
     hold_id: Id | None = None
     metadata: Metadata = None
+    # False: the provider reported nothing (the counts are 0); the feature's
+    # ``on_incomplete`` rule settles the hold and the outcome says ``incomplete``.
+    usage_reported: bool = True
 
 
 AnyEvent = OpenAccount | Charge | Credit | Refund | TokenProcessEnd

@@ -94,6 +94,54 @@ class StartResult:
 _START_FIELDS = tuple(f.name for f in fields(StartResult))
 
 
+EXTENDED = "extended"
+LIMIT_REACHED = "limit_reached"
+HOLD_CLOSED = "closed"
+
+
+@dataclass(frozen=True, slots=True)
+class ExtendResult:
+    """The answer of a hold's extend.
+
+    ``status`` is ``extended`` (``held`` is the hold's new total, ``added`` what this
+    extend drew), ``limit_reached`` (nothing drawn; ``available`` is what the account could
+    still give) or ``closed`` (the hold is settled, released or expired). ``available`` is
+    the account's balance free to draw after the answer; ``covers_output_tokens`` how many
+    output tokens (after the input tokens given) the hold pays for, for usage-priced
+    features.
+    """
+
+    status: str
+    hold_id: int
+    held: int
+    available: int
+    added: int = 0
+    covers_output_tokens: int | None = None
+    expires_at: datetime | None = None
+    reason: str | None = None
+
+    @property
+    def extended(self) -> bool:
+        return self.status == EXTENDED
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], available: int | None = None) -> ExtendResult:
+        """From ``as_dict`` (a stored or transmitted answer); ``available`` replaces the
+        stored one when given (the balance now)."""
+        expires = data.get("expires_at")
+        return cls(data["status"], data["hold_id"], data.get("held", 0),
+                   data.get("available", 0) if available is None else available,
+                   data.get("added", 0), data.get("covers_output_tokens"),
+                   datetime.fromisoformat(expires) if expires else None, data.get("reason"))
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-ready, without empty fields."""
+        data = {f.name: getattr(self, f.name) for f in fields(self)}
+        if self.expires_at is not None:
+            data["expires_at"] = self.expires_at.isoformat()
+        return {k: v for k, v in data.items() if v is not None}
+
+
 @dataclass(frozen=True)
 class WalletInfo:
     """A wallet's balance (now, or as of a moment) and what open holds had taken from it
@@ -152,3 +200,107 @@ def balance_at_of(user_id: str, at: datetime, rows: list[Any]) -> Balance:
     return Balance(user_id, rows[0][0], rows[0][1],
                    sum(w.balance for w in wallets if w.is_active), wallets, at,
                    sum(w.held for w in wallets))
+
+
+@dataclass(frozen=True, slots=True)
+class RenewalResult:
+    """What a manual renewal of one account did (the seed's ``renewUser``): granted
+    (``tokens_added``, ``new_balance``), or not due (``error`` says why,
+    ``next_renewal_date`` when it will be)."""
+
+    success: bool
+    user_id: str
+    tokens_added: int
+    new_balance: int | None
+    error: str | None = None
+    next_renewal_date: datetime | None = None
+    run_id: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ResetResult:
+    """A balance reset's answer (the seed's ``resetBalance``): the balance before and
+    after and the audited ``ADJUSTMENT`` it made."""
+
+    key: str
+    user_id: str
+    previous_balance: int
+    new_balance: int
+    change: int
+    reason: str
+
+    def as_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+@dataclass(frozen=True, slots=True)
+class Affordability:
+    """Whether an account may use a feature now (the seed's ``canAfford``): its ``cost``
+    (a usage feature's minimum), the ``balance``, what is ``available`` to draw and the
+    ``deficit``; ``reason`` when it cannot."""
+
+    user_id: str
+    feature: str
+    cost: int
+    balance: int
+    available: int
+    can_afford: bool
+    deficit: int
+    reason: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    """One ledger entry, as ``history`` lists them (the seed's ``getUserEntries``)."""
+
+    id: int
+    user_id: str
+    wallet_id: int
+    wallet_type: str
+    amount: int
+    balance_before: int
+    balance_after: int
+    type: str
+    feature: str | None
+    event_key: str | None
+    reference: str | None
+    metadata: dict[str, Any] | None
+    description: str
+    created_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class Statistics:
+    """Totals over a period (the seed's ``getUserStatistics``); ``extra`` holds the
+    breakdowns (``by_type``, ``by_feature``, ``by_model``, ``margin``)."""
+
+    user_id: str
+    start: datetime | None
+    end: datetime | None
+    total_spent: int
+    total_refunded: int
+    net_spent: int
+    total_earned: int
+    total_removed: int
+    net_change: int
+    operation_count: int
+    average_per_operation: float
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def of(kind: type[Any], data: dict[str, Any]) -> Any:
+    """A result dataclass from its JSON dict (the domain's report, or an HTTP answer):
+    timestamps parsed, fields it does not name kept in ``extra`` when it has one."""
+    names = {f.name for f in fields(kind)}
+    values: dict[str, Any] = {}
+    for name in names - {"extra"}:
+        value = data.get(name)
+        if isinstance(value, str) and name in _TIMES:
+            value = datetime.fromisoformat(value)
+        values[name] = value
+    if "extra" in names:
+        values["extra"] = {k: v for k, v in data.items() if k not in names}
+    return kind(**values)
+
+
+_TIMES = frozenset({"created_at", "start", "end", "next_renewal_date", "expires_at"})

@@ -82,6 +82,7 @@ def create_app(settings: Settings | None = None, *, key_cache_seconds: float = 2
     errors.install(app)
 
     from tokenledger.api import (
+        account_ops,
         accounts,
         billing,
         conflicts,
@@ -93,8 +94,8 @@ def create_app(settings: Settings | None = None, *, key_cache_seconds: float = 2
         tokenprocess,
     )
 
-    for module in (billing, tokenprocess, events, conflicts, accounts, renewals, operations,
-                   dashboard_links):
+    for module in (billing, tokenprocess, events, conflicts, accounts, account_ops, renewals,
+                   operations, dashboard_links):
         app.include_router(module.router)
     dashboard.mount(app)
     docs.install(app)

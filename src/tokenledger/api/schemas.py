@@ -190,6 +190,8 @@ class EndIn(_Strict):
     hold_id: Id | None = None
     key: Key | None = None
     metadata: Metadata = None
+    usage_reported: bool = Field(True, description="false: the provider reported no usage; "
+                                 "the feature's on_incomplete rule settles the hold")
 
 
 class EndOut(BaseModel):
@@ -200,6 +202,8 @@ class EndOut(BaseModel):
     status: str = Field(description="returnable | not-returnable, or the event's outcome")
     message: str | None = None
     hold_id: int | None = None
+    outcome: str | None = Field(None, description="incomplete: settled by the feature's "
+                                "on_incomplete rule (no usage was reported)")
 
 
 # -- events -------------------------------------------------------------------------------
@@ -375,3 +379,51 @@ class DashboardLinkOut(_Camel):
 
 def batch_limit() -> int:
     return MAX_BATCH
+
+
+# -- streaming holds and the seeds' renewal and reset methods ---------------------------------
+
+
+class ExtendOut(_Camel):
+    status: str = Field(description="extended | limit_reached | closed")
+    hold_id: int
+    held: int = Field(description="The hold's total (new total when extended)")
+    available: int = Field(description="What the account can still draw")
+    added: int = 0
+    covers_output_tokens: int | None = Field(
+        None, description="Output tokens the hold pays for (usage-priced features)")
+    expires_at: datetime | None = None
+    reason: str | None = None
+
+
+class EligibilityOut(_Camel):
+    user_id: str
+    plan: str
+    period: str
+    renewal_mode: str
+    eligible: bool
+    reason: str
+    next_renewal_date: datetime
+    days_until_renewal: int
+    last_renewal: str | None = None
+    allocation: int
+    standard_balance: int | None = None
+
+
+class RenewalOut(_Camel):
+    success: bool
+    user_id: str
+    tokens_added: int
+    new_balance: int | None = None
+    error: str | None = None
+    next_renewal_date: datetime | None = None
+    run_id: int | None = None
+
+
+class ResetOut(_Camel):
+    key: str
+    user_id: str
+    previous_balance: int
+    new_balance: int
+    change: int
+    reason: str

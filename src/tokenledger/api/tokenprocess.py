@@ -22,12 +22,29 @@ from pydantic import TypeAdapter, ValidationError
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from tokenledger.api.auth import HEADER, PRODUCE, refresh_soon, require
-from tokenledger.api.deps import AUTH_ERRORS, Api, invalid, publish_and_wait, respond
-from tokenledger.api.schemas import EndIn, EndOut, Envelope, ErrorBody, Key, StartIn, StartOut
+from tokenledger.api.deps import (
+    AUTH_ERRORS,
+    Api,
+    camel_keys,
+    invalid,
+    publish_and_wait,
+    respond,
+)
+from tokenledger.api.schemas import (
+    EndIn,
+    EndOut,
+    Envelope,
+    ErrorBody,
+    ExtendOut,
+    Key,
+    StartIn,
+    StartOut,
+)
 from tokenledger.db.uow import unit_of_work
 from tokenledger.ledger.reports import get_account
 from tokenledger.results import StartResult
 from tokenledger.sdk.client import build_event, new_key
+from tokenledger.tokenprocess.extend import ExtendRequest
 
 START_PATH = "/api/token-process/start"
 # A start's body is a few hundred bytes at most; a larger one is not ordinary.
@@ -96,7 +113,8 @@ def end(body: EndIn, api: Api,
         "input_tokens": body.input_token, "output_tokens": body.output_token,
         **({"model": body.model} if body.model else {}),
         **({"hold_id": body.hold_id} if body.hold_id else {}),
-        **({"metadata": body.metadata} if body.metadata else {})})
+        **({"metadata": body.metadata} if body.metadata else {}),
+        **({} if body.usage_reported else {"usage_reported": False})})
     # The same event LedgerClient.token_process_end publishes; built here to know its hash.
     pending = {"user_id": body.user_id, "key": event.key, "status": "pending",
                "hold_id": body.hold_id}
@@ -107,13 +125,32 @@ def end(body: EndIn, api: Api,
     if outcome.status == "applied":
         data = {"user_id": body.user_id, "key": event.key, "token": result.get("token"),
                 "cost": result.get("cost"), "status": result.get("status", "returnable"),
-                "message": result.get("message"), "hold_id": result.get("hold_id")}
+                "message": result.get("message"), "hold_id": result.get("hold_id"),
+                "outcome": result.get("outcome")}
         return respond(200, data, "Token process ended")
     if outcome.status == "dead_lettered" and outcome.reason == "account not found":
         return respond(404, {**pending, "status": outcome.status}, outcome.reason,
                        success=False)
     return respond(409, {**pending, "status": outcome.status, "message": outcome.reason},
                    outcome.reason or outcome.status, success=False)
+
+
+@router.post("/extend", response_model=Envelope[ExtendOut],
+             dependencies=[Depends(require(*PRODUCE))],
+             responses={404: {"model": ErrorBody, "description": "Unknown hold"},
+                        409: {"model": ErrorBody, "description": "Key reused with other input"}},
+             summary="Grow an open hold while its stream runs")
+def extend(body: ExtendRequest, api: Api,
+           idempotency_key: Annotated[Key | None, Header()] = None) -> JSONResponse:
+    """``by`` credits more, or enough for ``to_output_tokens`` (after ``input_tokens``),
+    drawn under the account lock as a start draws. ``extended`` carries the new total
+    ``held``; ``limit_reached`` what is still ``available`` (nothing was drawn);
+    ``closed`` a hold already settled, released or expired. With an ``Idempotency-Key``
+    header a retried extend returns the first answer."""
+    result = api.client.extend(
+        body.hold_id, body.by, to_output_tokens=body.to_output_tokens,
+        input_tokens=body.input_tokens, key=idempotency_key)
+    return respond(200, camel_keys(result.as_dict()), f"Hold {result.status}")
 
 
 # -- the fast path -----------------------------------------------------------------------

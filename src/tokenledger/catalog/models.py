@@ -41,9 +41,13 @@ class Feature(Base):
     allow_overdraft: Mapped[bool] = mapped_column(Boolean)
     default_model: Mapped[str | None] = mapped_column(String(128))
     description: Mapped[str | None] = mapped_column(Text)
+    on_incomplete: Mapped[str] = mapped_column(String(16), default="charge_hold",
+                                               server_default="charge_hold")
     __table_args__ = (
         CheckConstraint("cost >= 0 AND min_cost >= 0", name="feature_costs"),
         CheckConstraint(one_of("pricing", ("fixed", "usage")), name="feature_pricing"),
+        CheckConstraint(one_of("on_incomplete", ("charge_hold", "release")),
+                        name="feature_on_incomplete"),
     )
 
 

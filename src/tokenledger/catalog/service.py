@@ -6,6 +6,7 @@ process and re-checked against the newest stored version at most once a second.
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 import tomllib
@@ -49,6 +50,8 @@ class FeatureSpec(BaseModel):
     allow_overdraft: bool = False
     default_model: str | None = None
     description: str | None = None
+    # An end whose provider reported no usage: charge what was held, or release it.
+    on_incomplete: Literal["charge_hold", "release"] = "charge_hold"
 
 
 class ModelSpec(BaseModel):
@@ -120,11 +123,14 @@ class Catalog:
 
 
 def parse_catalog(text: str, source: str = "<catalog>") -> CatalogSpec:
-    """Parse and validate catalog TOML; raises CatalogError naming the bad entry."""
+    """Parse and validate catalog TOML (or JSON: a catalog merged with a price table is
+    stored as JSON, see ``catalog.prices``); raises CatalogError naming the bad entry."""
     try:
-        data = tomllib.loads(text)
+        data = json.loads(text) if text.lstrip().startswith("{") else tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise CatalogError(f"{source}: not valid TOML: {exc}") from None
+    except ValueError as exc:
+        raise CatalogError(f"{source}: not valid JSON: {exc}") from None
     try:
         return CatalogSpec.model_validate(data)
     except ValidationError as exc:

@@ -88,3 +88,25 @@ def catalog_load(
     else:
         console().print(f"[green]catalog version {version} loaded[/green] from {source}; "
                         "workers switch to it on their next batch", highlight=False)
+
+
+@catalog_app.command("prices")
+def catalog_prices(
+    file: Annotated[Path, typer.Argument(help="A price table, JSON or TOML.")],
+    json_: JsonOpt = False,
+) -> None:
+    """Add or replace model prices from a price table (a new catalog version)."""
+    from tokenledger.catalog.prices import load_price_table, price_summary
+    from tokenledger.db.uow import unit_of_work
+    from tokenledger.errors import CatalogError
+
+    try:
+        with unit_of_work(settings()) as uow:
+            version, models = load_price_table(uow.session, file)
+    except CatalogError as exc:
+        fail(f"price table refused, the catalog stays: {exc}")
+    if json_:
+        print_json({"version": version, "models": price_summary(models)})
+        return
+    console().print(f"catalog version {version}: {len(models)} model price(s) from {file}: "
+                    + ", ".join(sorted(models)), highlight=False)

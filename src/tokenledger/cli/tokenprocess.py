@@ -69,3 +69,34 @@ def end(
                               feature_endpoint_id=feature, input_tokens=input_tokens,
                               output_tokens=output_tokens, model=model, hold_id=hold_id,
                               key=key), wait, json_)
+
+
+@app.command()
+def extend(
+    hold_id: Annotated[int, typer.Argument(help="The open hold to grow.")],
+    by: Annotated[int | None, typer.Option(min=0, help="Hold this many more.")] = None,
+    to_output_tokens: Annotated[int | None, typer.Option(
+        min=0, help="Hold enough for this many output tokens in all.")] = None,
+    input_tokens: Annotated[int, typer.Option(
+        min=0, help="Input tokens to price --to-output-tokens after.")] = 0,
+    key: Annotated[str | None, typer.Option(help="Idempotency key for the extend.")] = None,
+    json_: JsonOpt = False,
+) -> None:
+    """Grow an open hold under the account lock (exit 11 if the limit is reached, 12 if the
+    hold is closed)."""
+    from tokenledger.sdk.client import LedgerClient
+
+    with LedgerClient(settings()) as client:
+        result = client.extend(hold_id, by, to_output_tokens=to_output_tokens,
+                               input_tokens=input_tokens, key=key)
+    if json_:
+        print_json(result.as_dict())
+    elif result.extended:
+        console().print(f"[green]extended[/green]: hold {hold_id} now {result.held} token(s) "
+                        f"(+{result.added}); {result.available} available", highlight=False)
+    else:
+        console().print(f"[red]{result.status}[/red]: {result.reason}; hold {hold_id} "
+                        f"is {result.held}, {result.available} available", highlight=False)
+    if not result.extended:
+        raise typer.Exit(ExitCode.DECLINED if result.status == "limit_reached"
+                         else ExitCode.REJECTED)

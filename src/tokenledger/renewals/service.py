@@ -43,6 +43,7 @@ from tokenledger.ledger.models import STANDARD, Account, Wallet
 from tokenledger.notify import service as notify
 from tokenledger.renewals import alerts
 from tokenledger.renewals.models import RUN_KINDS, RenewalChunk, RenewalRun
+from tokenledger.results import RenewalResult
 from tokenledger.timeutil import as_utc, next_local_midnight
 from tokenledger.webhooks import service as webhooks
 from tokenledger.webhooks.models import WebhookDelivery
@@ -81,6 +82,7 @@ class RunOptions:
     continue_on_error: bool = True
     chunk_size: int = 2000
     trigger: str = "cli"
+    account_id: int | None = None  # one account's manual renewal: a run of one chunk
 
     def __post_init__(self) -> None:
         if self.kind not in RUN_KINDS:
@@ -256,6 +258,13 @@ def plan_run(uow: UnitOfWork, options: RunOptions) -> RenewalRun:
 
     chunks: list[dict[str, Any]] = []
     after, remaining = 0, options.limit
+    if options.account_id is not None:
+        # The chunk covers that account alone; process_chunk grants it only if still due.
+        chunks.append({"run_id": run.id, "seq": 1, "after_id": options.account_id - 1,
+                       "upto_id": options.account_id, "planned": 1, "status": "pending",
+                       "processed": 0, "successful": 0, "failed": 0, "skipped": 0,
+                       "tokens": 0})
+        remaining = 0
     while remaining is None or remaining > 0:
         size = options.chunk_size if remaining is None else min(options.chunk_size, remaining)
         params = due_params(options.kind, as_of, codes, after)
@@ -575,6 +584,28 @@ def eligibility(session: Session, user_id: str, catalog: Catalog,
     if due and not wallet.is_active:
         return result(False, "STANDARD wallet is inactive", plan.period, next_at, last)
     return result(due, reason, plan.period, next_at, last)
+
+
+def renew_account(uow: UnitOfWork, user_id: str, trigger: str = "manual") -> RenewalResult:
+    """Renew one account now if it is due (``eligibility``), through a run of one chunk:
+    the same grant statement and the same once-per-period key as the batch runs, so a
+    manual renewal and a scheduled one never both grant a period. Not due: nothing is
+    written and the reason and next date are answered."""
+    from tokenledger.ledger.reports import balance
+
+    session, now = uow.session, uow.now
+    due = eligibility(session, user_id, uow.catalog, now)
+    if not due.eligible:
+        return RenewalResult(False, user_id, 0, None, due.reason, due.next_renewal_date)
+    account_id = session.scalar(select(accounts_t.c.id).where(accounts_t.c.user_id == user_id))
+    kind = "daily" if due.period == "daily" else "monthly"
+    run = plan_run(uow, RunOptions(kind, limit=1, trigger=trigger, account_id=account_id))
+    done = process_chunk(uow, pending_chunks(session, run.id)[0])
+    after = balance(session, user_id, now).balance
+    if done.successful != 1:
+        error = done.errors[-1]["error"] if done.errors else "no longer due"
+        return RenewalResult(False, user_id, 0, after, error, due.next_renewal_date, run.id)
+    return RenewalResult(True, user_id, done.tokens, after, None, None, run.id)
 
 
 def due_count(session: Session, kind: str, catalog: Catalog, now: datetime,

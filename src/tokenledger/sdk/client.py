@@ -33,7 +33,10 @@ from tokenledger.messages import (
     validated,
 )
 from tokenledger.results import Balance, EventResult, StartResult, balance_at_of, balance_of
+from tokenledger.sdk.holds import HoldMethods
 from tokenledger.sdk.process import TokenProcess
+from tokenledger.sdk.reads import ReadMethods
+from tokenledger.sdk.stream import StreamingProcess
 from tokenledger.timeutil import utcnow
 
 if TYPE_CHECKING:
@@ -81,7 +84,7 @@ def build_event(data: dict[str, Any] | AnyEvent) -> AnyEvent:
         raise ValidationFailed(describe(exc)) from None
 
 
-class LedgerClient:
+class LedgerClient(HoldMethods, ReadMethods):
     """Publish events to the workers and read what they did.
 
     Publishing methods validate locally (a bad field raises ValidationFailed naming it)
@@ -174,14 +177,18 @@ class LedgerClient:
     def token_process_end(self, user_id: str, feature_endpoint_id: str, input_tokens: int,
                           output_tokens: int, model: str | None = None,
                           hold_id: int | None = None, key: str | None = None,
-                          metadata: dict[str, Any] | None = None) -> str:
+                          metadata: dict[str, Any] | None = None,
+                          usage_reported: bool = True) -> str:
         """Report a token process's usage: the worker prices it, settles the hold and
-        stores ``{user_id, token, cost, status}``; returns the event key."""
+        stores ``{user_id, token, cost, status}``; returns the event key. With
+        ``usage_reported=False`` (the provider reported nothing) the feature's
+        ``on_incomplete`` rule settles it and the outcome says ``incomplete``."""
         return self.publish(event_fields(type="token_process_end", user_id=user_id,
                                      feature_endpoint_id=feature_endpoint_id,
                                      input_tokens=input_tokens, output_tokens=output_tokens,
                                      model=model, hold_id=hold_id, key=key,
-                                     metadata=metadata))
+                                     metadata=metadata,
+                                     usage_reported=None if usage_reported else False))
 
     # -- synchronous ---------------------------------------------------------------------
 
@@ -216,11 +223,19 @@ class LedgerClient:
 
     def token_process(self, user_id: str | Callable[..., str], feature_endpoint_id: str, *,
                       max_output_tokens: int | None = None, hold: int | None = None,
-                      model: str | None = None) -> TokenProcess:
+                      model: str | None = None, stream: bool = False,
+                      **stream_options: Any) -> TokenProcess | StreamingProcess:
         """start → your code → end, as a context manager (``with ... as usage``) or a
         decorator (the seed's withTokenProcess; ``user_id`` may be a function of the
         call's arguments). Not accessible raises FeatureNotAccessible; if your code
-        raises, the hold is released (nothing charged) and the exception propagates."""
+        raises, the hold is released (nothing charged) and the exception propagates.
+
+        ``stream=True``: the streaming form (``sdk/stream.py``; options ``input_tokens``,
+        ``step``, ``raise_on_limit``, ``metadata``): feed ``add_output(n)`` per chunk; the
+        hold grows ahead of the stream, stops it at the balance, and settles once."""
+        if stream:
+            return StreamingProcess(self, user_id, feature_endpoint_id, model=model,
+                                    **stream_options)
         return TokenProcess(self, user_id, feature_endpoint_id,
                             max_output_tokens=max_output_tokens, hold=hold, model=model)
 

@@ -12,11 +12,15 @@
 
 Not accessible → FeatureNotAccessible (carrying the StartResult), and your code does not
 run. If your code raises, the hold is released (an end with 0 tokens: nothing charged)
-and the exception propagates.
+and the exception propagates. If it returns without reporting any usage (the provider
+reported none), the end says so and the feature's catalog rule ``on_incomplete`` settles
+it: ``charge_hold`` (the default) charges what was held, ``release`` nothing; either way
+the outcome is marked ``incomplete``.
 """
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
 from collections.abc import Callable, Mapping
@@ -43,6 +47,7 @@ class TokenUsage:
     model: str | None = None
     metadata: dict[str, Any] | None = None
     end_key: str | None = None
+    reported: bool = False
     end_error: BaseException | None = field(default=None, repr=False)
     _client: LedgerClient | None = field(default=None, repr=False)
 
@@ -53,6 +58,7 @@ class TokenUsage:
     def report(self, input_tokens: int = 0, output_tokens: int = 0,
                model: str | None = None) -> None:
         """Record the usage the end will be priced from (adds to what was reported)."""
+        self.reported = True
         self.input_tokens += input_tokens
         self.output_tokens += output_tokens
         if model is not None:
@@ -69,9 +75,15 @@ class TokenUsage:
                     return value
             return None
 
-        self.report(int(pick("input_tokens", "input_token") or 0),
-                    int(pick("output_tokens", "output_token") or 0),
-                    pick("model"))
+        used_in = pick("input_tokens", "input_token")
+        used_out = pick("output_tokens", "output_token")
+        # No counts at all is "the provider reported no usage" (the on_incomplete rule),
+        # not a usage of zero.
+        if used_in is not None or used_out is not None:
+            self.report(int(used_in or 0), int(used_out or 0))
+        model = pick("model")
+        if model is not None:
+            self.model = model
 
     def outcome(self, timeout: float = 30) -> EventResult:
         """Wait for the worker's outcome of the end (``cost``, ``token``, ``status``)."""
@@ -108,10 +120,12 @@ class TokenProcess:
         start = usage.start
         assert start.user_id is not None
         used_in, used_out = (0, 0) if failed else (usage.input_tokens, usage.output_tokens)
+        reported = failed or usage.reported or bool(used_in or used_out)
         try:
             usage.end_key = self.client.token_process_end(
                 start.user_id, self.feature_endpoint_id, used_in, used_out,
-                model=usage.model, hold_id=start.hold_id, metadata=usage.metadata)
+                model=usage.model, hold_id=start.hold_id, metadata=usage.metadata,
+                usage_reported=reported)
         except Exception as exc:
             # As the seed says: the user already got the service, so a failed end is
             # logged, not raised; the hold expires and gives its credits back.
@@ -130,6 +144,20 @@ class TokenProcess:
         usage, self._usage = self._usage, None
         if usage is not None:
             self._finish(usage, failed=exc_type is not None)
+
+    async def __aenter__(self) -> TokenUsage:
+        """``async with``: the start runs in a worker thread."""
+        if not isinstance(self.user_id, str):
+            raise TypeError("a callable user_id needs the decorator form")
+        self._usage = await asyncio.to_thread(self._begin, self.user_id)
+        return self._usage
+
+    async def __aexit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        usage, self._usage = self._usage, None
+        if usage is not None:
+            # Shielded: a second cancellation must not leave the process unsettled.
+            await asyncio.shield(asyncio.ensure_future(asyncio.to_thread(
+                self._finish, usage, exc_type is not None)))
 
     def __call__(self, fn: F) -> F:
         @functools.wraps(fn)

@@ -27,12 +27,13 @@ import uuid
 from collections import defaultdict
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from decimal import Decimal
 from typing import Any
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from tokenledger.catalog.pricing import estimate_hold, price_usage, resolve_model
+from tokenledger.catalog.pricing import Price, estimate_hold, price_usage, resolve_model
 from tokenledger.catalog.service import Catalog, FeatureSpec
 from tokenledger.db.sql import load, pyformat
 from tokenledger.db.uow import UnitOfWork
@@ -48,6 +49,7 @@ from tokenledger.tokenprocess.models import OPEN, HoldState
 from tokenledger.webhooks import service as webhooks
 
 RETURNABLE = "returnable"
+INCOMPLETE = "incomplete"
 NOT_RETURNABLE = "not-returnable"
 # The seed's messages, word for word: clients match on them.
 INSUFFICIENT = "Insufficient tokens"
@@ -374,6 +376,18 @@ def _hold_first(batch: Batch, account: AccountState, hold: HoldState | None
     return [w for w in usual if w.id in held] + [w for w in usual if w.id not in held]
 
 
+def incomplete_price(feature: FeatureSpec, hold: HoldState | None) -> Price:
+    """What an end whose provider reported no usage costs, by the feature's catalog rule.
+
+    ``charge_hold`` (the default): what the live hold set aside, since the user may well
+    have received what the stream produced before it broke off, and the hold is the best
+    estimate there is; ``release``: nothing. Without a live hold (none was placed, or it
+    expired first) there is nothing to charge from.
+    """
+    cost = hold.amount if hold is not None and feature.on_incomplete == "charge_hold" else 0
+    return Price(cost, Decimal(cost), hold.model if hold else None)
+
+
 # -- end ----------------------------------------------------------------------------------
 
 
@@ -397,11 +411,13 @@ def end(batch: Batch, account: AccountState, event: TokenProcessEnd) -> EventRes
     A cost above what is available follows the feature's overdraft policy: with overdraft
     STANDARD goes negative; without, what is available is charged and the rest recorded as
     ``unpaid``. Either way the status is ``not-returnable`` and the shortfall is stored.
-    Both counts 0 release the hold and charge nothing. Without a hold id, the account's
-    one open hold for the feature is the end's (several: rejected, naming them). An end
-    naming another account's hold, an unknown one or one already settled is rejected; a
-    hold that expired first is ignored (its credits went back) and the usage is charged as
-    if there were none.
+    Both counts 0 release the hold and charge nothing. An end without reported usage
+    (``usage_reported`` false) settles by the feature's ``on_incomplete`` rule
+    (:func:`incomplete_price`) and its outcome says ``incomplete``. Without a hold id, the
+    account's one open hold for the feature is the end's (several: rejected, naming them).
+    An end naming another account's hold, an unknown one or one already settled is
+    rejected; a hold that expired first is ignored (its credits went back) and the usage is
+    charged as if there were none.
     """
     now = batch.now
     catalog = batch.uow.catalog
@@ -437,6 +453,8 @@ def end(batch: Batch, account: AccountState, event: TokenProcessEnd) -> EventRes
 
     price = price_usage(catalog, feature, event.input_tokens, event.output_tokens,
                         event.model or (hold.model if hold else None))
+    if not event.usage_reported:
+        price = incomplete_price(feature, hold)
     released: list[dict[str, Any]] = []
     if hold is not None:
         released = release(batch, account, hold, "settled" if price.cost else "released",
@@ -477,6 +495,9 @@ def end(batch: Batch, account: AccountState, event: TokenProcessEnd) -> EventRes
         data["hold_id"] = hold_id
         data["hold"] = hold_note or (hold.status if hold else None)
         data["released"] = sum(r["amount"] for r in released)
+    if not event.usage_reported:
+        data["outcome"] = INCOMPLETE
+        data["on_incomplete"] = feature.on_incomplete
     if shortfall:
         data["shortfall"] = shortfall
         data["unpaid"] = cost - take
