@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -35,6 +36,18 @@ class Settings(BaseSettings):
     """Everything tokenledger reads from its environment. Tests build it directly."""
 
     model_config = SettingsConfigDict(env_prefix="TOKENLEDGER_", extra="ignore")
+
+    def __init__(self, **values: Any) -> None:
+        # Built from the environment or by an SDK user: a bad value is a
+        # ConfigurationError naming the field and its variable, never pydantic's own error.
+        from pydantic import ValidationError
+
+        from tokenledger.errors import ConfigurationError
+
+        try:
+            super().__init__(**values)
+        except ValidationError as exc:
+            raise ConfigurationError(_described(exc)) from exc
 
     database_url: str | None = Field(
         default=None,
@@ -232,16 +245,14 @@ def get_settings() -> Settings:
 
 
 def settings_from_env() -> Settings:
-    """``get_settings()``, a bad variable raised as ConfigurationError naming each one and
-    its fix (the SDK and the CLI raise only tokenledger's own errors)."""
-    from pydantic import ValidationError
+    """``get_settings()``: a bad variable raises ConfigurationError naming each one and its
+    fix (the SDK and the CLI raise only tokenledger's own errors)."""
+    return get_settings()
 
-    from tokenledger.errors import ConfigurationError
 
-    try:
-        return get_settings()
-    except ValidationError as exc:
-        raise ConfigurationError("; ".join(
-            f"TOKENLEDGER_{'_'.join(str(p) for p in e['loc']).upper()}: "
-            f"{str(e['msg']).removeprefix('Value error, ')}"
-            for e in exc.errors(include_url=False))) from exc
+def _described(exc: Any) -> str:
+    """A settings ValidationError as one line: each field with its variable and the fix."""
+    return "; ".join(
+        f"TOKENLEDGER_{'_'.join(str(p) for p in e['loc']).upper()}: "
+        f"{str(e['msg']).removeprefix('Value error, ')}"
+        for e in exc.errors(include_url=False))

@@ -108,6 +108,14 @@ def test_a_bad_setting_is_one_line_naming_it_in_the_cli_and_the_sdk(
     assert raised.value.__cause__ is not None
 
 
+def test_settings_built_by_hand_raise_configuration_error_naming_the_variable():
+    with pytest.raises(ConfigurationError, match="TOKENLEDGER_HOLD_TTL_SECONDS") as raised:
+        Settings(hold_ttl_seconds=0)
+    assert raised.value.__cause__ is not None
+    with pytest.raises(ConfigurationError, match="TOKENLEDGER_DATABASE_URL"):
+        Settings(database_url="")
+
+
 def test_a_broker_that_is_down_is_one_line_and_broker_unavailable(settings, db):
     down = "redis://127.0.0.1:1/0"
     done = cli(settings, "publish", "charge", "x", "--amount", "1", code=1,
