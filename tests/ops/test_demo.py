@@ -55,9 +55,11 @@ def _counts(out: str) -> list[str]:
 def test_the_same_seed_reproduces_the_same_counts(settings, db):
     """The stream, and so what the demo publishes and what becomes of it, is drawn from
     the seed alone: token-process starts run before the stream is published, so whether
-    one is refused never depends on how far the worker has got."""
-    runs = [run_cli(settings, "demo", "--users", "6", "--events", "300", "--seed", "11")
-            for _ in range(2)]
+    one is refused never depends on how far the worker has got. Each run has a queue of its
+    own: only the demo's one worker process may apply its stream (another test's worker on
+    the session's queue would apply messages out of order)."""
+    runs = [run_cli(settings, "demo", "--users", "6", "--events", "300", "--seed", "11",
+                    TOKENLEDGER_QUEUE=f"{settings.queue}-demo-{i}") for i in range(2)]
     for done in runs:
         assert done.exit_code == 0, done.stdout[-3000:] + done.stderr[-3000:]
     first, second = (_counts(done.stdout) for done in runs)
