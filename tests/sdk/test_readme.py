@@ -1,5 +1,6 @@
-"""The README's SDK examples, run as written: the streaming worked example (balance 50, a
-stream that would cost 80, stopped at 50) and the seed 004 usage examples in Python."""
+"""The SDK examples, run as written: the README's streaming worked example (balance 50, a
+stream that would cost 80, stopped at 50) and docs/sdk.md's seed 004 usage examples in
+Python."""
 
 from __future__ import annotations
 
@@ -20,17 +21,21 @@ __all__ = ["api_server", "ledger"]  # fixtures used by name
 pytestmark = pytest.mark.services
 
 
+# Where each example lives: the worked example in the README, the seeds' in docs/sdk.md.
+EXAMPLES = {"streaming": "README.md", "seeds": "docs/sdk.md"}
+
+
 def readme_block(name: str) -> str:
-    """The python block after ``<!-- readme-example: name -->`` in the README."""
-    text = (ROOT / "README.md").read_text("utf-8")
-    found = re.search(rf"<!-- readme-example: {name} -->\n```python\n(.*?)```", text, re.S)
-    assert found, name
-    return found.group(1)
+    """The python block after ``<!-- readme-example: name -->`` in its file."""
+    text = (ROOT / EXAMPLES[name]).read_text("utf-8")
+    found = re.findall(rf"<!-- readme-example: {name} -->\n```python\n(.*?)```", text, re.S)
+    assert len(found) == 1, (name, EXAMPLES[name], len(found))
+    return found[0]
 
 
 def run_block(name: str, **names: Any) -> dict[str, Any]:
     scope: dict[str, Any] = dict(names)
-    exec(compile(readme_block(name), f"README.md:{name}", "exec"), scope)  # noqa: S102
+    exec(compile(readme_block(name), f"{EXAMPLES[name]}:{name}", "exec"), scope)  # noqa: S102
     return scope
 
 
