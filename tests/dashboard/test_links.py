@@ -147,15 +147,15 @@ def test_the_cli_prints_a_link_and_the_badge_snippet(settings: Settings, db: Set
 
 
 def test_the_dashboard_settings_refuse_weak_secrets_and_odd_urls() -> None:
-    from pydantic import ValidationError
+    from tokenledger.errors import ConfigurationError
 
     assert Settings(dashboard_secret="", dashboard_url="").dashboard_secret is None
     assert Settings(dashboard_url=" https://tokens.example ").dashboard_url == \
         "https://tokens.example"
-    with pytest.raises(ValidationError, match="too short"):
+    with pytest.raises(ConfigurationError, match="TOKENLEDGER_DASHBOARD_SECRET: is too short"):
         Settings(dashboard_secret="short")
     for name in ("dashboard_url", "flower_url"):
-        with pytest.raises(ValidationError, match="not an http"):
+        with pytest.raises(ConfigurationError, match="not an http"):
             Settings(**{name: "javascript:alert(1)"})
 
 

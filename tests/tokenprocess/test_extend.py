@@ -126,7 +126,7 @@ def test_extend_from_the_cli(client: LedgerClient, db: Settings) -> None:
     assert done.exit_code == 0, done.stdout
     assert '"held": 15' in done.stdout
     refused = run_cli(db, "extend", str(start.hold_id), "--by", "500")
-    assert refused.exit_code == 1 and "limit_reached" in refused.stdout
+    assert refused.exit_code == 11 and "limit_reached" in refused.stdout
 
 
 def test_holds_past_expiry_stop_counting_for_an_extend(client: LedgerClient,

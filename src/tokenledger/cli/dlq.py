@@ -61,7 +61,8 @@ def dlq_retry(ids: IdsArg = None, all_: AllOpt = False) -> None:
         producer.close()
     for letter_id, why in done.kept:
         console().print(f"kept dead letter {letter_id}: {why}")
-    console().print(f"re-published {len(done.sent)} dead letter(s)")
+    if done.sent or not done.missing:
+        console().print(f"re-published {len(done.sent)} dead letter(s)")
     if done.missing:
         fail(f"no dead letter with id {', '.join(map(str, done.missing))} "
              "(`tokenledger dlq list` shows them)")
