@@ -76,7 +76,8 @@ def test_events_flow_over_a_quorum_queue_and_it_is_one(rabbit, tmp_path):
     finally:
         worker.stop()
     assert {r.status for r in results.values()} == {"applied"}
-    assert len(reasons) == 1 and "'application/x-python-serialize' refused" in reasons[0]
+    assert len(reasons) == 1 and "'application/x-python-serialize' refused" in reasons[0], \
+        reasons
     assert balances_by_user(rabbit) == {u: 10000 - 20 - 60 for u in users}
     assert_verified(rabbit)
     # The queue is a quorum queue: declaring it as a classic one is refused.

@@ -178,14 +178,16 @@ class ApplyEvents(Coalescing, LedgerTask):
         except Exception as exc:  # noqa: BLE001 - isolated below, never lost
             if refused:
                 self._with_policy(dead_letters, describe="dead letters")
+                if not events:
+                    return []  # the group was only refused messages: now recorded
+            if not events:
+                raise
             if len(events) > 1:
                 mid = len(events) // 2
                 log.warning("splitting a group of %d event(s) after %s: %s", len(events),
                             type(exc).__name__, exc)
                 return self._bisect(events[:mid], sources) + self._bisect(events[mid:],
                                                                            sources)
-            if not events:
-                raise
             event = events[0]
             reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
             log.error("dead-lettering an event that fails on its own: %s", reason,

@@ -111,7 +111,9 @@ def _redelivered(message: Any) -> int:
     return count if isinstance(count, int) and count > 0 else 0
 
 
-def _eta(message: Any) -> float | None:
+def _eta_delay(message: Any) -> float | None:
+    """Seconds until a deferred message's ``eta`` (None when it has none or it passed).
+    A delay, because kombu's timer runs on the monotonic clock, not on wall time."""
     eta = (message.headers or {}).get("eta")
     if not eta:
         return None
@@ -119,7 +121,8 @@ def _eta(message: Any) -> float | None:
         moment = datetime.fromisoformat(eta).timestamp()
     except (TypeError, ValueError):
         return None
-    return moment if moment > time.time() else None
+    delay = moment - time.time()
+    return delay if delay > 0 else None
 
 
 class _Grouper:
@@ -148,10 +151,10 @@ class _Grouper:
             str(headers.get("id") or uuid.uuid4()), message.body, message.content_type or "",
             published_at if isinstance(published_at, int | float) else None,
             _events_hint(message), ack, reject, redelivered=_redelivered(message))
-        eta = _eta(message)
-        if eta is not None:  # a deferred message: joins a buffer when its time comes
+        delay = _eta_delay(message)
+        if delay is not None:  # a deferred message: joins a buffer when its time comes
             self.consumer.qos.increment_eventually()
-            self.consumer.timer.call_at(eta, self._due, (delivery,), priority=6)
+            self.consumer.timer.call_after(delay, self._due, (delivery,), priority=6)
             return
         self._add(delivery)
 
