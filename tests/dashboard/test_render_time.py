@@ -27,7 +27,8 @@ from tokenledger.renewals import runs as runner
 from tokenledger.renewals.service import RunOptions
 from tokenledger.timeutil import utcnow
 
-pytestmark = pytest.mark.services
+# Builds 100,000 entries first (about 15 s): in the second tier (-m slow), with the crash tests.
+pytestmark = [pytest.mark.services, pytest.mark.slow]
 __all__ = ["api_server", "keys"]  # fixtures used by name
 USER = "perf-user"
 ENTRIES = 100_000

@@ -100,6 +100,7 @@ def build(ops: list[tuple]) -> list[dict]:
     return events
 
 
+@pytest.mark.slow
 @settings(max_examples=100, deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(ops=st.lists(op, min_size=1, max_size=40), cuts=st.lists(st.integers(1, 8), max_size=10))

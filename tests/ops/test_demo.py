@@ -52,6 +52,7 @@ def _counts(out: str) -> list[str]:
 
 
 @pytest.mark.services
+@pytest.mark.slow
 def test_the_same_seed_reproduces_the_same_counts(settings, db):
     """The stream, and so what the demo publishes and what becomes of it, is drawn from
     the seed alone: token-process starts run before the stream is published, so whether

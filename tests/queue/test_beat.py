@@ -111,6 +111,7 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
             proc.wait(timeout=10)
 
 
+@pytest.mark.slow
 def test_a_second_beat_waits_while_the_first_holds_the_lock(settings: Settings, db: str,
                                                              redis_url: str,
                                                              tmp_path: Path) -> None:
