@@ -24,7 +24,9 @@ def cli(settings, *args: str, check: bool = True):
 
 
 def test_accounts_publish_balance_history_and_verify(worker, settings, db):
-    assert "applied" in cli(settings, "accounts", "open", "ana", "--plan", "Gift").stdout
+    assert "ana: opened on plan Gift, balance 100" in cli(settings, "accounts", "open", "ana",
+                                                          "--plan", "Gift").stdout
+    assert "ana: already open on plan Gift" in cli(settings, "accounts", "open", "ana").stdout
     charged = cli(settings, "publish", "charge", "ana", "--feature", "image_generation",
                   "--key", "img-1")
     assert "applied" in charged.stdout and "img-1" in charged.stdout

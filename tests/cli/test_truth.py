@@ -16,6 +16,7 @@ from tokenledger.errors import (
     AccountExists,
     BrokerUnavailable,
     ConfigurationError,
+    Conflict,
     DatabaseUnavailable,
     NotMigrated,
     ValidationFailed,
@@ -218,6 +219,20 @@ def test_bad_input_is_refused_by_name_in_the_sdk(worker, client):
     with pytest.raises(AccountExists, match="exists with plan Professional"):
         client.open_account("sd", plan="Business")
     client.open_account("sd", plan="Professional")  # the same again is fine
+    # A refused open leaves the default key free: the corrected retry opens the account.
+    for _ in range(2):
+        with pytest.raises(ValidationFailed, match="unknown plan 'gift'; one of Business"):
+            client.open_account("sd2", plan="gift")
+    client.open_account("sd2", plan="Gift")
+    assert client.balance("sd2").plan == "Gift"
+    # A key whose first use was refused (here by a published event) and is then reused
+    # with another payload is a conflict, not "account not found".
+    refused = client.result(client.publish({"type": "open_account", "key": "open:sd3",
+                                            "user_id": "sd3", "plan": "Nope"}), timeout=30)
+    assert (refused.status, refused.reason) == ("rejected", "unknown plan 'Nope'; one of "
+                                                "Business, Free, Gift, Professional")
+    with pytest.raises(Conflict, match="key 'open:sd3' was already used"):
+        client.open_account("sd3", plan="Gift")
 
 
 # -- flows ----------------------------------------------------------------------------------

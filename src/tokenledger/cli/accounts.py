@@ -23,15 +23,19 @@ def accounts_open(
                                                       "TOKENLEDGER_TIMEZONE).")] = None,
 ) -> None:
     """Open an account now and grant the plan's opening tokens."""
+    from tokenledger.errors import AccountNotFound
     from tokenledger.sdk.client import LedgerClient
 
     with LedgerClient(settings()) as client:
-        key = client.open_account(user_id, plan=plan, timezone=timezone)
-        result = client.result(key)
-        balance = client.balance(user_id).balance
-    console().print(f"{user_id}: {result.status}"
-                    + (f" ({result.reason})" if result.reason else "")
-                    + f", balance {balance}", highlight=False)
+        try:
+            client.balance(user_id)
+            was_open = True
+        except AccountNotFound:
+            was_open = False
+        client.open_account(user_id, plan=plan, timezone=timezone)
+        now = client.balance(user_id)
+    done = f"already open on plan {now.plan}" if was_open else f"opened on plan {now.plan}"
+    console().print(f"{user_id}: {done}, balance {now.balance}", highlight=False)
 
 
 @accounts_app.command("list")

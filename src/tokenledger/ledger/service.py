@@ -132,7 +132,8 @@ def _open(batch: Batch, event: OpenAccount) -> EventResult:
     plan_code = event.plan or uow.catalog.default_plan
     plan = uow.catalog.plans.get(plan_code)
     if plan is None:
-        return EventResult(event.key, "rejected", f"unknown plan {plan_code!r}")
+        return EventResult(event.key, "rejected", f"unknown plan {plan_code!r}; one of "
+                           f"{', '.join(sorted(uow.catalog.plans))}")
     tz = event.timezone or uow.settings.timezone
     account_id = batch.session.execute(
         insert(Account)

@@ -17,6 +17,8 @@ from pydantic import BaseModel, TypeAdapter, ValidationError
 from tokenledger.config import Settings, settings_from_env
 from tokenledger.errors import (
     AccountExists,
+    AccountNotFound,
+    Conflict,
     ResultTimeout,
     TokenLedgerError,
     ValidationFailed,
@@ -253,15 +255,27 @@ class LedgerClient(HoldMethods, ReadMethods):
 
         def once() -> EventResult:
             with unit_of_work(self.settings) as uow:
+                plans = uow.catalog.plans
+                if plan is not None and plan not in plans:
+                    # Refused before it is recorded, so the key stays free for the retry.
+                    raise ValidationFailed(f"plan: unknown plan {plan!r}; one of "
+                                           f"{', '.join(sorted(plans))}")
                 return apply_events(uow, [event]).results[0]
 
         outcome = QUICK.run(once)
         exists = outcome.status == "conflict" or outcome.reason == "account already exists"
-        if outcome.status == "rejected" and not exists:
+        refused = outcome.status == "rejected" or (
+            outcome.status == "duplicate" and outcome.data.get("outcome") == "rejected")
+        if refused and not exists:
             raise ValidationFailed(f"plan: {outcome.reason}")
         if exists:
-            current = self.balance(user_id).plan
-            if outcome.status == "conflict" or (plan is not None and plan != current):
+            try:
+                current = self.balance(user_id).plan
+            except AccountNotFound:
+                # The key opened nothing (its first use was refused) and now carries
+                # another payload: say so rather than "not found".
+                raise Conflict(event.key) from None
+            if plan is not None and plan != current:
                 raise AccountExists(user_id, current)
         return event.key
 
