@@ -311,3 +311,28 @@ def test_webhooks_add_list_remove_from_the_command_line(own: Settings, db: Setti
     assert removed.exit_code == 0 and "removed" in removed.stdout
     assert json.loads(run_cli(own, "webhooks", "list", "--json").stdout) == []
     assert run_cli(own, "webhooks", "remove", str(endpoint["id"])).exit_code == 2
+
+
+def test_dead_letters_of_one_group_are_one_statement_and_only_new_ones_are_announced(
+        own: Settings, db: Settings, receiver: Receiver) -> None:
+    """A group's refused messages are stored together: the same message twice is one row
+    with two attempts, a message seen before bumps its row, and only the new rows are
+    announced (one delivery each)."""
+    from tokenledger.queue import deadletters
+    from tokenledger.queue.models import DeadLetter
+
+    subscribe(own, receiver, "dead_letter_added")
+    seen = {"type": "charge", "key": uid("seen"), "amount": 2**70}
+    fresh = {"type": "charge", "key": uid("fresh"), "amount": 2**70}
+    with unit_of_work(own) as uow:
+        deadletters.record(uow.session, seen, "too big", uow.now, key=seen["key"])
+    with unit_of_work(own) as uow:
+        deadletters.record_many(uow.session, [(seen, "too big", seen["key"]),
+                                              (fresh, "too big", fresh["key"]),
+                                              (fresh, "too big", fresh["key"]),
+                                              ("{not json", "not JSON", None)], uow.now)
+    with session_scope(own) as session:
+        rows = {d.key: d.attempts for d in session.scalars(select(DeadLetter))}
+    assert rows == {seen["key"]: 2, fresh["key"]: 2, None: 1}
+    announced = sorted(d["event_type"] for d in deliveries(own))
+    assert announced == ["dead_letter_added"] * 3  # seen once, fresh, the non-JSON one

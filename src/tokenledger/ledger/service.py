@@ -115,8 +115,8 @@ def apply_events(uow: UnitOfWork, events: list[AnyEvent],
     changes = batch.flush()
     if conflicts:
         uow.session.execute(insert(EventConflict).on_conflict_do_nothing(), conflicts)
-    for event, reason in dead:
-        deadletters.record(uow.session, event.to_message(), reason, uow.now, key=event.key)
+    deadletters.record_many(uow.session, [(event.to_message(), reason, event.key)
+                                          for event, reason in dead], uow.now)
     notify.stage(uow, changes)
     return BatchResult(results, deferred, len(dead), changes)
 

@@ -164,8 +164,7 @@ class ApplyEvents(Coalescing, LedgerTask):
         own); a group that fails is split until each failure is one event."""
 
         def dead_letters(uow: UnitOfWork) -> None:
-            for raw, reason, key in refused:
-                deadletters.record(uow.session, raw, reason, uow.now, key=key)
+            deadletters.record_many(uow.session, refused, uow.now)
 
         def apply(uow: UnitOfWork) -> list[EventResult]:
             dead_letters(uow)

@@ -4,11 +4,12 @@ re-driven (``tokenledger dlq retry``) or dropped."""
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import delete, func, select
+from sqlalchemy import delete, func, literal_column, select
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
@@ -90,29 +91,49 @@ def _storable(text: str, limit: int) -> str:
     return text.encode("utf-8", "replace").decode("utf-8")[:limit]
 
 
+Letter = tuple[Any, str, "str | None"]  # (payload, reason, event key or None)
+
+
 def record(session: Session, payload: Any, reason: str, now: datetime,
            key: str | None = None) -> None:
-    """Keep a message that cannot be applied; a repeat bumps attempts and last_seen. A
-    new one is announced (``dead_letter_added``) in the same transaction. Whatever the
-    message holds, the letter can be stored: a key the column cannot hold is left out (it
-    stays in the payload), NUL bytes are escaped, sizes bounded."""
-    text = payload if isinstance(payload, str) else json.dumps(payload, default=str)
-    if key is not None and (len(key) > 255 or _storable(key, 255) != key):
-        key = None
-    reason = _storable(reason, 2000)
+    """Keep one message that cannot be applied (see ``record_many``)."""
+    record_many(session, [(payload, reason, key)], now)
+
+
+def record_many(session: Session, letters: Sequence[Letter], now: datetime) -> None:
+    """Keep messages that cannot be applied, in one statement; a repeat bumps attempts and
+    last_seen. New ones are announced (``dead_letter_added``) in the same transaction.
+    Whatever a message holds, the letter can be stored: a key the column cannot hold is
+    left out (it stays in the payload), NUL bytes are escaped, sizes bounded."""
+    rows: dict[str, dict[str, Any]] = {}
+    for payload, reason, key in letters:
+        text = payload if isinstance(payload, str) else json.dumps(payload, default=str)
+        if key is not None and (len(key) > 255 or _storable(key, 255) != key):
+            key = None
+        digest = fingerprint(payload)
+        if digest in rows:  # the same message twice in one group: one row, two attempts
+            rows[digest]["attempts"] += 1
+            continue
+        rows[digest] = {"fingerprint": digest, "key": key,
+                        "payload": _storable(text, 1_000_000),
+                        "reason": _storable(reason, 2000), "attempts": 1,
+                        "first_seen": now, "last_seen": now}
+    if not rows:
+        return
     table = DeadLetter.__table__
-    stmt = insert(DeadLetter).values(
-        fingerprint=fingerprint(payload), key=key, payload=_storable(text, 1_000_000),
-        reason=reason, attempts=1, first_seen=now, last_seen=now)
+    stmt = insert(DeadLetter).values(list(rows.values()))
     stmt = stmt.on_conflict_do_update(
         index_elements=["fingerprint"],
-        set_={"attempts": table.c.attempts + 1, "last_seen": now, "reason": reason},
-    ).returning(table.c.id, table.c.attempts)
-    letter_id, attempts = session.execute(stmt).one()
-    uow = uow_of(session)
-    if attempts == 1 and uow is not None:
+        set_={"attempts": table.c.attempts + stmt.excluded.attempts,
+              "last_seen": stmt.excluded.last_seen, "reason": stmt.excluded.reason},
+    ).returning(table.c.id, table.c.key, table.c.reason,
+                literal_column("xmax = 0"))  # true when the row was inserted, not updated
+    added = [WebhookEvent(
         # Not the payload: it may carry personal data and unchecked input.
-        webhooks.record(uow, [WebhookEvent(
-            "dead_letter_added", f"dead_letter:{letter_id}",
-            {"dead_letter_id": letter_id, "key": key, "reason": reason,
-             "first_seen": now.isoformat()}, f"dead_letter_added:{letter_id}")])
+        "dead_letter_added", f"dead_letter:{letter_id}",
+        {"dead_letter_id": letter_id, "key": key, "reason": reason,
+         "first_seen": now.isoformat()}, f"dead_letter_added:{letter_id}")
+        for letter_id, key, reason, inserted in session.execute(stmt) if inserted]
+    uow = uow_of(session)
+    if added and uow is not None:
+        webhooks.record(uow, added)
