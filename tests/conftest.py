@@ -114,6 +114,11 @@ def _no_user_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
     previous = os.environ.get("TOKENLEDGER_HOME")
     os.environ["TOKENLEDGER_HOME"] = str(home)
     yield
+    from tokenledger.db import embedded as embedded_pg
+    from tokenledger.queue import embedded as embedded_redis
+
+    embedded_redis.stop(home)  # whatever a test started there (settings left unset)
+    embedded_pg.stop(home)
     if previous is None:
         os.environ.pop("TOKENLEDGER_HOME", None)
     else:

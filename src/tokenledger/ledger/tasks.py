@@ -208,6 +208,12 @@ class ApplyEvents(Coalescing, LedgerTask):
                     return work(uow)
             except Exception as exc:
                 failure = classify(exc)
+                if failure is Failure.UNAVAILABLE and not waited and not races and \
+                        getattr(exc, "connection_invalidated", False):
+                    # A pooled connection the server had dropped (a restart): the pool
+                    # is renewed, so try once more at once before waiting.
+                    races += 1
+                    continue
                 if failure is Failure.UNAVAILABLE:
                     delay = settings.backoff(min(waited, 10))
                     if waited and sum(settings.backoff(min(i, 10)) for i in range(waited)) \

@@ -16,7 +16,7 @@ from celery import Celery
 from celery.signals import setup_logging, worker_init, worker_process_init, worker_process_shutdown
 
 from tokenledger.config import get_settings
-from tokenledger.db.engine import dispose_engines
+from tokenledger.db.engine import configure_pool, dispose_engines
 from tokenledger.ops.logs import configure_logging, mask_url
 from tokenledger.queue import beat
 from tokenledger.queue.config import celery_config
@@ -45,8 +45,12 @@ app.steps["consumer"].add(IntakeStep)  # both queues; the ledger's in bulk on Re
 
 @worker_process_init.connect
 def _fresh_pool(**_: Any) -> None:
-    # A forked child must not reuse the parent's pooled database connections.
+    # A forked child must not reuse the parent's pooled database connections. No ping
+    # before each unit of work (a round trip per group): a connection the server dropped
+    # fails its first statement, SQLAlchemy then renews the whole pool, and the failure
+    # policy (ledger.tasks) runs the group again at once.
     dispose_engines()
+    configure_pool(pre_ping=False)
 
 
 @setup_logging.connect
