@@ -210,8 +210,10 @@ class ApplyEvents(Coalescing, LedgerTask):
                 failure = classify(exc)
                 if failure is Failure.UNAVAILABLE and not waited and not races and \
                         getattr(exc, "connection_invalidated", False):
-                    # A pooled connection the server had dropped (a restart): the pool
-                    # is renewed, so try once more at once before waiting.
+                    # A connection the server dropped (a restart, a terminated
+                    # backend): the pool is renewed, so try once more at once.
+                    log.warning("database connection lost applying %s; retrying at once: "
+                                "%s", describe, type(exc).__name__)
                     races += 1
                     continue
                 if failure is Failure.UNAVAILABLE:
