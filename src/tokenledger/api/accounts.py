@@ -63,9 +63,11 @@ def open_account(body: OpenAccountIn, api: Api) -> JSONResponse:
     with unit_of_work(api.settings) as uow:
         session = uow.session
         catalog = uow.catalog
-        if body.plan is not None and body.plan not in catalog.plans:
-            invalid("body", "plan", f"unknown plan {body.plan!r}; one of "
-                                    f"{', '.join(sorted(catalog.plans))}")
+        if body.plan is not None:
+            try:
+                catalog.check_plan(body.plan)
+            except ValueError as exc:
+                invalid("body", "plan", str(exc))
         try:
             existing = get_account(session, body.user_id)
         except AccountNotFound:

@@ -108,6 +108,12 @@ class Catalog:
         plan = self.plans.get(plan_code)
         return plan is not None and ("*" in plan.features or feature in plan.features)
 
+    def check_plan(self, plan_code: str) -> None:
+        """Refuse (ValueError naming the known ones) a plan the catalog does not have."""
+        if plan_code not in self.plans:
+            raise ValueError(f"unknown plan {plan_code!r}; one of "
+                             f"{', '.join(sorted(self.plans))}")
+
     def check_wallet_type(self, wallet_type: str) -> None:
         """Refuse (ValueError naming the known ones) a type the catalog does not declare."""
         if wallet_type not in self.wallet_types:

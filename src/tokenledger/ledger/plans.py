@@ -38,9 +38,10 @@ def change_plan(uow: UnitOfWork, user_id: str, plan: str) -> PlanChange:
     next local midnight, a 30-day plan once its last renewal (or the opening) is 30 days
     old. Safe to run twice. Raises ValidationFailed for an unknown plan, AccountNotFound.
     """
-    plans = uow.catalog.plans
-    if plan not in plans:
-        raise ValidationFailed(f"plan: unknown plan {plan!r}; one of {', '.join(sorted(plans))}")
+    try:
+        uow.catalog.check_plan(plan)
+    except ValueError as exc:
+        raise ValidationFailed(f"plan: {exc}") from None
     a = accounts_t.c
     row = uow.session.execute(
         select(a.id, a.plan_code).where(a.user_id == user_id).with_for_update()).first()

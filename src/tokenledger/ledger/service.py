@@ -130,10 +130,11 @@ def _open(batch: Batch, event: OpenAccount) -> EventResult:
         return EventResult(event.key, "rejected", "account already exists",
                            {"balance": batch.accounts[event.user_id].balance(uow.now)})
     plan_code = event.plan or uow.catalog.default_plan
-    plan = uow.catalog.plans.get(plan_code)
-    if plan is None:
-        return EventResult(event.key, "rejected", f"unknown plan {plan_code!r}; one of "
-                           f"{', '.join(sorted(uow.catalog.plans))}")
+    try:
+        uow.catalog.check_plan(plan_code)
+    except ValueError as exc:
+        return EventResult(event.key, "rejected", str(exc))
+    plan = uow.catalog.plans[plan_code]
     tz = event.timezone or uow.settings.timezone
     account_id = batch.session.execute(
         insert(Account)

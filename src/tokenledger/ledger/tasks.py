@@ -201,6 +201,7 @@ class ApplyEvents(Coalescing, LedgerTask):
         unreachable database is waited out (then _Unavailable); anything else raises."""
         settings = self.settings
         races = waited = 0
+        reconnected = False
         patience = settings.visibility_timeout * 0.8
         while True:
             try:
@@ -208,13 +209,13 @@ class ApplyEvents(Coalescing, LedgerTask):
                     return work(uow)
             except Exception as exc:
                 failure = classify(exc)
-                if failure is Failure.UNAVAILABLE and not waited and not races and \
+                if failure is Failure.UNAVAILABLE and not (waited or reconnected) and \
                         getattr(exc, "connection_invalidated", False):
                     # A connection the server dropped (a restart, a terminated
                     # backend): the pool is renewed, so try once more at once.
                     log.warning("database connection lost applying %s; retrying at once: "
                                 "%s", describe, type(exc).__name__)
-                    races += 1
+                    reconnected = True
                     continue
                 if failure is Failure.UNAVAILABLE:
                     delay = settings.backoff(min(waited, 10))

@@ -107,13 +107,13 @@ def record_many(session: Session, letters: Sequence[Letter], now: datetime) -> N
     left out (it stays in the payload), NUL bytes are escaped, sizes bounded."""
     rows: dict[str, dict[str, Any]] = {}
     for payload, reason, key in letters:
-        text = payload if isinstance(payload, str) else json.dumps(payload, default=str)
-        if key is not None and (len(key) > 255 or _storable(key, 255) != key):
-            key = None
         digest = fingerprint(payload)
         if digest in rows:  # the same message twice in one group: one row, two attempts
             rows[digest]["attempts"] += 1
             continue
+        text = payload if isinstance(payload, str) else json.dumps(payload, default=str)
+        if key is not None and (len(key) > 255 or _storable(key, 255) != key):
+            key = None
         rows[digest] = {"fingerprint": digest, "key": key,
                         "payload": _storable(text, 1_000_000),
                         "reason": _storable(reason, 2000), "attempts": 1,
@@ -128,8 +128,8 @@ def record_many(session: Session, letters: Sequence[Letter], now: datetime) -> N
               "last_seen": stmt.excluded.last_seen, "reason": stmt.excluded.reason},
     ).returning(table.c.id, table.c.key, table.c.reason,
                 literal_column("xmax = 0"))  # true when the row was inserted, not updated
+    # Announced without the payload: it may carry personal data and unchecked input.
     added = [WebhookEvent(
-        # Not the payload: it may carry personal data and unchecked input.
         "dead_letter_added", f"dead_letter:{letter_id}",
         {"dead_letter_id": letter_id, "key": key, "reason": reason,
          "first_seen": now.isoformat()}, f"dead_letter_added:{letter_id}")

@@ -255,11 +255,12 @@ class LedgerClient(HoldMethods, ReadMethods):
 
         def once() -> EventResult:
             with unit_of_work(self.settings) as uow:
-                plans = uow.catalog.plans
-                if plan is not None and plan not in plans:
+                if plan is not None:
                     # Refused before it is recorded, so the key stays free for the retry.
-                    raise ValidationFailed(f"plan: unknown plan {plan!r}; one of "
-                                           f"{', '.join(sorted(plans))}")
+                    try:
+                        uow.catalog.check_plan(plan)
+                    except ValueError as exc:
+                        raise ValidationFailed(f"plan: {exc}") from None
                 return apply_events(uow, [event]).results[0]
 
         outcome = QUICK.run(once)
